@@ -1,0 +1,3 @@
+from neurosdm.cli import main
+
+main()

@@ -1,0 +1,140 @@
+"""Configuration dataclasses. Checkpoints store them, so every later command rebuilds the model alone.
+
+Naming: ``num_steps`` is the number of spiking time steps per network call (T_snn in the papers);
+``num_diffusion_steps`` is the length of the diffusion schedule; ``t`` is a diffusion step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from neurosdm.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """The spiking UNet (SDDPM ``Spk_UNet`` / SDM ``Spk_UNet_TSM`` architecture)."""
+
+    img_ch: int = 1
+    image_size: int = 28
+    ch: int = 32
+    ch_mult: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 1
+    num_steps: int = 4  # spiking time steps per network call (T_snn)
+    num_diffusion_steps: int = 1000  # rows of the sinusoidal time-embedding table
+    tsm: bool = False  # temporal-wise spiking mechanism: a learnable scale per spiking step on every conv
+    threshold: float = 1.0  # trained firing threshold of every IF neuron
+    threshold_scale: float = 1.0  # threshold guidance: inference threshold = threshold * threshold_scale
+    head: str = "sdm"  # "sdm": the papers' analog Swish head; "spiking": IF -> conv -> leaky-integrator readout
+    readout_decay: float = 0.8  # membrane output: out = sum_t readout_decay**(num_steps-1-t) * h[t]
+    surrogate: str = "atan"  # "atan" (alpha 2, as the public code) or "rect"
+    surrogate_alpha: float = 2.0
+    dropout: float = 0.0  # accepted for layout compatibility; never applied (as in the public code)
+
+    def __post_init__(self):
+        self.ch_mult = tuple(int(m) for m in self.ch_mult)
+        if self.head not in ("sdm", "spiking"):
+            raise ConfigError(f"head must be 'sdm' or 'spiking', got {self.head!r}")
+        if self.surrogate not in ("atan", "rect"):
+            raise ConfigError(f"surrogate must be 'atan' or 'rect', got {self.surrogate!r}")
+        if self.ch <= 0 or self.ch % 2:
+            raise ConfigError(f"ch must be a positive even number, got {self.ch}")
+        if self.num_steps < 1:
+            raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
+        if not self.ch_mult or any(m < 1 for m in self.ch_mult):
+            raise ConfigError(f"ch_mult must be a non-empty list of positive integers, got {list(self.ch_mult)}")
+        if self.image_size % (2 ** (len(self.ch_mult) - 1)):
+            raise ConfigError(
+                f"image_size {self.image_size} must be divisible by 2**(len(ch_mult)-1) = {2 ** (len(self.ch_mult) - 1)}"
+            )
+
+
+@dataclass
+class DiffusionConfig:
+    """Forward process q(x_t | x_0) (Ho et al. 2020)."""
+
+    num_diffusion_steps: int = 1000
+    schedule: str = "linear"  # "linear" (beta_start..beta_end) or "cosine" (Nichol & Dhariwal 2021)
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def __post_init__(self):
+        if self.schedule not in ("linear", "cosine"):
+            raise ConfigError(f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
+        if self.num_diffusion_steps < 1:
+            raise ConfigError("num_diffusion_steps must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "builtin"
+    data_dir: str | None = None
+    batch_size: int = 64
+    lr: float = 2e-4
+    warmup: int = 100
+    steps: int = 2000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    bf16: bool = False
+    log_every: int = 50
+    sample_every: int = 0  # 0: only at the end
+    ckpt_every: int = 500
+    num_workers: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"]["ch_mult"] = list(self.model.ch_mult)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        try:
+            return cls(
+                model=ModelConfig(**d.get("model", {})),
+                diffusion=DiffusionConfig(**d.get("diffusion", {})),
+                train=TrainConfig(**d.get("train", {})),
+            )
+        except TypeError as e:  # unknown or missing keys
+            raise ConfigError(f"checkpoint config does not fit this neurosdm version: {e}") from None
+
+
+# Presets. `tiny` trains to recognisable samples in minutes on 2 CPU cores; `small` gives Fashion-MNIST quality
+# on CPU in hours; `paper-cifar10` is the papers' exact CIFAR-10 configuration (66,696,413 parameters with TSM off).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        model=dict(img_ch=1, image_size=28, ch=16, ch_mult=(1, 2), num_res_blocks=1, num_steps=4),
+        diffusion=dict(num_diffusion_steps=1000),
+        train=dict(batch_size=64, lr=1e-3, warmup=100, steps=3000, ema_decay=0.995, ckpt_every=500),
+    ),
+    "small": dict(
+        model=dict(img_ch=1, image_size=28, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, num_steps=4),
+        diffusion=dict(num_diffusion_steps=1000),
+        train=dict(batch_size=64, lr=5e-4, warmup=500, steps=50000, ema_decay=0.9995, ckpt_every=1000),
+    ),
+    "paper-cifar10": dict(
+        model=dict(img_ch=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 4), num_res_blocks=2, num_steps=4),
+        diffusion=dict(num_diffusion_steps=1000, beta_start=1e-4, beta_end=0.02),
+        train=dict(dataset="cifar10", batch_size=128, lr=2e-4, warmup=5000, steps=500000, ema_decay=0.9999,
+                   ckpt_every=5000),
+    ),
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    return Config(
+        model=ModelConfig(**p["model"]),
+        diffusion=DiffusionConfig(**p["diffusion"]),
+        train=TrainConfig(**p["train"]),
+    )

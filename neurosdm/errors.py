@@ -1,0 +1,17 @@
+"""Errors a user can cause. The CLI prints their message on one line and exits non-zero."""
+
+
+class NeuroSDMError(Exception):
+    """Base class: the message says what was wrong and what to do."""
+
+
+class CheckpointError(NeuroSDMError):
+    """A checkpoint file is missing, truncated, foreign or inconsistent."""
+
+
+class DatasetError(NeuroSDMError):
+    """A dataset is missing or malformed."""
+
+
+class ConfigError(NeuroSDMError):
+    """An option or configuration value is invalid."""

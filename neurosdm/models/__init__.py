@@ -1,0 +1,1 @@
+from neurosdm.models.spiking_unet import SpikingUNet, count_parameters  # noqa: F401

@@ -1,0 +1,217 @@
+"""The spiking UNet denoiser of SDDPM (Cao et al., WACV 2024) and SDM (Cao et al., 2024).
+
+Architecture (reference/sdm.md), all tensors time-first ``[num_steps, B, C, H, W]``:
+
+- input: the noisy float image x_t repeated over the ``num_steps`` spiking steps (direct encoding; the stem conv
+  sees analog input)
+- stem: conv3x3 -> BN -> IF -> conv3x3 -> BN
+- ResBlock ("pre-spike"): ``h = BN1(conv1(IF1(x))) + temb_proj(temb); h = BN2(conv2(IF2(h))) + shortcut(x)``;
+  shortcut is identity or a 1x1 conv on the float x. Blocks exchange floats; spikes exist only in front of convs.
+- down: IF -> conv3x3 stride 2 -> BN;  up: IF -> nearest x2 -> conv3x3 -> BN;  skips concatenate floats
+- time embedding (non-spiking): sinusoidal table -> Linear(ch, 4ch) -> Swish -> Linear(4ch, 4ch); per block
+  ``temb_proj = Swish -> Linear(4ch, out_ch)``, identical at every spiking step
+- head "sdm" (analog, the papers'): ``h = tail_conv(Swish(tail_bn(h)))``;
+  ``h = Swish(last_bn(conv3d_(3,3,1)(h))) + h`` (the Conv3d is a per-step 2-D conv);
+  ``eps = sum_t 0.8**(num_steps-1-t) h[t]`` (membrane output)
+- head "spiking" (everything on chip): ``h = tail_conv(IF(tail_bn(h)))``; ``eps = sum_t 0.8**(num_steps-1-t) h[t]``
+  (a leaky-integrator readout neuron)
+- TSM: every conv's output (bias included) is multiplied by a learnable per-step scale ``p[t]`` before BN.
+
+Module names follow the public code so that its state dicts load with only the TSM key rename
+(``<conv>.tsmconv.weight`` -> ``<conv>.weight``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn import init
+
+from neurosdm.config import ModelConfig
+from neurosdm.neurons import SpikingNeurons, leaky_readout
+
+
+def sinusoidal_table(num_diffusion_steps: int, dim: int) -> torch.Tensor:
+    """Transformer position table ``[N, dim]``, interleaved: column 2i = sin(t w_i), 2i+1 = cos(t w_i),
+    ``w_i = 10000**(-2i/dim)``."""
+    freqs = torch.exp(-torch.arange(0, dim, 2) / dim * math.log(10000))
+    angles = torch.arange(num_diffusion_steps).float()[:, None] * freqs[None, :]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(num_diffusion_steps, dim)
+
+
+def per_step(fn, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 4-D op to a time-first 5-D tensor by folding time into the batch."""
+    y = fn(x.flatten(0, 1))
+    return y.reshape(x.shape[0], x.shape[1], *y.shape[1:])
+
+
+class Conv(nn.Conv2d):
+    """Conv2d over ``[num_steps, B, C, H, W]``; with TSM, the output of step t is scaled by ``tsmp[t]``."""
+
+    def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0, num_steps=4, tsm=False):
+        super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=padding)
+        self.tsmp = nn.Parameter(torch.ones(num_steps, 1, 1, 1, 1)) if tsm else None
+        init.xavier_uniform_(self.weight)
+        init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = per_step(super().forward, x)
+        return y * self.tsmp if self.tsmp is not None else y
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d over ``[num_steps, B, C, H, W]``; statistics shared across spiking steps (as the public code)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return per_step(super().forward, x)
+
+
+class TimeEmbedding(nn.Module):
+    def __init__(self, num_diffusion_steps: int, ch: int, tdim: int):
+        super().__init__()
+        self.timembedding = nn.Sequential(
+            nn.Embedding.from_pretrained(sinusoidal_table(num_diffusion_steps, ch)),
+            nn.Linear(ch, tdim),
+            nn.SiLU(),
+            nn.Linear(tdim, tdim),
+        )
+        for m in self.timembedding:
+            if isinstance(m, nn.Linear):
+                init.xavier_uniform_(m.weight)
+                init.zeros_(m.bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.timembedding(t)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, tdim: int, cfg: ModelConfig):
+        super().__init__()
+        self.temb_proj = nn.Sequential(nn.SiLU(), nn.Linear(tdim, out_ch))
+        init.xavier_uniform_(self.temb_proj[1].weight)
+        init.zeros_(self.temb_proj[1].bias)
+        self.neuron1 = _neurons(cfg)
+        self.conv1 = Conv(in_ch, out_ch, 3, 1, 1, cfg.num_steps, cfg.tsm)
+        self.bn1 = BatchNorm(out_ch)
+        self.neuron2 = _neurons(cfg)
+        self.conv2 = Conv(out_ch, out_ch, 3, 1, 1, cfg.num_steps, cfg.tsm)
+        self.bn2 = BatchNorm(out_ch)
+        self.shortcut = Conv(in_ch, out_ch, 1, 1, 0, cfg.num_steps, cfg.tsm) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.bn1(self.conv1(self.neuron1(x)))
+        h = h + self.temb_proj(temb)[None, :, :, None, None]
+        h = self.bn2(self.conv2(self.neuron2(h)))
+        return h + self.shortcut(x)
+
+
+class DownSample(nn.Module):
+    def __init__(self, ch: int, cfg: ModelConfig):
+        super().__init__()
+        self.neuron = _neurons(cfg)
+        self.conv = Conv(ch, ch, 3, 2, 1, cfg.num_steps, cfg.tsm)
+        self.bn = BatchNorm(ch)
+
+    def forward(self, x, temb):
+        return self.bn(self.conv(self.neuron(x)))
+
+
+class UpSample(nn.Module):
+    def __init__(self, ch: int, cfg: ModelConfig):
+        super().__init__()
+        self.neuron = _neurons(cfg)
+        self.conv = Conv(ch, ch, 3, 1, 1, cfg.num_steps, cfg.tsm)
+        self.bn = BatchNorm(ch)
+
+    def forward(self, x, temb):
+        s = per_step(lambda z: F.interpolate(z, scale_factor=2, mode="nearest"), self.neuron(x))
+        return self.bn(self.conv(s))
+
+
+def _neurons(cfg: ModelConfig) -> SpikingNeurons:
+    return SpikingNeurons(cfg.threshold, decay=1.0, reset="hard", surrogate=cfg.surrogate, alpha=cfg.surrogate_alpha)
+
+
+class SpikingUNet(nn.Module):
+    """``eps = model(x_t, t)`` with ``x_t: [B, img_ch, H, W]`` float and ``t: [B]`` long diffusion steps."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch, tdim, steps, tsm = cfg.ch, cfg.ch * 4, cfg.num_steps, cfg.tsm
+        self.time_embedding = TimeEmbedding(cfg.num_diffusion_steps, ch, tdim)
+        self.conv = Conv(cfg.img_ch, ch, 3, 1, 1, steps, tsm)
+        self.bn = BatchNorm(ch)
+        self.neuron = _neurons(cfg)
+        self.conv_identity = Conv(ch, ch, 3, 1, 1, steps, tsm)
+        self.bn_identity = BatchNorm(ch)
+
+        self.downblocks = nn.ModuleList()
+        chs, now_ch = [ch], ch
+        for i, mult in enumerate(cfg.ch_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.downblocks.append(ResBlock(now_ch, ch * mult, tdim, cfg))
+                now_ch = ch * mult
+                chs.append(now_ch)
+            if i != len(cfg.ch_mult) - 1:
+                self.downblocks.append(DownSample(now_ch, cfg))
+                chs.append(now_ch)
+        self.middleblocks = nn.ModuleList([ResBlock(now_ch, now_ch, tdim, cfg) for _ in range(2)])
+        self.upblocks = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(cfg.ch_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.upblocks.append(ResBlock(chs.pop() + now_ch, ch * mult, tdim, cfg))
+                now_ch = ch * mult
+            if i != 0:
+                self.upblocks.append(UpSample(now_ch, cfg))
+
+        self.tail_bn = BatchNorm(now_ch)
+        self.tail_conv = Conv(now_ch, cfg.img_ch, 3, 1, 1, steps, tsm)
+        init.xavier_uniform_(self.tail_conv.weight, gain=1e-5)
+        if cfg.head == "sdm":
+            # A Conv3d with kernel (3,3,1) over [B, C, H, W, num_steps]: a 2-D conv applied at each spiking step.
+            self.T_output_layer = nn.Conv3d(cfg.img_ch, cfg.img_ch, kernel_size=(3, 3, 1), padding=(1, 1, 0))
+            self.last_bn = BatchNorm(cfg.img_ch)
+        else:
+            self.tail_neuron = _neurons(cfg)
+        self.set_threshold_scale(cfg.threshold_scale)
+
+    def set_threshold_scale(self, scale: float) -> None:
+        """Threshold guidance (SDM): every IF neuron fires at ``threshold * scale``; no retraining."""
+        self.cfg.threshold_scale = float(scale)
+        for m in self.modules():
+            if isinstance(m, SpikingNeurons):
+                m.threshold_scale = float(scale)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        temb = self.time_embedding(t)
+        h = x.unsqueeze(0).expand(cfg.num_steps, *x.shape)
+        h = self.bn(self.conv(h))
+        h = self.bn_identity(self.conv_identity(self.neuron(h)))
+        hs = [h]
+        for layer in self.downblocks:
+            h = layer(h, temb)
+            hs.append(h)
+        for layer in self.middleblocks:
+            h = layer(h, temb)
+        for layer in self.upblocks:
+            if isinstance(layer, ResBlock):
+                h = torch.cat([h, hs.pop()], dim=2)
+            h = layer(h, temb)
+
+        if cfg.head == "sdm":
+            h = self.tail_conv(F.silu(self.tail_bn(h)))
+            w = self.T_output_layer.weight[..., 0]
+            h = F.silu(self.last_bn(per_step(lambda z: F.conv2d(z, w, self.T_output_layer.bias, padding=1), h))) + h
+        else:
+            h = self.tail_conv(self.tail_neuron(self.tail_bn(h)))
+        return leaky_readout(h, cfg.readout_decay)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters, frozen ones included (the public code's count, which includes the sinusoidal table)."""
+    return sum(p.numel() for p in model.parameters())

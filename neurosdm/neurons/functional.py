@@ -1,0 +1,140 @@
+"""Spiking neurons as pure functions (torch, float).
+
+Layout: every multi-step tensor is time-first, ``[num_steps, batch, ...]`` (here usually ``[num_steps, B, C, H, W]``).
+State is never kept between calls: a multi-step call starts from ``v = 0`` (the SDM rule "reset all neuron state
+after every network call"), so a network is a pure function of its input.
+
+The one neuron equation (discrete time, one spiking step)::
+
+    h[t] = decay * v[t-1] + x[t]                      charge (decay = 1: integrate-and-fire; decay < 1: LIF)
+    s[t] = 1 if h[t] >= threshold else 0              fire (the SDM/spikingjelly comparison, >=)
+    v[t] = h[t] * (1 - s[t])                          reset="hard"      (to v_reset = 0)
+    v[t] = h[t] - threshold * s[t]                    reset="subtract"  (reset by subtraction)
+
+Gradients use a surrogate for ds/dh (the Heaviside has none): ATan (spikingjelly's default, alpha = 2, used by
+the SDM/SDDPM code) or rectangular. As in spikingjelly with ``detach_reset=False``, the gradient also flows
+through the reset term.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+RESETS = ("hard", "subtract")
+
+
+def atan_grad(x: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    """Derivative of the ATan surrogate ``sg(x) = arctan(pi/2 * alpha * x) / pi + 1/2``:
+    ``sg'(x) = (alpha / 2) / (1 + (pi/2 * alpha * x)**2)``."""
+    return (alpha / 2) / (1 + (math.pi / 2 * alpha * x) ** 2)
+
+
+def rect_grad(x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Derivative of the rectangular surrogate of width ``alpha``: ``sg'(x) = 1/alpha if |x| < alpha/2 else 0``."""
+    return (x.abs() < alpha / 2).to(x.dtype) / alpha
+
+
+SURROGATES = {"atan": atan_grad, "rect": rect_grad}
+
+
+def neuron_step(v: torch.Tensor, x: torch.Tensor, threshold: float, decay: float = 1.0, reset: str = "hard"):
+    """One spiking step of the neuron above. Returns ``(s, v_new, h)``; ``h`` is the pre-reset membrane.
+
+    This is the only place the forward equation is written; the multi-step layer below calls it.
+    """
+    h = decay * v + x if decay != 1.0 else v + x
+    s = (h >= threshold).to(x.dtype)
+    v_new = h * (1.0 - s) if reset == "hard" else h - threshold * s
+    return s, v_new, h
+
+
+def if_step(v, x, threshold: float = 1.0, reset: str = "hard"):
+    """Integrate-and-fire: ``h = v + x; s = [h >= threshold]; v = reset(h, s)``."""
+    return neuron_step(v, x, threshold, 1.0, reset)
+
+
+def lif_step(v, x, decay: float, threshold: float = 1.0, reset: str = "hard"):
+    """Leaky integrate-and-fire, decay form: ``h = decay * v + x; s = [h >= threshold]; v = reset(h, s)``.
+
+    For a NIR LIF (``tau dv/dt = (v_leak - v) + R I``, forward Euler with step dt, v_leak = 0):
+    ``decay = 1 - dt/tau`` and the input is scaled by ``R dt / tau``.
+    """
+    return neuron_step(v, x, threshold, decay, reset)
+
+
+class _MultiStepNeuron(torch.autograd.Function):
+    """Fused multi-step neuron: a forward loop without autograd bookkeeping and a hand-written backward through
+    time. Backward (g = surrogate derivative at h[t] - threshold)::
+
+        dL/dh[t]   = dL/ds[t] * g + dL/dv[t] * dv/dh[t]
+        dv/dh[t]   = (1 - s[t]) - h[t] * g      (hard reset; gradient through the reset term)
+                   = 1 - threshold * g          (subtract)
+        dL/dx[t]   = dL/dh[t];   dL/dv[t-1] = decay * dL/dh[t]
+    """
+
+    @staticmethod
+    def forward(ctx, x, threshold, decay, reset, surrogate, alpha):
+        v = torch.zeros_like(x[0])
+        spikes = torch.empty_like(x)
+        hs = torch.empty_like(x)
+        for t in range(x.shape[0]):
+            s, v, h = neuron_step(v, x[t], threshold, decay, reset)
+            spikes[t] = s
+            hs[t] = h
+        ctx.save_for_backward(hs, spikes)
+        ctx.params = (threshold, decay, reset, surrogate, alpha)
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        hs, spikes = ctx.saved_tensors
+        threshold, decay, reset, surrogate, alpha = ctx.params
+        sg = SURROGATES[surrogate]
+        grad_x = torch.empty_like(hs)
+        grad_v = torch.zeros_like(hs[0])
+        for t in range(hs.shape[0] - 1, -1, -1):
+            g = sg(hs[t] - threshold, alpha)
+            if reset == "hard":
+                dv_dh = (1.0 - spikes[t]) - hs[t] * g
+            else:
+                dv_dh = 1.0 - threshold * g
+            grad_h = grad_spikes[t] * g + grad_v * dv_dh
+            grad_x[t] = grad_h
+            grad_v = grad_h * decay if decay != 1.0 else grad_h
+        return grad_x, None, None, None, None, None
+
+
+def multistep_neuron(
+    x: torch.Tensor,
+    threshold: float = 1.0,
+    decay: float = 1.0,
+    reset: str = "hard",
+    surrogate: str = "atan",
+    alpha: float = 2.0,
+) -> torch.Tensor:
+    """Run the neuron over ``x`` of shape ``[num_steps, batch, ...]`` from ``v = 0``; return the spikes (same shape,
+    same dtype, values 0/1). Differentiable through the surrogate."""
+    if reset not in RESETS:
+        raise ValueError(f"reset must be one of {RESETS}, got {reset!r}")
+    if surrogate not in SURROGATES:
+        raise ValueError(f"surrogate must be one of {tuple(SURROGATES)}, got {surrogate!r}")
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _MultiStepNeuron.apply(x, float(threshold), float(decay), reset, surrogate, float(alpha))
+    v = torch.zeros_like(x[0])
+    out = torch.empty_like(x)
+    for t in range(x.shape[0]):
+        out[t], v, _ = neuron_step(v, x[t], threshold, decay, reset)
+    return out
+
+
+def leaky_readout(h: torch.Tensor, decay: float) -> torch.Tensor:
+    """Leaky integrator read at the last step (the SDM membrane output, a neuron that never fires)::
+
+        out = sum_t decay**(num_steps-1-t) * h[t]      (equivalently u[t] = decay * u[t-1] + h[t], out = u[-1])
+    """
+    u = torch.zeros_like(h[0])
+    for t in range(h.shape[0]):
+        u = decay * u + h[t]
+    return u
