@@ -212,3 +212,32 @@ def save_checkpoint(path: str | os.PathLike, config: Config, model: torch.nn.Mod
     obj.update(extra or {})
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """What ``neurosdm info`` prints: layout, architecture, parameter count, training state, notes."""
+    from neurosdm.models import count_parameters
+
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt.config.model, ckpt.model_state, source=str(path))
+    m, d = ckpt.config.model, ckpt.config.diffusion
+    out = {
+        "layout": ckpt.layout,
+        "architecture": _arch(m),
+        "image": f"{m.img_ch}x{m.image_size}x{m.image_size}",
+        "threshold": m.threshold,
+        "parameters": f"{count_parameters(model):,}",
+        "diffusion": f"{d.schedule} betas {d.beta_start}..{d.beta_end}, {d.num_diffusion_steps} steps",
+        "step": ckpt.step,
+        "ema weights": "yes" if ckpt.ema_state is not None else "no",
+        "sha256": file_sha256(Path(path) / "ckpt.pt" if Path(path).is_dir() else path)[:16],
+    }
+    if ckpt.layout == "neurosdm":
+        t = ckpt.config.train
+        out["trained on"] = f"{t.dataset}, batch {t.batch_size}, lr {t.lr}"
+        for key in ("wall_s", "final_loss"):
+            if key in ckpt.raw:
+                out[key] = f"{ckpt.raw[key]:.4g}"
+    for i, note in enumerate(ckpt.notes):
+        out[f"note {i + 1}"] = note
+    return out

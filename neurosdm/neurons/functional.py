@@ -19,6 +19,8 @@ through the reset term.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 
@@ -64,45 +66,72 @@ def lif_step(v, x, decay: float, threshold: float = 1.0, reset: str = "hard"):
     return neuron_step(v, x, threshold, decay, reset)
 
 
-class _MultiStepNeuron(torch.autograd.Function):
-    """Fused multi-step neuron: a forward loop without autograd bookkeeping and a hand-written backward through
-    time. Backward (g = surrogate derivative at h[t] - threshold)::
+def _forward_loop(x: torch.Tensor, threshold: torch.Tensor, decay: float, reset: str):
+    """All steps of :func:`neuron_step` from ``v = 0``; returns spikes and pre-reset membranes ``h``."""
+    v = torch.zeros_like(x[0])
+    spikes, hs = [], []
+    for t in range(x.shape[0]):
+        s, v, h = neuron_step(v, x[t], threshold, decay, reset)
+        spikes.append(s)
+        hs.append(h)
+    return torch.stack(spikes), torch.stack(hs)
+
+
+def _backward_loop(grad_spikes, hs, spikes, threshold: torch.Tensor, decay: float, reset: str, surrogate: str,
+                   alpha: float):
+    """Backward through time of :func:`_forward_loop` (g = surrogate derivative at h[t] - threshold)::
 
         dL/dh[t]   = dL/ds[t] * g + dL/dv[t] * dv/dh[t]
-        dv/dh[t]   = (1 - s[t]) - h[t] * g      (hard reset; gradient through the reset term)
+        dv/dh[t]   = (1 - s[t]) - h[t] * g      (hard reset; the gradient flows through the reset term)
                    = 1 - threshold * g          (subtract)
         dL/dx[t]   = dL/dh[t];   dL/dv[t-1] = decay * dL/dh[t]
     """
+    sg = SURROGATES[surrogate]
+    grad_v = torch.zeros_like(hs[0])
+    grads = []
+    for t in range(hs.shape[0] - 1, -1, -1):
+        g = sg(hs[t] - threshold, alpha)
+        dv_dh = (1.0 - spikes[t]) - hs[t] * g if reset == "hard" else 1.0 - threshold * g
+        grad_h = grad_spikes[t] * g + grad_v * dv_dh
+        grads.append(grad_h)
+        grad_v = grad_h * decay
+    return torch.stack(grads[::-1])
+
+
+# The loops above are many small element-wise ops; torch.compile fuses them into one pass per step (about 13x
+# faster forward+backward on CPU). Set NEUROSDM_COMPILE=0 to run them eagerly (the parity test compares both).
+_EAGER = {"forward": _forward_loop, "backward": _backward_loop}
+_COMPILED: dict[str, object] = {}
+
+
+def _run(name: str, *args):
+    """Run a kernel compiled (when possible) or eagerly; a failing compile falls back to eager for good."""
+    if os.environ.get("NEUROSDM_COMPILE", "1") != "0" and _COMPILED.get(name, True) is not None:
+        try:
+            if name not in _COMPILED:
+                _COMPILED[name] = torch.compile(_EAGER[name], dynamic=True)
+            return _COMPILED[name](*args)
+        except Exception as e:  # no working compiler here: eager is exact, only slower
+            warnings.warn(f"torch.compile of the neuron kernel failed ({type(e).__name__}); running it eagerly")
+            _COMPILED[name] = None
+    return _EAGER[name](*args)
+
+
+class _MultiStepNeuron(torch.autograd.Function):
+    """Fused multi-step neuron: forward without autograd bookkeeping, hand-written backward through time."""
 
     @staticmethod
     def forward(ctx, x, threshold, decay, reset, surrogate, alpha):
-        v = torch.zeros_like(x[0])
-        spikes = torch.empty_like(x)
-        hs = torch.empty_like(x)
-        for t in range(x.shape[0]):
-            s, v, h = neuron_step(v, x[t], threshold, decay, reset)
-            spikes[t] = s
-            hs[t] = h
-        ctx.save_for_backward(hs, spikes)
-        ctx.params = (threshold, decay, reset, surrogate, alpha)
+        spikes, hs = _run("forward", x, threshold, decay, reset)
+        ctx.save_for_backward(hs, spikes, threshold)
+        ctx.params = (decay, reset, surrogate, alpha)
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        hs, spikes = ctx.saved_tensors
-        threshold, decay, reset, surrogate, alpha = ctx.params
-        sg = SURROGATES[surrogate]
-        grad_x = torch.empty_like(hs)
-        grad_v = torch.zeros_like(hs[0])
-        for t in range(hs.shape[0] - 1, -1, -1):
-            g = sg(hs[t] - threshold, alpha)
-            if reset == "hard":
-                dv_dh = (1.0 - spikes[t]) - hs[t] * g
-            else:
-                dv_dh = 1.0 - threshold * g
-            grad_h = grad_spikes[t] * g + grad_v * dv_dh
-            grad_x[t] = grad_h
-            grad_v = grad_h * decay if decay != 1.0 else grad_h
+        hs, spikes, threshold = ctx.saved_tensors
+        decay, reset, surrogate, alpha = ctx.params
+        grad_x = _run("backward", grad_spikes.contiguous(), hs, spikes, threshold, decay, reset, surrogate, alpha)
         return grad_x, None, None, None, None, None
 
 
@@ -120,13 +149,11 @@ def multistep_neuron(
         raise ValueError(f"reset must be one of {RESETS}, got {reset!r}")
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate must be one of {tuple(SURROGATES)}, got {surrogate!r}")
+    # the threshold travels as a 0-d tensor so that threshold guidance does not recompile the kernels
+    thr = torch.tensor(float(threshold), dtype=x.dtype, device=x.device)
     if torch.is_grad_enabled() and x.requires_grad:
-        return _MultiStepNeuron.apply(x, float(threshold), float(decay), reset, surrogate, float(alpha))
-    v = torch.zeros_like(x[0])
-    out = torch.empty_like(x)
-    for t in range(x.shape[0]):
-        out[t], v, _ = neuron_step(v, x[t], threshold, decay, reset)
-    return out
+        return _MultiStepNeuron.apply(x, thr, float(decay), reset, surrogate, float(alpha))
+    return _run("forward", x, thr, float(decay), reset)[0]
 
 
 def leaky_readout(h: torch.Tensor, decay: float) -> torch.Tensor:

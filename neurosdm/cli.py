@@ -1,0 +1,145 @@
+"""The ``neurosdm`` command. Each command parses its options, calls one library function and prints."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from neurosdm.errors import NeuroSDMError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Spiking diffusion models from the GPU to neuromorphic hardware.")
+console = Console()
+DEFAULT_CKPT = Path(__file__).parent / "assets" / "tiny_fashion.pt"
+
+
+def progress_bar(description: str):
+    """A wrapper ``wrap(iterable, completed=0) -> iterable`` that shows a rich progress bar on stderr."""
+
+    def wrap(iterable, completed: int = 0):
+        items = list(iterable)
+        columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(description, total=len(items) + completed, completed=completed)
+            for item in items:
+                yield item
+                bar.advance(task)
+
+    return wrap
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., "--out", help="output directory (ckpt.pt, log.jsonl, sample grids)"),
+    dataset: Optional[str] = typer.Option(None, help="builtin | fashion-mnist | mnist | cifar10 | folder"),
+    preset: str = typer.Option("tiny", help="tiny | small | paper-cifar10"),
+    steps: Optional[int] = typer.Option(None, help="total optimisation steps"),
+    batch_size: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    num_steps: Optional[int] = typer.Option(None, help="spiking time steps per network call (T_snn)"),
+    tsm: Optional[bool] = typer.Option(None, "--tsm/--no-tsm", help="temporal-wise spiking mechanism"),
+    head: Optional[str] = typer.Option(None, help="sdm (analog Swish head) | spiking (all on chip)"),
+    data_dir: Optional[str] = typer.Option(None, help="where the dataset files are"),
+    init: Optional[Path] = typer.Option(None, help="start from this checkpoint's weights (any layout)"),
+    seed: Optional[int] = typer.Option(None),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="bf16 autocast"),
+    ckpt_every: Optional[int] = typer.Option(None),
+    sample_every: Optional[int] = typer.Option(None),
+    resume: bool = typer.Option(True, "--resume/--restart", help="continue from OUT/ckpt.pt if it exists"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N (under torchrun each rank takes its local GPU)"),
+):
+    """Train a spiking diffusion model (epsilon-MSE, surrogate gradients)."""
+    from neurosdm import config as C
+    from neurosdm import train as T
+
+    cfg = T.config_with_overrides(
+        C.preset(preset), **{"train.dataset": dataset, "train.steps": steps, "train.batch_size": batch_size,
+                             "train.lr": lr, "model.num_steps": num_steps, "model.tsm": tsm, "model.head": head,
+                             "train.data_dir": data_dir, "train.seed": seed, "train.bf16": bf16,
+                             "train.ckpt_every": ckpt_every, "train.sample_every": sample_every})
+    with T.distributed(device) as dev:
+        path = T.train(cfg, out, resume=resume, init=str(init) if init else None, device=dev,
+                       progress=progress_bar("training"))
+    console.print(f"checkpoint: {path}\nsamples:    {path.parent / 'samples.png'}")
+
+
+@app.command()
+def sample(
+    ckpt: Path = typer.Argument(..., help="checkpoint (neurosdm, SDM or SDDPM layout)"),
+    out: Path = typer.Option(..., "--out", help="output directory"),
+    num_images: int = typer.Option(64, help="number of images"),
+    sampler: str = typer.Option("ddim", help="ddpm | ddim"),
+    steps: int = typer.Option(50, help="sampling steps (network calls)"),
+    eta: float = typer.Option(0.0, help="DDIM eta"),
+    seed: int = typer.Option(0),
+    threshold_scale: float = typer.Option(1.0, help="threshold guidance: inference threshold multiplier"),
+    batch_size: int = typer.Option(64),
+    device: str = typer.Option("cpu"),
+):
+    """Sample images on the GPU path (the float torch model): OUT/samples.png and OUT/samples.npy."""
+    from neurosdm.sample import sample_to_dir
+
+    png = sample_to_dir(ckpt, out, num_images, seed=seed, sampler=sampler, num_sample_steps=steps, eta=eta,
+                        threshold_scale=threshold_scale, batch_size=batch_size, device=device,
+                        progress=progress_bar("sampling"))
+    console.print(f"wrote {png} and {png.with_suffix('.npy')}")
+
+
+@app.command()
+def info(ckpt: Path = typer.Argument(..., help="checkpoint (neurosdm, SDM or SDDPM layout)")):
+    """Show a checkpoint's layout, configuration and parameter count."""
+    from neurosdm.checkpoint import describe
+
+    d = describe(ckpt)
+    table = Table(title=str(ckpt), show_header=False)
+    for key, value in d.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", help="output directory"),
+    ckpt: Path = typer.Option(DEFAULT_CKPT, help="checkpoint (default: the shipped Fashion-MNIST model)"),
+    num_images: int = typer.Option(16),
+    steps: int = typer.Option(20, help="DDIM sampling steps"),
+):
+    """The main job on a built-in default: sample from the shipped checkpoint on the GPU path."""
+    from neurosdm.sample import sample_to_dir
+
+    png = sample_to_dir(ckpt, out, num_images, num_sample_steps=steps, progress=progress_bar("sampling"))
+    console.print(f"demo: {num_images} images from {ckpt.name} ({steps} DDIM steps) -> {png}")
+
+
+def main() -> None:
+    """Entry point: user errors print one line and exit 1; Ctrl-C exits 130 (outputs are written atomically)."""
+    try:
+        app(standalone_mode=False)
+    except NeuroSDMError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Training (epsilon-MSE, Ho et al. 2020 Algorithm 1) with EMA, gradient clipping, bf16 autocast, exact resume and
+multi-process data parallelism (torch DDP under torchrun; gloo on CPU, nccl on CUDA).
+
+Randomness is a pure function of ``(seed, step, rank)``: the batch indices of step k come from a generator seeded
+with ``(seed, k)`` and the diffusion noise from ``(seed, k, rank)``. A run resumed from a checkpoint therefore
+repeats exactly what the uninterrupted run would have done, with no random state to save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from neurosdm.checkpoint import load_checkpoint, save_checkpoint
+from neurosdm.config import Config
+from neurosdm.data import load_dataset
+from neurosdm.diffusion import GaussianDiffusion
+from neurosdm.errors import ConfigError
+from neurosdm.io import image_grid, save_npy, save_png
+from neurosdm.models import SpikingUNet
+
+
+def _generator(*key: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``ema_p = decay * ema_p + (1 - decay) * p`` for parameters; buffers (BN statistics) are copied."""
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1.0 - decay)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def learning_rate(step: int, cfg) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then constant (as the SDDPM/pytorch-ddpm recipe)."""
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+class Trainer:
+    """Holds the model, its EMA copy, the optimiser and the data; ``step()`` does one optimisation step."""
+
+    def __init__(self, config: Config, data: torch.Tensor | None = None, device: str = "cpu"):
+        self.config = config
+        tc = config.train
+        self.device = torch.device(device)
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if tc.batch_size % self.world:
+            raise ConfigError(f"batch size {tc.batch_size} is not divisible by the {self.world} processes")
+        torch.manual_seed(tc.seed)  # parameter initialisation
+        self.model = SpikingUNet(config.model).to(self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.net = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=tc.lr)
+        self.diffusion = GaussianDiffusion(config.diffusion)
+        if data is None:
+            data = load_dataset(tc.dataset, tc.data_dir, "train", config.model.image_size)
+        if data.shape[1:] != (config.model.img_ch, config.model.image_size, config.model.image_size):
+            raise ConfigError(
+                f"dataset images are {tuple(data.shape[1:])} but the model expects "
+                f"{(config.model.img_ch, config.model.image_size, config.model.image_size)}; "
+                f"pick a preset or options that match the dataset"
+            )
+        self.data = data
+        self.step_count = 0
+        self.last_loss = float("nan")
+
+    def load_state(self, path: str | os.PathLike, weights_only_init: bool = False) -> None:
+        """Resume from a neurosdm checkpoint, or (``weights_only_init``) start from its weights only
+        (``train --init``)."""
+        ckpt = load_checkpoint(path)
+        model_state = dict(ckpt.model_state)
+        if self.config.model.tsm and not ckpt.config.model.tsm:  # TSM fine-tuning: scales start at 1
+            for k, v in self.model.state_dict().items():
+                if k.endswith(".tsmp"):
+                    model_state.setdefault(k, torch.ones_like(v))
+        missing, unexpected = self.model.load_state_dict(model_state, strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"--init/--resume checkpoint does not fit this model: missing {missing[:2]}, "
+                              f"unexpected {unexpected[:2]}")
+        ema_state = ckpt.ema_state if ckpt.ema_state is not None else model_state
+        self.ema.load_state_dict({**self.model.state_dict(), **ema_state}, strict=True)
+        if not weights_only_init:
+            if ckpt.raw.get("optimizer") is not None:
+                self.opt.load_state_dict(ckpt.raw["optimizer"])
+            self.step_count = ckpt.step
+
+    def step(self) -> float:
+        tc = self.config.train
+        k = self.step_count
+        local = tc.batch_size // self.world
+        idx = torch.randint(0, len(self.data), (tc.batch_size,), generator=_generator(tc.seed, k))
+        x_0 = self.data[idx[self.rank * local:(self.rank + 1) * local]].to(self.device)
+        for group in self.opt.param_groups:
+            group["lr"] = learning_rate(k, tc)
+        self.net.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+            loss = self.diffusion.loss(self.net, x_0, generator=_generator(tc.seed, k, self.rank + 1))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.opt.step()
+        ema_update(self.ema, self.model, tc.ema_decay)
+        self.step_count += 1
+        self.last_loss = float(loss.detach())
+        return self.last_loss
+
+    def save(self, path: str | os.PathLike, extra: dict | None = None) -> None:
+        if self.rank == 0:
+            save_checkpoint(path, self.config, self.model, self.ema, self.opt, self.step_count, extra)
+
+
+def train(config: Config, out_dir: str | os.PathLike, resume: bool = True, init: str | None = None,
+          device: str = "cpu", progress=None, num_sample_images: int = 64) -> Path:
+    """Train ``config`` into ``out_dir`` (``ckpt.pt``, ``log.jsonl``, sample grids). Resumes from
+    ``out_dir/ckpt.pt`` when it exists and ``resume`` is set. Returns the checkpoint path."""
+    from neurosdm.sample import generate
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "ckpt.pt"
+    tr = Trainer(config, device=device)
+    if resume and ckpt_path.exists():
+        tr.load_state(ckpt_path)
+    elif init:
+        tr.load_state(init, weights_only_init=True)
+    tc = config.train
+    start, t0 = tr.step_count, time.perf_counter()
+    log = open(out / "log.jsonl", "a") if tr.rank == 0 else None
+    steps = range(start, tc.steps)
+    it = progress(steps, start) if progress is not None and tr.rank == 0 else steps
+    for _ in it:
+        loss = tr.step()
+        if not math.isfinite(loss):
+            raise ConfigError(f"loss became {loss} at step {tr.step_count}; lower --lr or enable gradient clipping")
+        k = tr.step_count
+        if log and (k % tc.log_every == 0 or k == tc.steps):
+            rate = (k - start) / (time.perf_counter() - t0)
+            log.write(json.dumps({"step": k, "loss": loss, "lr": learning_rate(k - 1, tc), "it_per_s": rate}) + "\n")
+            log.flush()
+        if tc.ckpt_every and k % tc.ckpt_every == 0 and k < tc.steps:
+            tr.save(ckpt_path, {"wall_s": time.perf_counter() - t0})
+        if tc.sample_every and k % tc.sample_every == 0 and k < tc.steps and tr.rank == 0:
+            _write_samples(generate(tr.ema, config, num_sample_images, seed=0), out / f"samples_{k:07d}")
+    if log:
+        log.close()
+    tr.save(ckpt_path, {"wall_s": time.perf_counter() - t0, "final_loss": tr.last_loss})
+    if tr.rank == 0 and num_sample_images:
+        _write_samples(generate(tr.ema, config, num_sample_images, seed=0), out / "samples")
+    return ckpt_path
+
+
+def _write_samples(images: torch.Tensor, stem: Path) -> None:
+    save_png(image_grid(images.numpy()), stem.with_suffix(".png"))
+    save_npy(images.numpy(), stem.with_suffix(".npy"))
+
+
+def config_with_overrides(config: Config, **overrides) -> Config:
+    """Return a copy of ``config`` with ``section.field`` overrides (``None`` values are ignored)."""
+    config = copy.deepcopy(config)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, name = key.split(".")
+        sub = getattr(config, section)
+        if not hasattr(sub, name):
+            raise ConfigError(f"unknown option {key}")
+        setattr(config, section, dataclasses.replace(sub, **{name: value}))
+    return config
+
+
+@contextlib.contextmanager
+def distributed(device: str = "cpu"):
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (gloo on CPU, nccl on CUDA); yield this rank's
+    device. Outside torchrun it only yields ``device``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        yield device
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
