@@ -141,6 +141,7 @@ def train(config: Config, out_dir: str | os.PathLike, resume: bool = True, init:
         tr.load_state(init, weights_only_init=True)
     tc = config.train
     start, t0 = tr.step_count, time.perf_counter()
+    grid_steps = min(50, config.diffusion.num_diffusion_steps)  # DDIM steps for the sample grids
     log = open(out / "log.jsonl", "a") if tr.rank == 0 else None
     steps = range(start, tc.steps)
     it = progress(steps, start) if progress is not None and tr.rank == 0 else steps
@@ -156,12 +157,12 @@ def train(config: Config, out_dir: str | os.PathLike, resume: bool = True, init:
         if tc.ckpt_every and k % tc.ckpt_every == 0 and k < tc.steps:
             tr.save(ckpt_path, {"wall_s": time.perf_counter() - t0})
         if tc.sample_every and k % tc.sample_every == 0 and k < tc.steps and tr.rank == 0:
-            _write_samples(generate(tr.ema, config, num_sample_images, seed=0), out / f"samples_{k:07d}")
+            _write_samples(generate(tr.ema, config, num_sample_images, seed=0, num_sample_steps=grid_steps), out / f"samples_{k:07d}")
     if log:
         log.close()
     tr.save(ckpt_path, {"wall_s": time.perf_counter() - t0, "final_loss": tr.last_loss})
     if tr.rank == 0 and num_sample_images:
-        _write_samples(generate(tr.ema, config, num_sample_images, seed=0), out / "samples")
+        _write_samples(generate(tr.ema, config, num_sample_images, seed=0, num_sample_steps=grid_steps), out / "samples")
     return ckpt_path
 
 

@@ -1,0 +1,32 @@
+# Set-up and main entry points. `make demo` and `make test` work on a fresh machine: they create .venv,
+# install the CPU build of torch first (a bare `torch` requirement would pull a multi-GB CUDA build), then neurosdm.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.neurosdm-installed
+
+.PHONY: demo test bench install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/neurosdm demo --out demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+# Benchmarks compare against spikingjelly, installed without its torchvision requirement (see DESIGN.md).
+bench: $(STAMP)
+	$(PY) -m pip install -q --no-deps spikingjelly==2.0.0
+	$(PY) -m pip install -q loguru packaging scipy
+	$(PY) benchmarks/if_layer.py --threads 1
+	$(PY) benchmarks/train_speed.py --threads 1
+
+clean:
+	rm -rf $(VENV) demo_out

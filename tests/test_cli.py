@@ -1,0 +1,104 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from neurosdm import cli
+from neurosdm.checkpoint import load_checkpoint
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(cli.app, [str(a) for a in args])
+
+
+def test_help_lists_commands():
+    r = invoke("--help")
+    assert r.exit_code == 0
+    for cmd in ("train", "sample", "info", "demo"):
+        assert cmd in r.output
+
+
+def test_train_options_reach_the_config(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_train(cfg, out, resume, init, device, progress):
+        seen.update(cfg=cfg, out=out, resume=resume, init=init, device=device)
+        return out / "ckpt.pt"
+
+    monkeypatch.setattr("neurosdm.train.train", fake_train)
+    r = invoke("train", "--out", tmp_path, "--preset", "tiny", "--dataset", "mnist", "--steps", "7", "--num-steps",
+               "2", "--tsm", "--head", "spiking", "--batch-size", "8", "--lr", "0.01", "--bf16", "--restart")
+    assert r.exit_code == 0, r.output
+    cfg = seen["cfg"]
+    assert (cfg.train.dataset, cfg.train.steps, cfg.train.batch_size, cfg.train.lr, cfg.train.bf16) == \
+        ("mnist", 7, 8, 0.01, True)
+    assert (cfg.model.num_steps, cfg.model.tsm, cfg.model.head, cfg.model.ch) == (2, True, "spiking", 16)
+    assert seen["resume"] is False and seen["init"] is None
+
+
+def test_train_sample_info_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    r = invoke("train", "--out", out, "--dataset", "builtin", "--steps", "2", "--batch-size", "4")
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(out / "ckpt.pt").step == 2
+    r = invoke("sample", out / "ckpt.pt", "--out", tmp_path / "s", "--num-images", "3", "--steps", "2",
+               "--sampler", "ddpm", "--threshold-scale", "0.99")
+    assert r.exit_code == 0, r.output
+    images = np.load(tmp_path / "s" / "samples.npy")
+    assert images.shape == (3, 1, 28, 28) and images.min() >= -1 and images.max() <= 1
+    assert (tmp_path / "s" / "samples.png").stat().st_size > 0
+    r = invoke("info", out / "ckpt.pt")
+    assert r.exit_code == 0 and "neurosdm" in r.output and "ch=16" in r.output
+
+
+def test_sample_is_reproducible(sdm_reference, tmp_path):
+    for name in ("a", "b"):
+        r = invoke("sample", sdm_reference / "ckpt.pt", "--out", tmp_path / name, "--num-images", "2", "--steps", "2",
+                   "--seed", "5")
+        assert r.exit_code == 0, r.output
+    assert np.array_equal(np.load(tmp_path / "a" / "samples.npy"), np.load(tmp_path / "b" / "samples.npy"))
+
+
+def test_info_on_public_layout(sdm_reference):
+    r = invoke("info", sdm_reference / "ckpt.pt")
+    assert r.exit_code == 0
+    assert "sdm" in r.output and "tsm=True" in r.output and "178,133" in r.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["info", "nope.pt"], "checkpoint not found"),
+    (["sample", "nope.pt", "--out", "x"], "checkpoint not found"),
+    (["train", "--out", "x", "--preset", "huge"], "unknown preset 'huge'"),
+])
+def test_user_errors_are_one_line(tmp_path, args, message):
+    r = subprocess.run([sys.executable, "-m", "neurosdm", *args], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 1
+    assert message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_bad_sampler_and_truncated_checkpoint(tmp_path, sdm_reference):
+    r = subprocess.run([sys.executable, "-m", "neurosdm", "sample", str(sdm_reference / "ckpt.pt"), "--out", "o",
+                        "--sampler", "euler"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 1 and "unknown sampler 'euler'" in r.stderr
+    assert not (tmp_path / "o" / "samples.png").exists()
+    data = (sdm_reference / "ckpt.pt").read_bytes()
+    (tmp_path / "t.pt").write_bytes(data[:1000])
+    r = subprocess.run([sys.executable, "-m", "neurosdm", "info", "t.pt"], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "t.pt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_runs_on_shipped_checkpoint(tmp_path):
+    if not cli.DEFAULT_CKPT.exists():
+        pytest.skip("the shipped checkpoint neurosdm/assets/tiny_fashion.pt is not in this checkout")
+    r = invoke("demo", "--out", tmp_path, "--num-images", "2", "--steps", "2")
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "samples.npy").shape == (2, 1, 28, 28)
+    assert torch.load(cli.DEFAULT_CKPT, weights_only=True)["format"] == "neurosdm"
