@@ -52,6 +52,7 @@ def train(
     bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="bf16 autocast"),
     ckpt_every: Optional[int] = typer.Option(None),
     sample_every: Optional[int] = typer.Option(None),
+    sample_images: int = typer.Option(64, help="images in the final sample grid (0: none)"),
     resume: bool = typer.Option(True, "--resume/--restart", help="continue from OUT/ckpt.pt if it exists"),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N (under torchrun each rank takes its local GPU)"),
 ):
@@ -66,7 +67,7 @@ def train(
                              "train.ckpt_every": ckpt_every, "train.sample_every": sample_every})
     with T.distributed(device) as dev:
         path = T.train(cfg, out, resume=resume, init=str(init) if init else None, device=dev,
-                       progress=progress_bar("training"))
+                       progress=progress_bar("training"), num_sample_images=sample_images)
     console.print(f"checkpoint: {path}\nsamples:    {path.parent / 'samples.png'}")
 
 

@@ -26,7 +26,7 @@ def test_help_lists_commands():
 def test_train_options_reach_the_config(tmp_path, monkeypatch):
     seen = {}
 
-    def fake_train(cfg, out, resume, init, device, progress):
+    def fake_train(cfg, out, resume, init, device, progress, num_sample_images):
         seen.update(cfg=cfg, out=out, resume=resume, init=init, device=device)
         return out / "ckpt.pt"
 
@@ -43,7 +43,8 @@ def test_train_options_reach_the_config(tmp_path, monkeypatch):
 
 def test_train_sample_info_end_to_end(tmp_path):
     out = tmp_path / "run"
-    r = invoke("train", "--out", out, "--dataset", "builtin", "--steps", "2", "--batch-size", "4")
+    r = invoke("train", "--out", out, "--dataset", "builtin", "--steps", "2", "--batch-size", "4",
+               "--sample-images", "2")
     assert r.exit_code == 0, r.output
     assert load_checkpoint(out / "ckpt.pt").step == 2
     r = invoke("sample", out / "ckpt.pt", "--out", tmp_path / "s", "--num-images", "3", "--steps", "2",
