@@ -36,11 +36,47 @@ def _generator(*key: int) -> torch.Generator:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """``ema_p = decay * ema_p + (1 - decay) * p`` for parameters; buffers (BN statistics) are copied."""
+    """``ema_p = decay * ema_p + (1 - decay) * p`` for parameters; buffers (BN statistics) are copied.
+
+    The running statistics copied from the trained model do not match the averaged weights; checkpoints
+    therefore re-estimate them for the EMA model (:func:`recalibrate_batchnorm`)."""
     for pe, p in zip(ema.parameters(), model.parameters()):
         pe.lerp_(p, 1.0 - decay)
     for be, b in zip(ema.buffers(), model.buffers()):
         be.copy_(b)
+
+
+def ema_decay(step: int, decay: float) -> float:
+    """EMA decay with warm-up, ``min(decay, (1 + k) / (10 + k))``: early averages forget the random init."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, data: torch.Tensor, diffusion: GaussianDiffusion,
+                          num_batches: int = 8, batch_size: int = 64, seed: int = 0) -> None:
+    """Re-estimate every BatchNorm's running mean and variance of ``model`` as the cumulative average over
+    ``num_batches`` batches of noisy training inputs ``x_t`` (uniform t), as the network sees them in training.
+    Used for the EMA weights, whose averaged parameters do not match the statistics of the trained model."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average
+    was_training = model.training
+    model.train()
+    g = _generator(seed, 2**31 - 1)
+    device = next(model.parameters()).device
+    for _ in range(num_batches):
+        idx = torch.randint(0, len(data), (min(batch_size, len(data)),), generator=g)
+        x_0 = data[idx].to(device)
+        t = torch.randint(0, diffusion.num_diffusion_steps, (len(idx),), generator=g).to(device)
+        x_t = diffusion.q_sample(x_0, t, torch.randn(x_0.shape, generator=g).to(device))
+        model(x_t, t)
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    model.train(was_training)
 
 
 def learning_rate(step: int, cfg) -> float:
@@ -115,13 +151,16 @@ class Trainer:
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         self.opt.step()
-        ema_update(self.ema, self.model, tc.ema_decay)
+        ema_update(self.ema, self.model, ema_decay(k, tc.ema_decay))
         self.step_count += 1
         self.last_loss = float(loss.detach())
         return self.last_loss
 
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> None:
+        """Write a checkpoint (rank 0). The EMA model's BN statistics are re-estimated first; they are
+        overwritten by the next ``step()`` anyway, so resuming stays exact."""
         if self.rank == 0:
+            recalibrate_batchnorm(self.ema, self.data, self.diffusion, seed=self.config.train.seed)
             save_checkpoint(path, self.config, self.model, self.ema, self.opt, self.step_count, extra)
 
 

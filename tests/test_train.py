@@ -159,3 +159,38 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rank 0 ok" in r.stdout and "rank 1 ok" in r.stdout
     assert load_checkpoint(tmp_path / "ckpt.pt").step == 3
+
+
+def test_recalibrate_batchnorm_restores_statistics():
+    cfg = tiny_config()
+    tr = Trainer(cfg, data=fake_data())
+    for _ in range(3):
+        tr.step()
+    model = tr.model
+    bn = model.bn
+    model.train()
+    expected = None
+
+    def grab(mod, inp, out):  # the statistics of the stem BN's input in one big batch
+        nonlocal expected
+        x = inp[0].flatten(0, 1)
+        expected = x.mean(dim=(0, 2, 3))
+
+    with torch.no_grad():
+        bn.running_mean.fill_(100.0)
+        from neurosdm.train import recalibrate_batchnorm
+        recalibrate_batchnorm(model, tr.data, tr.diffusion, num_batches=1, batch_size=len(tr.data), seed=3)
+    assert bn.momentum == 0.1 and bn.running_mean.abs().max() < 10
+    h = bn.register_forward_hook(grab)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model(tr.data, torch.randint(0, 20, (len(tr.data),), generator=g))
+    h.remove()
+    # the stem sees the image through the first conv only: its mean does not depend much on t or noise
+    assert torch.allclose(bn.running_mean, expected, atol=0.2)
+
+
+def test_ema_decay_warmup():
+    from neurosdm.train import ema_decay
+    assert ema_decay(0, 0.999) == pytest.approx(0.1)
+    assert ema_decay(10_000, 0.999) == 0.999
