@@ -35,16 +35,25 @@ is stored packed k times on the grid of the lowest resolution. At up level L (L 
   (channel vectors repeated by :func:`pack_bias`); the network output is packed ``Lmax`` times and the host
   unpacks it with :func:`depth_to_space`.
 
-Weights stored by the packed up path (:func:`packed_weight_overhead`, conv weights of ``upblocks`` and the
-head; "nonzero" counts the structurally non-zero entries; the rest of the model is unchanged)::
+Weights stored by the packed up path (:func:`packed_weight_overhead`: conv weights of ``upblocks`` and the
+head, "nonzero" = structurally non-zero entries; the stem and the down path are unchanged)::
 
-    preset  levels  original up-path   packed stored        packed nonzero     whole model conv weights
-    tiny    1       42,480             531,072   (12.5x)    162,576  (3.8x)    65,745 -> 554,337    (8.4x)
-    small   2       1,027,440          60,046,848 (58.4x)   5,062,896 (4.9x)   1,414,672 -> 60,434,080 (42.7x)
+    preset         up level  original   packed stored           packed nonzero
+    tiny           0         54,272     54,272                  54,272
+    (ch 16,        1         26,777     276,880        (10.3x)  86,628       (3.2x)
+     ch_mult 1,2)  up path   81,049     331,152        (4.1x)   140,900      (1.7x)
+                   model     141,609    391,712        (2.8x)
+    small          0         356,352    356,352                 356,352
+    (ch 32,        1         372,736    4,702,208      (12.6x)  1,409,024    (3.8x)
+     ch_mult 1,2,2 2         136,489    22,554,880     (165x)   1,856,144    (13.6x)
+     2 res blocks) up path   865,577    27,613,440     (31.9x)  3,621,520    (4.2x)
+                   model     1,384,009  28,131,872     (20.3x)
+    paper-cifar10  up path   38,358,481 6,877,941,760  (179x)   260,011,072  (6.8x)   (level 3: 2580x stored)
 
-(tiny: ch 16, ch_mult (1, 2); small: ch 32, ch_mult (1, 2, 2), 2 res blocks; both with the "sdm" head.)
-Stored weights grow as 16**L per level (4**L on each side) while the non-zero ones grow as 4**L: a simulator
-with sparse weights pays about 4x per level, a dense one 16x.
+(all with the "sdm" head; "model" = every conv weight of the model.) Per level a packed conv stores 16x (4x on
+each side) and holds 4x as many non-zeros (each weight repeated once per phase); the non-zeros equal the
+original full-resolution multiply-accumulates per base-grid pixel, so a sparse simulator pays no extra compute,
+a dense one pays 4**L times more MACs and 16**L times more weights at level L.
 
 TSM (a per-spiking-step scale ``p[t]`` on a conv's output, bias included: ``y[t] = p[t] (W * s[t] + b)``)
 --------------------------------------------------------------------------------------------------------
