@@ -18,13 +18,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/neurosdm demo --out demo_out
 
-test: $(STAMP)
+# Peer framework for the parity tests: spikingjelly without its torchvision requirement (see DESIGN.md).
+$(VENV)/.peers-installed: $(STAMP)
+	$(PY) -m pip install -q --no-deps spikingjelly==2.0.0
+	$(PY) -m pip install -q loguru packaging scipy
+	touch $@
+
+test: $(VENV)/.peers-installed
 	$(PY) -m pytest
 
 # Benchmarks compare against spikingjelly, installed without its torchvision requirement (see DESIGN.md).
-bench: $(STAMP)
-	$(PY) -m pip install -q --no-deps spikingjelly==2.0.0
-	$(PY) -m pip install -q loguru packaging scipy
+bench: $(VENV)/.peers-installed
 	$(PY) benchmarks/if_layer.py --threads 1
 	$(PY) benchmarks/train_speed.py --threads 1
 

@@ -120,26 +120,13 @@ def demo(
 
 
 def main() -> None:
-    """Entry point: user errors print one line and exit 1; Ctrl-C exits 130 (outputs are written atomically)."""
+    """Entry point. Usage errors are typer's (usage line, exit 2); user errors print one line and exit 1;
+    Ctrl-C exits with typer's "Aborted!" (outputs are written atomically, so nothing is left half-written)."""
     try:
-        app(standalone_mode=False)
+        app()
     except NeuroSDMError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted")
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as e:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ Packing (space-to-depth) convention, the same as ``torch.nn.functional.pixel_uns
 
     packed[c*4 + a*2 + b, i, j] = full[c, 2i + a, 2j + b]          a, b in {0, 1}
 
-Packing ``L`` times nests the phases, the first packing (finest) being the least significant after ``c``::
+Packing ``L`` times nests the phases; the first packing (``a_1``, the lowest bit of the offset) is the most
+significant digit after ``c``::
 
-    packed_L[c*4**L + sum_l (a_l*2 + b_l) * 4**(L-l), i, j] = full[c, 2**L i + sum_l a_l 2**(l-1), ...]
+    packed_L[c*4**L + sum_l (a_l*2 + b_l) * 4**(L-l), i, j]
+        = full[c, 2**L i + sum_l a_l 2**(l-1), 2**L j + sum_l b_l 2**(l-1)]
 
 so a per-channel vector (bias, BN scale) of the packed map is ``np.repeat(v, 4**L)`` (:func:`pack_bias`).
 

@@ -103,3 +103,8 @@ def test_demo_runs_on_shipped_checkpoint(tmp_path):
     assert r.exit_code == 0, r.output
     assert np.load(tmp_path / "samples.npy").shape == (2, 1, 28, 28)
     assert torch.load(cli.DEFAULT_CKPT, weights_only=True)["format"] == "neurosdm"
+
+
+def test_usage_error_exit_code():
+    r = subprocess.run([sys.executable, "-m", "neurosdm", "sample"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Missing argument" in r.stderr and "Traceback" not in r.stderr

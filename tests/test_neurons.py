@@ -132,3 +132,23 @@ def test_leaky_readout():
 def test_bad_reset_rule():
     with pytest.raises(ValueError, match="reset"):
         multistep_neuron(torch.zeros(2, 1), reset="soft")
+
+
+def test_matches_spikingjelly_ifnode():
+    """The SDM/SDDPM code's neuron: spikingjelly's multi-step IFNode (ATan, hard reset to 0, v >= threshold)."""
+    try:
+        from spikingjelly.activation_based import functional, neuron, surrogate
+    except ImportError as e:
+        pytest.skip(f"spikingjelly not installed ({e}); `make test` installs it with --no-deps")
+    torch.manual_seed(0)
+    x = (torch.randn(4, 3, 8, 5, 5) * 0.7 + 0.4).requires_grad_(True)
+    w = torch.randn_like(x)
+    sj = neuron.IFNode(v_threshold=1.0, surrogate_function=surrogate.ATan(), step_mode="m")
+    functional.reset_net(sj)
+    s_ref = sj(x)
+    (s_ref * w).sum().backward()
+    g_ref, x.grad = x.grad.clone(), None
+    s = SpikingNeurons(threshold=1.0)(x)
+    (s * w).sum().backward()
+    assert torch.equal(s, s_ref)
+    assert torch.allclose(x.grad, g_ref, atol=1e-5)
