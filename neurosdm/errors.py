@@ -15,3 +15,11 @@ class DatasetError(NeuroSDMError):
 
 class ConfigError(NeuroSDMError):
     """An option or configuration value is invalid."""
+
+
+class QuantizationError(NeuroSDMError):
+    """A tensor or a neuron parameter cannot be represented with the chosen fixed-point format."""
+
+
+class GraphError(NeuroSDMError):
+    """A NIR graph (or the inputs given to it) cannot be run: unsupported node, shape mismatch, missing input."""

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from neurosdm.errors import NeuroSDMError
+from neurosdm.errors import QuantizationError
 
 EXP_MIN = -16
 EXP_MAX = 15
@@ -68,9 +68,6 @@ DECAY_ONE = 1 << DECAY_BITS  # 4096: decay 1.0 (integrate-and-fire)
 RESETS = ("hard", "subtract")
 ROUNDINGS = ("nearest-even",)
 
-
-class QuantizationError(NeuroSDMError):
-    """A tensor or a neuron parameter cannot be represented with the chosen fixed-point format."""
 
 
 @dataclass(frozen=True)

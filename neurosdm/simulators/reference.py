@@ -102,7 +102,7 @@ from typing import Any, Callable
 import nir
 import numpy as np
 
-from neurosdm.errors import ConfigError, NeuroSDMError
+from neurosdm.errors import ConfigError, GraphError
 
 __all__ = ["GraphError", "Discretisation", "run_graph", "METHODS", "RESETS", "COMPARISONS"]
 
@@ -116,9 +116,6 @@ _METHOD_ALIASES = {"euler": "euler", "forward_euler": "euler", "forward-euler": 
 _RESET_ALIASES = {"zero": "zero", "hard": "zero", "value": "zero", "to_value": "zero", "reset_value": "zero",
                   "subtract": "subtract", "subtraction": "subtract", "soft": "subtract", "reset_subtract": "subtract"}
 
-
-class GraphError(NeuroSDMError):
-    """A NIR graph (or the inputs given to it) cannot be run: unsupported node, shape mismatch, missing input."""
 
 
 def _as_str(value: Any) -> str:
