@@ -1,0 +1,10 @@
+"""Exporters of trained spiking denoisers to other formats (currently: float NIR graphs)."""
+
+from neurosdm.exporters.nir import (  # noqa: F401
+    UnsupportedModelError,
+    eps_from_outputs,
+    graph_size,
+    host_head,
+    to_nir_graph,
+    with_diffusion_step,
+)

@@ -1,0 +1,505 @@
+"""Float export of a :class:`~neurosdm.models.SpikingUNet` (without TSM) to a core-NIR graph.
+
+``graph, metadata = to_nir_graph(model, diffusion_step)`` builds the whole spiking denoiser out of core NIR nodes
+(Input, Conv2d, Scale, IF, LI, Output) with the exact rewrites of :mod:`neurosdm.lowering`. ``metadata`` is also
+stored as ``graph.metadata`` (so ``nir.write`` keeps it); every value is a str, a number, an array or a dict of
+those (NIR metadata cannot hold None).
+
+Semantics (recorded in the metadata): discrete steps with ``dt = 1``, IF neurons ``v <- v + x``, fire when
+``v >= v_threshold`` (comparison ``">="``), then reset to ``v_reset = 0`` (reset ``"zero"``); every neuron starts
+at 0 at each network call. The single Input node ``"input"`` takes the analog image x_t ``(C, H, W)``, the same at
+every one of the ``num_steps`` spiking steps (direct encoding). Model semantics are eval-mode (BatchNorm running
+statistics).
+
+Lowering (each step exact; the tests compare the graph run by :func:`neurosdm.simulators.reference.run_graph`
+with the torch model):
+
+- every BatchNorm is folded into the conv before it (``fold_batchnorm``);
+- ResBlock ``h = BN2(conv2(IF2(BN1(conv1(IF1(x))) + temb))) + shortcut(x)``: nodes ``<blk>.conv1`` -> ``<blk>.if2``
+  -> ``<blk>.conv2`` -> ``<blk>.sum``; the shortcut (a 1x1 conv node, or the edge from x for the identity) also
+  ends in ``<blk>.sum``, an identity ``nir.Scale`` (scale = ones) that is the summing junction: its consumers read
+  the float residual stream from it. The IF in front of a stream is shared by all its consumers (``<stream>.if``,
+  one node per stream; all IF neurons are identical, so this is exact);
+- a concatenated skip ``cat(h, skip)`` is never built: IF1 acts element-wise, so the block reads ``IF(h)`` and
+  ``IF(skip)``, and conv1 / the shortcut are split along input channels (``split_concat_conv``) into
+  ``<blk>.conv1`` (+ ``<blk>.conv1_skip``) and ``<blk>.shortcut`` (+ ``<blk>.shortcut_skip``), all ending in the
+  same node;
+- up-sampling: after the L-th ``UpSample`` every map lives space-to-depth packed L times on the grid of the
+  lowest resolution (``C * 4**L`` channels, channel ``c * 4**L + phase``, see :mod:`neurosdm.lowering`). The
+  up-sampling conv is the polyphase form, convs between packed maps are ``packed_conv``, a skip from the unpacked
+  down path into a packed map is a strided ``full_to_packed_conv``. ``metadata["node_packing"]`` gives the
+  packing level of every node's output, ``metadata["packed_levels"]`` that of the graph's output;
+- the time embedding (non-spiking MLP) is, per ResBlock, a per-channel bias added before IF2: it is put into the
+  bias of ``<blk>.conv1`` (after BN folding). ``metadata["bias_tables"][node]`` is ``[num_diffusion_steps, C']``,
+  the TOTAL bias of that node at every diffusion step; rule (``metadata["bias_table_rule"]``): at diffusion step
+  ``t`` set ``node.bias := bias_tables[node][t]`` (:func:`with_diffusion_step`). The graph as returned holds the
+  biases of ``diffusion_step`` (``metadata["diffusion_step"]``).
+
+Heads:
+
+- ``"spiking"``: ``tail_bn -> IF -> tail_conv -> leaky readout (decay d)``. ``tail_bn`` acts on the last junction
+  (a sum): its scale is folded into every conv feeding that junction (weights and biases) and its shift added to
+  the bias of the block's ``conv2``, so that junction (``<blk>.sum``) carries ``tail_bn(h)``. The readout is a
+  ``nir.LI`` with ``tau = dt / (1 - d)``, ``r = 1 / (1 - d)``, ``v_leak = 0``: forward Euler
+  ``v <- v + dt/tau (v_leak - v + r x)`` is ``v <- d v + x`` (``nir.I`` with ``r = 1`` if ``d = 1``). The output
+  is the LI membrane; eps is its value at the last spiking step (``metadata["readout"] = "last_step"``),
+  unpacked by the host with ``depth_to_space`` (:func:`eps_from_outputs`).
+- ``"sdm"``: the Swish head is analog and stays on the host: the graph ends at the last junction (the analog
+  boundary before ``tail_bn``) and its Output gives that junction's value at every spiking step.
+  ``metadata["host_head"]`` holds the head's weights and :func:`host_head` (numpy) finishes the computation.
+
+TSM models raise :class:`UnsupportedModelError` (a per-step scale cannot be a time-invariant weight; see
+``docs/export-groundwork.md``). There is no quantisation here (float export).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nir
+import numpy as np
+import torch
+from torch import nn
+
+import neurosdm
+from neurosdm.config import DiffusionConfig
+from neurosdm.errors import ConfigError, NeuroSDMError
+from neurosdm.lowering import (
+    affine_of_batchnorm,
+    depth_to_space,
+    fold_batchnorm,
+    full_to_packed_conv,
+    pack_bias,
+    pack_phases,
+    packed_conv,
+    split_concat_conv,
+    upsample_conv_phases,
+)
+
+__all__ = ["UnsupportedModelError", "to_nir_graph", "with_diffusion_step", "host_head", "eps_from_outputs",
+           "graph_size"]
+
+BIAS_TABLE_RULE = ("at diffusion step t, for every node in bias_tables: node.bias := bias_tables[node][t] "
+                   "(the total bias: folded BatchNorm plus the time embedding)")
+
+
+class UnsupportedModelError(NeuroSDMError, NotImplementedError):
+    """The model uses a feature this exporter cannot express in core NIR (yet), e.g. TSM."""
+
+
+def _np64(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+@dataclass
+class _Stream:
+    """A float feature map: the node whose output it is, its original channels, packing level and stored grid."""
+
+    node: str
+    channels: int
+    level: int
+    hw: tuple[int, int]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels * 4**self.level, *self.hw)
+
+
+class _Builder:
+    def __init__(self, threshold: float, dtype):
+        self.nodes: dict[str, nir.NIRNode] = {}
+        self.edges: list[tuple[str, str]] = []
+        self.packing: dict[str, int] = {}
+        self.threshold = threshold
+        self.dtype = dtype
+        self.spike_nodes: dict[str, str] = {}
+        self.conv_params: dict[str, list] = {}  # name -> [weight, bias, stride, padding, input hw] (float64)
+        self.junction_feeders: dict[str, list[str]] = {}
+
+    def edge(self, src: str, dst: str) -> None:
+        self.edges.append((src, dst))
+
+    def add(self, name: str, node, level: int) -> str:
+        if name in self.nodes:
+            raise RuntimeError(f"node {name!r} built twice")
+        self.nodes[name] = node
+        self.packing[name] = level
+        return name
+
+    def spikes(self, s: _Stream) -> _Stream:
+        """The (shared) IF node reading stream ``s``."""
+        if s.node not in self.spike_nodes:
+            shape = s.shape
+            name = self.add(f"{s.node}.if", nir.IF(r=np.ones(shape, self.dtype),
+                                                    v_threshold=np.full(shape, self.threshold, self.dtype),
+                                                    v_reset=np.zeros(shape, self.dtype)), s.level)
+            self.edge(s.node, name)
+            self.spike_nodes[s.node] = name
+        return _Stream(self.spike_nodes[s.node], s.channels, s.level, s.hw)
+
+    def conv(self, name: str, src: _Stream, weight, bias, stride: int, padding: int, out_channels: int,
+             out_level: int) -> _Stream:
+        """A Conv2d node reading ``src`` (weights already lowered to the stored layout)."""
+        k = weight.shape[2]
+        h, w = src.hw
+        hw = ((h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1)
+        self.conv_params[name] = [weight, bias, stride, padding, src.hw]
+        self.add(name, None, out_level)  # placeholder: nodes are materialised in finish()
+        self.edge(src.node, name)
+        return _Stream(name, out_channels, out_level, hw)
+
+    def junction(self, name: str, feeders: list[str], s: _Stream) -> _Stream:
+        self.add(name, nir.Scale(scale=np.ones(s.shape, self.dtype)), s.level)
+        for f in feeders:
+            self.edge(f, name)
+        self.junction_feeders[name] = list(feeders)
+        return _Stream(name, s.channels, s.level, s.hw)
+
+    def finish(self) -> None:
+        for name, (w, b, stride, padding, hw) in self.conv_params.items():
+            self.nodes[name] = nir.Conv2d(input_shape=tuple(int(v) for v in hw), weight=w.astype(self.dtype),
+                                          stride=int(stride), padding=int(padding), dilation=1, groups=1,
+                                          bias=b.astype(self.dtype))
+
+
+def _lower_3x3_or_1x1(w: np.ndarray, level: int) -> np.ndarray:
+    return w if level == 0 else packed_conv(w, level)
+
+
+def _skip_conv(w: np.ndarray, level: int) -> tuple[np.ndarray, int, int]:
+    """A same conv from an unpacked map into a map packed ``level`` times: (weight, stride, padding)."""
+    k = w.shape[2]
+    if level == 0:
+        return w, 1, (k - 1) // 2
+    return full_to_packed_conv(w, level), 2**level, (k - 1) // 2
+
+
+def _folded(conv: nn.Conv2d, bn) -> tuple[np.ndarray, np.ndarray]:
+    w, b = fold_batchnorm(_np64(conv.weight), _np64(conv.bias) if conv.bias is not None else None, bn)
+    return w, b
+
+
+def _check_model(model) -> tuple[float, float]:
+    from neurosdm.neurons import SpikingNeurons
+
+    cfg = model.cfg
+    if cfg.tsm:
+        raise UnsupportedModelError(
+            "the NIR export does not support TSM models yet: a per-spiking-step scale p[t] on every conv cannot be "
+            "a time-invariant NIR weight (see docs/export-groundwork.md); export a model trained with tsm=False")
+    thresholds = {(float(m.threshold), float(m.threshold_scale), float(m.decay), m.reset)
+                  for m in model.modules() if isinstance(m, SpikingNeurons)}
+    if len(thresholds) != 1:
+        raise UnsupportedModelError(f"the exporter expects identical IF neurons everywhere, found {sorted(thresholds)}")
+    threshold, scale, decay, reset = thresholds.pop()
+    if decay != 1.0 or reset != "hard":
+        raise UnsupportedModelError(f"the exporter expects IF neurons with hard reset, got decay={decay}, "
+                                    f"reset={reset!r}")
+    return threshold, scale
+
+
+def _res_block(b: _Builder, name: str, block, x: _Stream, skip: _Stream | None, temb_table: np.ndarray,
+               diffusion_step: int, bias_tables: dict) -> _Stream:
+    """Lower one ResBlock (reading ``x`` and, in the up path, the concatenated ``skip``); returns its junction."""
+    level = x.level
+    out_ch = block.conv1.out_channels
+    w1, b1 = _folded(block.conv1, block.bn1)
+    w2, b2 = _folded(block.conv2, block.bn2)
+    sizes = [x.channels] + ([skip.channels] if skip is not None else [])
+    if sum(sizes) != block.conv1.in_channels:
+        raise RuntimeError(f"{name}: input channels {sizes} do not match conv1 {block.conv1.in_channels}")
+    parts1 = split_concat_conv(w1, sizes, b1)
+
+    # conv1 (+ its skip part) into IF2; the bias (BN shift and time embedding) sits on the main part
+    total_bias = np.stack([pack_bias(parts1[0][1] + temb_table[t], level) if level else parts1[0][1] + temb_table[t]
+                           for t in range(temb_table.shape[0])])
+    bias_tables[f"{name}.conv1"] = total_bias
+    sx = b.spikes(x)
+    h1 = b.conv(f"{name}.conv1", sx, _lower_3x3_or_1x1(parts1[0][0], level), total_bias[diffusion_step], 1, 1,
+                out_ch, level)
+    feeders_if2 = [h1.node]
+    if skip is not None:
+        ss = b.spikes(skip)
+        wq, stride, pad = _skip_conv(parts1[1][0], level)
+        zero = np.zeros(out_ch * 4**level)
+        feeders_if2.append(b.conv(f"{name}.conv1_skip", ss, wq, zero, stride, pad, out_ch, level).node)
+    if2_shape = (out_ch * 4**level, *x.hw)
+    if2 = b.add(f"{name}.if2", nir.IF(r=np.ones(if2_shape, b.dtype),
+                                      v_threshold=np.full(if2_shape, b.threshold, b.dtype),
+                                      v_reset=np.zeros(if2_shape, b.dtype)), level)
+    for f in feeders_if2:
+        b.edge(f, if2)
+    s2 = _Stream(if2, out_ch, level, x.hw)
+    h2 = b.conv(f"{name}.conv2", s2, _lower_3x3_or_1x1(w2, level), pack_bias(b2, level) if level else b2, 1, 1,
+                out_ch, level)
+
+    feeders = [h2.node]
+    if isinstance(block.shortcut, nn.Conv2d):
+        ws = _np64(block.shortcut.weight)
+        bs = _np64(block.shortcut.bias) if block.shortcut.bias is not None else np.zeros(out_ch)
+        parts = split_concat_conv(ws, sizes, bs)
+        feeders.append(b.conv(f"{name}.shortcut", x, _lower_3x3_or_1x1(parts[0][0], level),
+                              pack_bias(parts[0][1], level) if level else parts[0][1], 1, 0, out_ch, level).node)
+        if skip is not None:
+            wq, stride, pad = _skip_conv(parts[1][0], level)
+            feeders.append(b.conv(f"{name}.shortcut_skip", skip, wq, np.zeros(out_ch * 4**level), stride, pad,
+                                  out_ch, level).node)
+    else:
+        if skip is not None:
+            raise UnsupportedModelError(f"{name}: an identity shortcut over a concatenation is not supported")
+        feeders.append(x.node)
+    return b.junction(f"{name}.sum", feeders, _Stream("", out_ch, level, x.hw))
+
+
+def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionConfig | None = None,
+                 dtype=np.float32) -> tuple[nir.NIRGraph, dict]:
+    """Export ``model`` (a :class:`~neurosdm.models.SpikingUNet`, eval semantics, no TSM) as a float NIR graph.
+
+    diffusion_step: the diffusion step whose time-embedding biases the graph holds (default 0); the biases of
+        every step are in ``metadata["bias_tables"]`` (:func:`with_diffusion_step`).
+    diffusion: the diffusion schedule recorded in the metadata (default: the linear DDPM schedule with the
+        model's ``num_diffusion_steps``).
+    dtype: dtype of the stored arrays (weights are folded and lowered in float64 first).
+
+    Returns ``(graph, metadata)``; ``graph.metadata is metadata``. See the module docstring for the layout.
+    """
+    from neurosdm.models.spiking_unet import DownSample, ResBlock, UpSample
+
+    cfg = model.cfg
+    threshold, threshold_scale = _check_model(model)
+    n_diff = int(cfg.num_diffusion_steps)
+    diffusion_step = 0 if diffusion_step is None else int(diffusion_step)
+    if not 0 <= diffusion_step < n_diff:
+        raise ConfigError(f"diffusion_step must lie in 0..{n_diff - 1}, got {diffusion_step}")
+    if diffusion is None:
+        diffusion = DiffusionConfig(num_diffusion_steps=n_diff)
+    if int(diffusion.num_diffusion_steps) != n_diff:
+        raise ConfigError(f"the diffusion schedule has {diffusion.num_diffusion_steps} steps but the model's time "
+                          f"embedding has {n_diff}")
+    from neurosdm.diffusion.schedules import make_betas
+
+    b = _Builder(threshold * threshold_scale, dtype)
+    bias_tables: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        temb = model.time_embedding(torch.arange(n_diff, device=device))
+        temb_tables = {id(m): _np64(m.temb_proj(temb)) for m in model.modules() if isinstance(m, ResBlock)}
+
+    size = int(cfg.image_size)
+    b.add("input", nir.Input(input_type={"input": np.array([cfg.img_ch, size, size])}), 0)
+    x = _Stream("input", cfg.img_ch, 0, (size, size))
+    w, bias = _folded(model.conv, model.bn)
+    h = b.conv("stem.conv", x, w, bias, 1, 1, model.conv.out_channels, 0)
+    w, bias = _folded(model.conv_identity, model.bn_identity)
+    h = b.conv("stem.conv_identity", b.spikes(h), w, bias, 1, 1, model.conv_identity.out_channels, 0)
+
+    hs = [h]
+    for i, layer in enumerate(model.downblocks):
+        if isinstance(layer, ResBlock):
+            h = _res_block(b, f"down{i}", layer, h, None, temb_tables[id(layer)], diffusion_step, bias_tables)
+        elif isinstance(layer, DownSample):
+            w, bias = _folded(layer.conv, layer.bn)
+            h = b.conv(f"down{i}.conv", b.spikes(h), w, bias, 2, 1, layer.conv.out_channels, 0)
+        else:
+            raise UnsupportedModelError(f"unknown down block {type(layer).__name__}")
+        hs.append(h)
+    for i, layer in enumerate(model.middleblocks):
+        h = _res_block(b, f"mid{i}", layer, h, None, temb_tables[id(layer)], diffusion_step, bias_tables)
+    for i, layer in enumerate(model.upblocks):
+        if isinstance(layer, ResBlock):
+            h = _res_block(b, f"up{i}", layer, h, hs.pop(), temb_tables[id(layer)], diffusion_step, bias_tables)
+        elif isinstance(layer, UpSample):
+            w, bias = _folded(layer.conv, layer.bn)
+            lvl = h.level + 1
+            wq = packed_conv(pack_phases(upsample_conv_phases(w)), h.level)
+            h = b.conv(f"up{i}.conv", b.spikes(h), wq, pack_bias(bias, lvl), 1, 1, layer.conv.out_channels, lvl)
+        else:
+            raise UnsupportedModelError(f"unknown up block {type(layer).__name__}")
+    levels = h.level
+    last = h
+
+    metadata: dict = {
+        "format": "neurosdm float NIR export",
+        "neurosdm_version": neurosdm.__version__,
+        "dt": 1.0,
+        "reset": "zero",
+        "comparison": ">=",
+        "discretisation": "euler",
+        "num_steps": int(cfg.num_steps),
+        "threshold": float(threshold),
+        "threshold_scale": float(threshold_scale),
+        "v_threshold": float(threshold * threshold_scale),
+        "head": cfg.head,
+        "input_encoding": "direct: the analog image x_t (C, H, W) at every spiking step",
+        "packed_levels": int(levels),
+        "packing": "space_to_depth (pixel_unshuffle) applied packed_levels times; the host applies "
+                   "neurosdm.lowering.depth_to_space(levels=packed_levels) to the output",
+        "node_packing": {},
+        "image_shape": np.array([cfg.img_ch, size, size]),
+        "output_shape": np.array(last.shape) if cfg.head == "sdm" else np.array([cfg.img_ch * 4**levels, *last.hw]),
+        "diffusion_step": int(diffusion_step),
+        "num_diffusion_steps": n_diff,
+        "bias_tables": bias_tables,
+        "bias_table_rule": BIAS_TABLE_RULE,
+        "diffusion": {
+            "schedule": diffusion.schedule,
+            "num_diffusion_steps": int(diffusion.num_diffusion_steps),
+            "beta_start": float(diffusion.beta_start),
+            "beta_end": float(diffusion.beta_end),
+            "betas": make_betas(diffusion).numpy(),
+        },
+        "readout_decay": float(cfg.readout_decay),
+    }
+
+    if cfg.head == "spiking":
+        # tail_bn on the last junction: scale into every conv feeding it, shift into conv2's bias
+        scale, shift = affine_of_batchnorm(model.tail_bn)
+        ps, pt = pack_bias(scale, levels), pack_bias(shift, levels)
+        feeders = b.junction_feeders[last.node]
+        if not all(f in b.conv_params for f in feeders):
+            raise UnsupportedModelError("tail_bn folding needs a last junction fed by convs only")
+        for f in feeders:
+            p = b.conv_params[f]
+            p[0] = p[0] * ps[:, None, None, None]
+            p[1] = p[1] * ps
+        conv2 = feeders[0]
+        b.conv_params[conv2][1] = b.conv_params[conv2][1] + pt
+        wt = _lower_3x3_or_1x1(_np64(model.tail_conv.weight), levels)
+        bt = _np64(model.tail_conv.bias)
+        out = b.conv("tail.conv", b.spikes(last), wt, pack_bias(bt, levels) if levels else bt, 1, 1, cfg.img_ch,
+                     levels)
+        d = float(cfg.readout_decay)
+        if d == 1.0:
+            ro = nir.I(r=np.ones(out.shape, dtype))
+        else:
+            ro = nir.LI(tau=np.full(out.shape, 1.0 / (1.0 - d), dtype), r=np.full(out.shape, 1.0 / (1.0 - d), dtype),
+                        v_leak=np.zeros(out.shape, dtype))
+        b.add("tail.readout", ro, levels)
+        b.edge(out.node, "tail.readout")
+        b.add("output", nir.Output(output_type={"output": np.array(out.shape)}), levels)
+        b.edge("tail.readout", "output")
+        metadata["readout"] = "last_step"
+        metadata["readout_rule"] = ("eps = depth_to_space(output[num_steps - 1], levels=packed_levels): the LI "
+                                    "membrane at the last spiking step (tau = dt/(1-decay), r = 1/(1-decay), "
+                                    "v_leak = 0, forward Euler, is v <- decay v + x)")
+        metadata["tail_bn_folding"] = (f"tail_bn scale folded into the convs feeding {last.node} "
+                                       f"({', '.join(feeders)}), its shift into the bias of {conv2}")
+    else:
+        b.add("output", nir.Output(output_type={"output": np.array(last.shape)}), levels)
+        b.edge(last.node, "output")
+        ts, tsh = affine_of_batchnorm(model.tail_bn)
+        ls, lsh = affine_of_batchnorm(model.last_bn)
+        metadata["readout"] = "host_head"
+        metadata["readout_rule"] = ("the output is the analog stream before tail_bn at every spiking step; "
+                                    "neurosdm.exporters.nir.host_head(outputs, metadata) gives eps")
+        metadata["host_head"] = {
+            "tail_bn_scale": ts, "tail_bn_shift": tsh,
+            "tail_conv_weight": _np64(model.tail_conv.weight), "tail_conv_bias": _np64(model.tail_conv.bias),
+            "T_output_weight": _np64(model.T_output_layer.weight[..., 0]),
+            "T_output_bias": _np64(model.T_output_layer.bias),
+            "last_bn_scale": ls, "last_bn_shift": lsh,
+            "readout_decay": float(cfg.readout_decay),
+            "formula": "h = conv3x3(silu(tail_bn(x)), tail_conv); h = silu(last_bn(conv3x3(h, T_output))) + h; "
+                       "eps = sum_t readout_decay**(num_steps-1-t) h[t]; x = depth_to_space(output, packed_levels)",
+        }
+
+    b.finish()
+    metadata["node_packing"] = {k: int(v) for k, v in b.packing.items()}
+    graph = nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata=metadata)
+    return graph, metadata
+
+
+def _meta(metadata: dict, key: str):
+    v = metadata[key]
+    if isinstance(v, np.ndarray) and v.ndim == 0:
+        v = v.item()
+    if isinstance(v, bytes):
+        v = v.decode("utf8")
+    return v
+
+
+def with_diffusion_step(graph: nir.NIRGraph, metadata: dict | None, t: int) -> nir.NIRGraph:
+    """A copy of ``graph`` whose biases are those of diffusion step ``t`` (``bias_tables[node][t]``)."""
+    metadata = dict(graph.metadata if metadata is None else metadata)
+    tables = metadata["bias_tables"]
+    n = int(_meta(metadata, "num_diffusion_steps"))
+    t = int(t)
+    if not 0 <= t < n:
+        raise ConfigError(f"diffusion step must lie in 0..{n - 1}, got {t}")
+    nodes = dict(graph.nodes)
+    for name, table in tables.items():
+        node = nodes[name]
+        nodes[name] = nir.Conv2d(input_shape=node.input_shape, weight=node.weight, stride=node.stride,
+                                 padding=node.padding, dilation=node.dilation, groups=node.groups,
+                                 bias=np.asarray(table[t]).astype(node.weight.dtype))
+    metadata["diffusion_step"] = t
+    return nir.NIRGraph(nodes=nodes, edges=[tuple(e) for e in graph.edges], metadata=metadata)
+
+
+def _conv3x3(x: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """``conv2d(x, w, bias, padding=1)`` for ``x [..., Cin, H, W]`` (float64 numpy)."""
+    h, wd = x.shape[-2:]
+    xp = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)])
+    out = np.zeros((*x.shape[:-3], w.shape[0], h, wd))
+    for ky in range(3):
+        for kx in range(3):
+            out += np.einsum("oi,...ihw->...ohw", w[:, :, ky, kx], xp[..., ky:ky + h, kx:kx + wd])
+    return out + bias[:, None, None]
+
+
+def _silu(z: np.ndarray) -> np.ndarray:
+    return z / (1.0 + np.exp(-z))
+
+
+def host_head(per_step_values: np.ndarray, metadata: dict) -> np.ndarray:
+    """Finish the analog "sdm" head on the host: ``per_step_values [num_steps, B, C', H', W']`` (the graph's
+    output at every spiking step, packed as the graph stores it) -> eps ``[B, img_ch, H, W]`` (float64)."""
+    hh = metadata["host_head"]
+    a = {k: np.asarray(v, dtype=np.float64) for k, v in hh.items() if k != "formula"}
+    levels = int(_meta(metadata, "packed_levels"))
+    x = np.asarray(per_step_values, dtype=np.float64)
+    if levels:
+        x = depth_to_space(x, levels=levels)
+    z = x * a["tail_bn_scale"][:, None, None] + a["tail_bn_shift"][:, None, None]
+    h = _conv3x3(_silu(z), a["tail_conv_weight"], a["tail_conv_bias"])
+    g = _conv3x3(h, a["T_output_weight"], a["T_output_bias"])
+    h = _silu(g * a["last_bn_scale"][:, None, None] + a["last_bn_shift"][:, None, None]) + h
+    return _leaky(h, float(a["readout_decay"]))
+
+
+def _leaky(h: np.ndarray, decay: float) -> np.ndarray:
+    u = np.zeros_like(h[0])
+    for t in range(h.shape[0]):
+        u = decay * u + h[t]
+    return u
+
+
+def eps_from_outputs(outputs: np.ndarray, metadata: dict) -> np.ndarray:
+    """eps ``[B, img_ch, H, W]`` from the graph's output at every spiking step ``[num_steps, B, ...]``, for
+    either head (spiking: the last step, unpacked; sdm: :func:`host_head`)."""
+    head = _meta(metadata, "head")
+    if head == "sdm":
+        return host_head(outputs, metadata)
+    levels = int(_meta(metadata, "packed_levels"))
+    out = np.asarray(outputs, dtype=np.float64)[-1]
+    return depth_to_space(out, levels=levels) if levels else out
+
+
+def graph_size(graph: nir.NIRGraph) -> dict:
+    """Stored array sizes: ``{"nodes", "conv_weights", "conv_biases", "conv_nonzero", "neuron_params",
+    "total"}`` (all arrays of all nodes, neuron parameters included in ``total``)."""
+    conv_w = conv_b = nonzero = other = 0
+    for node in graph.nodes.values():
+        if isinstance(node, nir.Conv2d):
+            conv_w += node.weight.size
+            nonzero += int(np.count_nonzero(node.weight))
+            conv_b += np.asarray(node.bias).size
+        else:
+            for field in ("r", "v_threshold", "v_reset", "tau", "v_leak", "scale"):
+                v = getattr(node, field, None)
+                if v is not None:
+                    other += np.asarray(v).size
+    return dict(nodes=len(graph.nodes), conv_weights=conv_w, conv_biases=conv_b, conv_nonzero=nonzero,
+                neuron_params=other, total=conv_w + conv_b + other)

@@ -1,0 +1,183 @@
+"""The float NIR export reproduces the torch SpikingUNet (eval mode) in the reference interpreter."""
+
+import nir
+import numpy as np
+import pytest
+import torch
+
+from neurosdm.config import ModelConfig
+from neurosdm.errors import ConfigError
+from neurosdm.exporters.nir import (
+    UnsupportedModelError,
+    eps_from_outputs,
+    graph_size,
+    host_head,
+    to_nir_graph,
+    with_diffusion_step,
+)
+from neurosdm.models import SpikingUNet
+from neurosdm.simulators.reference import run_graph
+
+CORE = (nir.Input, nir.Output, nir.Conv2d, nir.Scale, nir.IF, nir.LI)
+STEPS = (0, 17, 49)
+ATOL = 1e-5
+
+
+def _model(head="spiking", ch_mult=(1, 2), image_size=8, ch=4, num_steps=3, seed=0, tsm=False):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(img_ch=1, image_size=image_size, ch=ch, ch_mult=ch_mult, num_res_blocks=1,
+                      num_steps=num_steps, num_diffusion_steps=50, head=head, threshold_scale=0.97, tsm=tsm)
+    m = SpikingUNet(cfg)
+    with torch.no_grad():  # random BN statistics and biases, so that folding is exercised
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.3, 0.3)
+            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)) and mod.bias is not None:
+                mod.bias.uniform_(-0.3, 0.3)
+        m.tail_conv.weight.normal_(0.0, 0.3)  # the default init (gain 1e-5) would make eps almost 0
+    return m.eval()
+
+
+def _torch_eps(model, x, t):
+    with torch.no_grad():
+        return model(x, torch.full((x.shape[0],), t)).double().numpy()
+
+
+def _graph_eps(graph, metadata, x, record=False):
+    res = run_graph(graph, x.double().numpy()[None], num_steps=int(metadata["num_steps"]), record=record)
+    return eps_from_outputs(res["outputs"]["output"], metadata), res["records"]
+
+
+CASES = [("spiking", (1, 2), 8, 4, 3), ("sdm", (1, 2), 8, 4, 3), ("spiking", (1, 2, 2), 8, 4, 3),
+         ("sdm", (1, 2, 2), 8, 4, 3), ("spiking", (1, 2, 2), 16, 8, 4), ("sdm", (1, 2, 2), 16, 8, 2)]
+
+
+@pytest.mark.parametrize("head,ch_mult,size,ch,num_steps", CASES)
+def test_export_matches_torch(head, ch_mult, size, ch, num_steps):
+    model = _model(head, ch_mult, image_size=size, ch=ch, num_steps=num_steps)
+    x = torch.randn(2, 1, size, size, generator=torch.Generator().manual_seed(1))
+    graph, md = to_nir_graph(model)
+    assert md["diffusion_step"] == 0 and graph.metadata is md
+    assert md["packed_levels"] == len(ch_mult) - 1
+    refs = {}
+    for t in STEPS:
+        eps, records = _graph_eps(with_diffusion_step(graph, md, t), md, x, record=(t == STEPS[0]))
+        refs[t] = _torch_eps(model, x, t)
+        assert eps.shape == refs[t].shape
+        err = np.abs(eps - refs[t]).max()
+        assert err < ATOL, (head, ch_mult, t, err)
+        if records:  # the IF neurons neither all stay silent nor all fire: the comparison is not trivial
+            rates = [records[n].mean() for n, node in graph.nodes.items() if isinstance(node, nir.IF)]
+            assert 0.05 < np.mean(rates) < 0.95
+            assert np.mean([r > 0 for r in rates]) > 0.6
+    # the diffusion step matters, and the graph as returned holds step 0
+    assert np.abs(refs[0] - refs[49]).max() > 100 * ATOL
+    eps0, _ = _graph_eps(graph, md, x)
+    assert np.abs(eps0 - refs[0]).max() < ATOL
+
+
+@pytest.mark.parametrize("head", ["spiking", "sdm"])
+def test_default_step_and_bias_tables(head):
+    model = _model(head)
+    graph, md = to_nir_graph(model, diffusion_step=17)
+    assert md["diffusion_step"] == 17
+    for name, table in md["bias_tables"].items():
+        assert table.shape == (50, graph.nodes[name].weight.shape[0])
+        np.testing.assert_allclose(graph.nodes[name].bias, table[17], rtol=1e-6, atol=1e-7)
+    x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    eps, _ = _graph_eps(graph, md, x)
+    assert np.abs(eps - _torch_eps(model, x, 17)).max() < ATOL
+    assert "bias_tables[node][t]" in md["bias_table_rule"]
+    with pytest.raises(ConfigError):
+        to_nir_graph(model, diffusion_step=50)
+
+
+@pytest.mark.parametrize("head,ch_mult", [("spiking", (1, 2)), ("sdm", (1, 2, 2))])
+def test_write_read_round_trip(tmp_path, head, ch_mult):
+    model = _model(head, ch_mult)
+    graph, md = to_nir_graph(model)
+    path = tmp_path / "model.nir"
+    nir.write(path, graph)
+    back = nir.read(path)  # type-checks every edge and accepts only known node types
+    assert set(back.nodes) == set(graph.nodes)
+    assert {tuple(e) for e in back.edges} == {tuple(e) for e in graph.edges}
+    assert all(type(n) in CORE for n in back.nodes.values())
+    bmd = back.metadata
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    for t in (0, 49):
+        ref = _torch_eps(model, x, t)
+        eps_mem, _ = _graph_eps(with_diffusion_step(graph, md, t), md, x)
+        eps_file, _ = _graph_eps(with_diffusion_step(back, bmd, t), bmd, x)  # metadata as read back
+        np.testing.assert_array_equal(eps_file, eps_mem)
+        assert np.abs(eps_file - ref).max() < ATOL
+
+
+def test_graph_contents():
+    model = _model("spiking", (1, 2))
+    graph, md = to_nir_graph(model)
+    assert all(type(n) in CORE for n in graph.nodes.values())
+    ifs = [n for n in graph.nodes.values() if isinstance(n, nir.IF)]
+    assert ifs
+    for n in ifs:  # full per-neuron arrays, threshold guidance applied
+        for p in (n.r, n.v_threshold, n.v_reset):
+            assert np.ndim(p) == 3
+        np.testing.assert_allclose(n.v_threshold, 0.97, rtol=1e-6)
+        assert np.all(n.r == 1) and np.all(n.v_reset == 0)
+    li = graph.nodes["tail.readout"]
+    assert isinstance(li, nir.LI)
+    np.testing.assert_allclose(li.tau, 5.0, rtol=1e-6)
+    np.testing.assert_allclose(li.r, 5.0, rtol=1e-6)
+    assert np.all(li.v_leak == 0)
+    # junctions are identity Scale nodes
+    for name, n in graph.nodes.items():
+        if isinstance(n, nir.Scale):
+            assert name.endswith(".sum") and np.all(n.scale == 1)
+    for key in ("dt", "reset", "comparison", "num_steps", "threshold", "threshold_scale", "head", "packed_levels",
+                "neurosdm_version", "diffusion", "node_packing", "readout"):
+        assert key in md
+    assert md["dt"] == 1.0 and md["reset"] == "zero" and md["comparison"] == ">=" and md["readout"] == "last_step"
+    assert md["diffusion"]["betas"].shape == (50,)
+    assert md["node_packing"]["tail.readout"] == 1 and md["node_packing"]["down0.sum"] == 0
+
+    def no_none(d):
+        for v in d.values():
+            assert v is not None
+            if isinstance(v, dict):
+                no_none(v)
+    no_none(md)
+
+
+def test_host_head_matches_torch_head():
+    """host_head alone, on a random analog stream, against the torch head (SDM)."""
+    model = _model("sdm", (1, 2))
+    _, md = to_nir_graph(model)
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(3, 2, 4, 8, 8))  # [num_steps, B, C, H, W] unpacked at full resolution
+    from neurosdm.lowering import space_to_depth
+    from neurosdm.models.spiking_unet import per_step
+    from neurosdm.neurons import leaky_readout
+
+    with torch.no_grad():
+        z = torch.from_numpy(h).float()
+        z = model.tail_conv(torch.nn.functional.silu(model.tail_bn(z)))
+        w = model.T_output_layer.weight[..., 0]
+        z = torch.nn.functional.silu(model.last_bn(per_step(
+            lambda a: torch.nn.functional.conv2d(a, w, model.T_output_layer.bias, padding=1), z))) + z
+        ref = leaky_readout(z, model.cfg.readout_decay).double().numpy()
+    out = host_head(space_to_depth(h, levels=1), md)
+    assert np.abs(out - ref).max() < ATOL
+
+
+def test_tsm_is_rejected():
+    with pytest.raises(UnsupportedModelError):
+        to_nir_graph(_model("spiking", tsm=True))
+    assert issubclass(UnsupportedModelError, NotImplementedError)
+
+
+def test_size_report():
+    model = _model("spiking", (1, 2))
+    size = graph_size(to_nir_graph(model)[0])
+    assert size["nodes"] > 0 and size["conv_nonzero"] <= size["conv_weights"]
