@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -68,7 +69,10 @@ def train(
     with T.distributed(device) as dev:
         path = T.train(cfg, out, resume=resume, init=str(init) if init else None, device=dev,
                        progress=progress_bar("training"), num_sample_images=sample_images)
-    console.print(f"checkpoint: {path}\nsamples:    {path.parent / 'samples.png'}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks
+        console.print(f"checkpoint: {path}")
+        if sample_images:
+            console.print(f"samples:    {path.parent / 'samples.png'}")
 
 
 @app.command()
