@@ -48,7 +48,8 @@ def train(
     tsm: Optional[bool] = typer.Option(None, "--tsm/--no-tsm", help="temporal-wise spiking mechanism"),
     head: Optional[str] = typer.Option(None, help="sdm (analog Swish head) | spiking (all on chip)"),
     data_dir: Optional[str] = typer.Option(None, help="where the dataset files are"),
-    init: Optional[Path] = typer.Option(None, help="start from this checkpoint's weights (any layout)"),
+    init: Optional[Path] = typer.Option(None, help="start from this checkpoint's weights and architecture (any "
+                                        "layout); e.g. --init SDDPM_CKPT --tsm for TSM fine-tuning"),
     seed: Optional[int] = typer.Option(None),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="bf16 autocast"),
     ckpt_every: Optional[int] = typer.Option(None),
@@ -61,8 +62,14 @@ def train(
     from neurosdm import config as C
     from neurosdm import train as T
 
+    base = C.preset(preset)
+    if init:  # the architecture and schedule come from the checkpoint whose weights we start from
+        from neurosdm.checkpoint import load_checkpoint
+
+        init_cfg = load_checkpoint(init).config
+        base.model, base.diffusion = init_cfg.model, init_cfg.diffusion
     cfg = T.config_with_overrides(
-        C.preset(preset), **{"train.dataset": dataset, "train.steps": steps, "train.batch_size": batch_size,
+        base, **{"train.dataset": dataset, "train.steps": steps, "train.batch_size": batch_size,
                              "train.lr": lr, "model.num_steps": num_steps, "model.tsm": tsm, "model.head": head,
                              "train.data_dir": data_dir, "train.seed": seed, "train.bf16": bf16,
                              "train.ckpt_every": ckpt_every, "train.sample_every": sample_every})

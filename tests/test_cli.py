@@ -108,3 +108,13 @@ def test_demo_runs_on_shipped_checkpoint(tmp_path):
 def test_usage_error_exit_code():
     r = subprocess.run([sys.executable, "-m", "neurosdm", "sample"], capture_output=True, text=True)
     assert r.returncode == 2 and "Missing argument" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_init_takes_architecture_from_checkpoint(tmp_path, monkeypatch, sdm_reference):
+    seen = {}
+    monkeypatch.setattr("neurosdm.train.train", lambda cfg, out, **kw: seen.update(cfg=cfg, **kw) or out / "c.pt")
+    r = invoke("train", "--out", tmp_path, "--preset", "small", "--init", sdm_reference / "ckpt.pt", "--steps", "3")
+    assert r.exit_code == 0, r.output
+    m = seen["cfg"].model
+    assert (m.ch, list(m.ch_mult), m.tsm, m.num_steps) == (16, [1, 2], True, 4)
+    assert seen["init"] == str(sdm_reference / "ckpt.pt") and seen["cfg"].train.steps == 3
