@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -130,13 +132,58 @@ def demo(
     console.print(f"demo: {num_images} images from {ckpt.name} ({steps} DDIM steps) -> {png}")
 
 
+class ExportFormat(str, Enum):
+    nir = "nir"
+
+
+class Quantize(str, Enum):
+    none = "none"
+    int8 = "int8"
+
+
+@app.command()
+def export(
+    ckpt: Path = typer.Argument(..., help="checkpoint (neurosdm, SDM or SDDPM layout; models without TSM)"),
+    to: ExportFormat = typer.Option(..., "--to", help="output format (nir: float core-NIR graph)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="output file (default: CKPT with suffix .nir; "
+                                       "DIR/model.nir for a run directory)"),
+    quantize: Quantize = typer.Option(Quantize.none, help="none (float) | int8 (not available in this version)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
+):
+    """Export a checkpoint as a float NIR graph (EMA weights, biases of diffusion step 0, all steps in metadata)."""
+    from neurosdm.exporters.nir import export_checkpoint, inspect_nir
+
+    path = export_checkpoint(ckpt, out, quantize=quantize.value, force=force)
+    _, totals = inspect_nir(path)
+    console.print(f"wrote {path}: {totals['nodes']} nodes, {totals['edges']} edges, "
+                  f"{totals['file_bytes'] / 1e6:.2f} MB", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def inspect(file: Path = typer.Argument(..., help="NIR file (.nir)")):
+    """List the nodes of a NIR file (type, shape, synapses, fan-in, parameters) and check its edges."""
+    from neurosdm.exporters.nir import inspect_nir
+
+    rows, totals = inspect_nir(file)
+    table = Table(title=str(file))
+    for col in ("node", "type", "shape", "synapses", "fan-in", "params"):
+        table.add_column(col, justify="right" if col in ("synapses", "fan-in", "params") else "left")
+    for r in rows:
+        table.add_row(r["name"], r["type"], r["shape"], f"{r['synapses']:,}", str(r["fan_in"]), f"{r['params']:,}")
+    console.print(table)
+    src = totals["metadata"].get("source_checkpoint")
+    console.print(f"{totals['nodes']} nodes, {totals['edges']} edges, {totals['synapses']:,} synapses, "
+                  f"{totals['params']:,} stored parameters, {totals['file_bytes'] / 1e6:.2f} MB; edges valid"
+                  + (f"; from {src}" if src else ""), highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Entry point. Usage errors are typer's (usage line, exit 2); user errors print one line and exit 1;
     Ctrl-C exits with typer's "Aborted!" (outputs are written atomically, so nothing is left half-written)."""
     try:
         app()
     except NeuroSDMError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

@@ -3,8 +3,10 @@
 from neurosdm.exporters.nir import (  # noqa: F401
     UnsupportedModelError,
     eps_from_outputs,
+    export_checkpoint,
     graph_size,
     host_head,
+    inspect_nir,
     to_nir_graph,
     with_diffusion_step,
 )

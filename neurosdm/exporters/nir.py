@@ -54,7 +54,9 @@ TSM models raise :class:`UnsupportedModelError` (a per-step scale cannot be a ti
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import nir
 import numpy as np
@@ -63,7 +65,7 @@ from torch import nn
 
 import neurosdm
 from neurosdm.config import DiffusionConfig
-from neurosdm.errors import ConfigError, NeuroSDMError
+from neurosdm.errors import ConfigError, GraphError, NeuroSDMError
 from neurosdm.lowering import (
     affine_of_batchnorm,
     depth_to_space,
@@ -77,7 +79,9 @@ from neurosdm.lowering import (
 )
 
 __all__ = ["UnsupportedModelError", "to_nir_graph", "with_diffusion_step", "host_head", "eps_from_outputs",
-           "graph_size"]
+           "graph_size", "export_checkpoint", "default_output_path", "inspect_nir", "QUANTIZE_CHOICES"]
+
+QUANTIZE_CHOICES = ("none", "int8")
 
 BIAS_TABLE_RULE = ("at diffusion step t, for every node in bias_tables: node.bias := bias_tables[node][t] "
                    "(the total bias: folded BatchNorm plus the time embedding)")
@@ -503,3 +507,133 @@ def graph_size(graph: nir.NIRGraph) -> dict:
                     other += np.asarray(v).size
     return dict(nodes=len(graph.nodes), conv_weights=conv_w, conv_biases=conv_b, conv_nonzero=nonzero,
                 neuron_params=other, total=conv_w + conv_b + other)
+
+
+def default_output_path(ckpt_path: str | os.PathLike) -> Path:
+    """``CKPT.nir`` next to a checkpoint file; ``DIR/model.nir`` for a run directory holding ``ckpt.pt``."""
+    ckpt_path = Path(ckpt_path)
+    if ckpt_path.is_dir():
+        return ckpt_path / "model.nir"
+    return ckpt_path.with_suffix(".nir")
+
+
+def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None,
+                      quantize: str = "none", force: bool = False) -> Path:
+    """Export a checkpoint (any layout, EMA weights when present) as a float NIR file; returns the written path.
+
+    The graph holds the biases of diffusion step 0 (all steps are in ``metadata["bias_tables"]``) and records the
+    checkpoint's diffusion schedule, ``source_checkpoint`` (file name) and ``source_checkpoint_sha256``. The file
+    is written atomically: an error or Ctrl-C leaves no partial output. An existing output is kept unless
+    ``force``."""
+    from neurosdm.checkpoint import build_model, file_sha256, load_checkpoint
+    from neurosdm.io import atomic_path
+
+    if quantize not in QUANTIZE_CHOICES:
+        raise ConfigError(f"unknown --quantize {quantize!r}; expected one of {', '.join(QUANTIZE_CHOICES)}")
+    if quantize != "none":
+        raise ConfigError(f"quantised export (--quantize {quantize}) is not available in this version; "
+                          "pass --quantize none for the float export")
+    ckpt_path = Path(ckpt_path)
+    out_path = default_output_path(ckpt_path) if out_path is None else Path(out_path)
+    if out_path.is_dir():
+        raise ConfigError(f"output {out_path} is a directory; pass a file name such as {out_path / 'model.nir'}")
+    if out_path.exists() and not force:
+        raise ConfigError(f"output {out_path} already exists; use --force to overwrite it")
+    ckpt = load_checkpoint(ckpt_path)
+    state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
+    model = build_model(ckpt.config.model, state, source=str(ckpt_path)).eval()
+    graph, metadata = to_nir_graph(model, diffusion=ckpt.config.diffusion)
+    ckpt_file = ckpt_path / "ckpt.pt" if ckpt_path.is_dir() else ckpt_path
+    metadata["source_checkpoint"] = ckpt_file.name
+    metadata["source_checkpoint_sha256"] = file_sha256(ckpt_file)
+    metadata["weights"] = "ema" if ckpt.ema_state is not None else "model"
+    with atomic_path(out_path) as tmp:
+        nir.write(tmp, graph)
+    return out_path
+
+
+_WEIGHTED = (nir.Conv2d, nir.Affine, nir.Linear) + ((nir.Conv1d,) if hasattr(nir, "Conv1d") else ())
+
+
+def _array_size(v) -> int:
+    if isinstance(v, dict):
+        return sum(_array_size(x) for x in v.values())
+    if isinstance(v, np.ndarray) and v.dtype.kind == "f":  # weights and neuron parameters, not shapes or strides
+        return int(v.size)
+    return 0
+
+
+def _topological_order(names: list[str], edges: list[tuple]) -> list[str]:
+    """Nodes from the inputs to the outputs (``nir.read`` returns them sorted by name); nodes on a cycle come
+    last, in name order."""
+    indeg = {n: 0 for n in names}
+    succ: dict[str, list[str]] = {n: [] for n in names}
+    for src, dst in edges:
+        succ[src].append(dst)
+        indeg[dst] += 1
+    ready = [n for n in names if indeg[n] == 0]
+    order = []
+    while ready:
+        n = ready.pop(0)
+        order.append(n)
+        for m in succ[n]:
+            indeg[m] -= 1
+            if indeg[m] == 0:
+                ready.append(m)
+    return order + [n for n in names if n not in set(order)]
+
+
+def inspect_nir(path: str | os.PathLike) -> tuple[list[dict], dict]:
+    """Read a NIR file and summarise it: one row per node ``{"name", "type", "shape", "synapses", "fan_in",
+    "params"}`` and totals ``{"nodes", "edges", "synapses", "params", "file_bytes", "metadata"}``.
+
+    synapses: the weight size of Conv2d/Affine/Linear nodes (0 otherwise); fan_in: incoming edges; params: the
+    size of every float array of the node (weights, biases, neuron parameters; not shapes or strides).
+    Raises :class:`GraphError` (one line) for a file nir cannot read and for an invalid graph (an edge to a
+    missing node, no Input or no Output node; ``nir.read`` already rejects most of these)."""
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise GraphError(f"NIR file not found: {path}")
+    if path.is_dir():
+        raise GraphError(f"{path} is a directory; pass a .nir file")
+    if not h5py.is_hdf5(path):
+        with open(path, "rb") as f:
+            head = f.read(8)
+        what = "an empty file" if not head else f"a file starting with {head!r}"
+        raise GraphError(f"{path} is not a NIR file (found {what}); expected an HDF5 file written by nir.write")
+    try:
+        graph = nir.read(path)
+    except Exception as e:  # truncated HDF5, unknown node types, missing fields, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GraphError(f"{path} is truncated or not a readable NIR graph: {type(e).__name__}: {first[:200]}") \
+            from None
+    if not isinstance(graph, nir.NIRGraph):
+        raise GraphError(f"{path} holds a single {type(graph).__name__} node, not a NIR graph")
+    edges = [tuple(e) for e in graph.edges]
+    missing = sorted({n for e in edges for n in e if n not in graph.nodes})
+    if missing:
+        raise GraphError(f"{path}: edges refer to nodes that do not exist: {', '.join(missing[:5])}")
+    kinds = {type(n) for n in graph.nodes.values()}
+    for needed in (nir.Input, nir.Output):
+        if needed not in kinds:
+            raise GraphError(f"{path}: the graph has no {needed.__name__} node")
+    fan_in = {name: 0 for name in graph.nodes}
+    for _, dst in edges:
+        fan_in[dst] += 1
+    rows = []
+    for name in _topological_order(list(graph.nodes), edges):
+        node = graph.nodes[name]
+        out_types = (getattr(node, "output_type", None) or {}).values()
+        shapes = [tuple(int(d) for d in np.asarray(v).ravel()) for v in out_types]
+        synapses = int(np.asarray(node.weight).size) if isinstance(node, _WEIGHTED) else 0
+        params = sum(_array_size(v) for k, v in vars(node).items()
+                     if k not in ("input_type", "output_type", "metadata"))
+        rows.append(dict(name=name, type=type(node).__name__,
+                         shape=" ".join("x".join(map(str, s)) for s in shapes) or "-",
+                         synapses=synapses, fan_in=fan_in[name], params=params))
+    totals = dict(nodes=len(rows), edges=len(edges), synapses=sum(r["synapses"] for r in rows),
+                  params=sum(r["params"] for r in rows), file_bytes=path.stat().st_size,
+                  metadata=dict(graph.metadata or {}))
+    return rows, totals

@@ -1,0 +1,210 @@
+"""``neurosdm export --to nir`` and ``neurosdm inspect``: the float NIR export wired into the CLI."""
+
+import subprocess
+import sys
+
+import h5py
+import nir
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from neurosdm import cli
+from neurosdm.checkpoint import file_sha256, save_checkpoint
+from neurosdm.config import Config, DiffusionConfig, ModelConfig
+from neurosdm.errors import ConfigError, GraphError
+from neurosdm.exporters.nir import default_output_path, export_checkpoint, inspect_nir
+from neurosdm.models import SpikingUNet
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(cli.app, [str(a) for a in args])
+
+
+def neurosdm(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "neurosdm", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, check=False)
+
+
+def assert_one_line_error(r, *needles):
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr
+    for needle in needles:
+        assert needle in r.stderr, r.stderr
+
+
+def tiny_checkpoint(path, head="spiking", ema=True, seed=0):
+    torch.manual_seed(seed)
+    cfg = Config(ModelConfig(img_ch=1, image_size=8, ch=4, ch_mult=(1, 2), num_res_blocks=1, num_steps=2,
+                             num_diffusion_steps=20, head=head), DiffusionConfig(num_diffusion_steps=20))
+    model = SpikingUNet(cfg.model)
+    ema_model = SpikingUNet(cfg.model) if ema else None
+    save_checkpoint(path, cfg, model, ema_model, step=3)
+    return path
+
+
+def test_help_lists_export_and_inspect():
+    r = invoke("--help")
+    assert r.exit_code == 0 and "export" in r.output and "inspect" in r.output
+
+
+@pytest.mark.parametrize("head", ["spiking", "sdm"])
+def test_export_then_inspect(tmp_path, head):
+    ckpt = tiny_checkpoint(tmp_path / "run.pt", head=head)
+    r = invoke("export", ckpt, "--to", "nir")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "run.nir"
+    assert str(out) in r.output.replace("\n", "") and "nodes" in r.output and "MB" in r.output
+    graph = nir.read(out)
+    assert isinstance(graph.nodes["input"], nir.Input) and isinstance(graph.nodes["output"], nir.Output)
+    assert graph.metadata["source_checkpoint"] == "run.pt"
+    assert graph.metadata["source_checkpoint_sha256"] == file_sha256(ckpt)
+
+    r = invoke("inspect", out)
+    assert r.exit_code == 0, r.output
+    assert "input" in r.output and "Conv2d" in r.output and "IF" in r.output and "edges valid" in r.output
+    rows, totals = inspect_nir(out)
+    assert totals["nodes"] == len(graph.nodes) == len(rows) and totals["edges"] == len(graph.edges)
+    assert rows[0]["name"] == "input" and rows[0]["fan_in"] == 0
+    by_name = {row["name"]: row for row in rows}
+    w = graph.nodes["stem.conv"].weight
+    assert by_name["stem.conv"]["synapses"] == w.size
+    assert by_name["stem.conv"]["params"] == w.size + graph.nodes["stem.conv"].bias.size
+    assert all(row["synapses"] == 0 for row in rows if row["type"] != "Conv2d")
+    assert totals["synapses"] == sum(n.weight.size for n in graph.nodes.values() if isinstance(n, nir.Conv2d))
+    assert by_name["output"]["fan_in"] == 1 and sum(row["fan_in"] for row in rows) == totals["edges"]
+
+
+def test_export_uses_ema_weights_and_directory_default(tmp_path):
+    run = tmp_path / "run"
+    tiny_checkpoint(run / "ckpt.pt")
+    assert default_output_path(run) == run / "model.nir"
+    path = export_checkpoint(run)
+    assert path == run / "model.nir"
+    graph = nir.read(path)
+    assert graph.metadata["weights"] == "ema"
+    # the EMA model was built with other random weights than the trained one: the stem conv must be the EMA's
+    state = torch.load(run / "ckpt.pt", weights_only=True)
+    assert not torch.equal(state["ema"]["conv.weight"], state["model"]["conv.weight"])
+    ema_stem = state["ema"]["conv.weight"].double().numpy()
+    bn = {k[len("bn."):]: v.double().numpy() for k, v in state["ema"].items() if k.startswith("bn.")}
+    scale = bn["weight"] / np.sqrt(bn["running_var"] + 1e-5)
+    np.testing.assert_allclose(graph.nodes["stem.conv"].weight, ema_stem * scale[:, None, None, None],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_shipped_checkpoint_exports(tmp_path):
+    if not cli.DEFAULT_CKPT.exists():
+        pytest.skip("the shipped checkpoint neurosdm/assets/tiny_fashion.pt is not in this checkout")
+    out = tmp_path / "tiny.nir"
+    r = invoke("export", cli.DEFAULT_CKPT, "--to", "nir", "-o", out)
+    assert r.exit_code == 0, r.output
+    _, totals = inspect_nir(out)
+    assert totals["nodes"] == 62 and totals["edges"] == 77
+    meta = nir.read(out).metadata
+    assert int(meta["num_diffusion_steps"]) == 1000 and int(meta["num_steps"]) == 4
+
+
+def test_existing_output_needs_force(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    out = tmp_path / "m.nir"
+    out.write_bytes(b"keep me")
+    r = neurosdm("export", "m.pt", "--to", "nir", cwd=tmp_path)
+    assert_one_line_error(r, "already exists", "--force")
+    assert out.read_bytes() == b"keep me"
+    r = neurosdm("export", ckpt, "--to", "nir", "--force", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert isinstance(nir.read(out), nir.NIRGraph)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.nir", "m.pt"]
+
+
+def test_quantize_int8_is_not_available(tmp_path):
+    tiny_checkpoint(tmp_path / "m.pt")
+    r = neurosdm("export", "m.pt", "--to", "nir", "--quantize", "int8", cwd=tmp_path)
+    assert_one_line_error(r, "not available in this version", "--quantize none")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+    with pytest.raises(ConfigError):
+        export_checkpoint(tmp_path / "m.pt", quantize="int4")
+
+
+def test_unknown_format_is_a_usage_error(tmp_path):
+    tiny_checkpoint(tmp_path / "m.pt")
+    r = neurosdm("export", "m.pt", "--to", "onnx", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "onnx" in r.stderr
+    r = neurosdm("export", "m.pt", cwd=tmp_path)
+    assert r.returncode == 2 and "--to" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_tsm_checkpoint_is_refused(tmp_path, sdm_reference):
+    r = neurosdm("export", sdm_reference / "ckpt.pt", "--to", "nir", "-o", "tsm.nir", cwd=tmp_path)
+    assert_one_line_error(r, "TSM", "p[t]")  # rich markup in messages is escaped
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_checkpoint(tmp_path):
+    r = neurosdm("export", "nope.pt", "--to", "nir", cwd=tmp_path)
+    assert_one_line_error(r, "checkpoint not found")
+
+
+def test_inspect_rejects_text_and_truncated_files(tmp_path):
+    (tmp_path / "notes.nir").write_text("hello, I am not a graph\n")
+    r = neurosdm("inspect", "notes.nir", cwd=tmp_path)
+    assert_one_line_error(r, "notes.nir", "not a NIR file", "hello")
+    tiny_checkpoint(tmp_path / "m.pt")
+    export_checkpoint(tmp_path / "m.pt", tmp_path / "m.nir")
+    data = (tmp_path / "m.nir").read_bytes()
+    (tmp_path / "cut.nir").write_bytes(data[: len(data) // 2])
+    r = neurosdm("inspect", "cut.nir", cwd=tmp_path)
+    assert_one_line_error(r, "cut.nir")
+    r = neurosdm("inspect", "missing.nir", cwd=tmp_path)
+    assert_one_line_error(r, "not found", "missing.nir")
+    (tmp_path / "empty.nir").write_bytes(b"")
+    r = neurosdm("inspect", "empty.nir", cwd=tmp_path)
+    assert_one_line_error(r, "empty.nir", "empty file")
+
+
+def test_inspect_validates_the_graph(tmp_path):
+    ok = dict(input=nir.Input(input_type={"input": np.array([3])}),
+              affine=nir.Affine(weight=np.ones((2, 3)), bias=np.zeros(2)),
+              output=nir.Output(output_type={"output": np.array([2])}))
+    nir.write(tmp_path / "ok.nir", nir.NIRGraph(nodes=ok, edges=[("input", "affine"), ("affine", "output")]))
+    rows, totals = inspect_nir(tmp_path / "ok.nir")
+    assert [r["name"] for r in rows] == ["input", "affine", "output"]
+    assert rows[1]["synapses"] == 6 and rows[1]["params"] == 8 and totals["synapses"] == 6
+    with h5py.File(tmp_path / "ok.nir", "a") as f:  # a dangling edge (nir.NIRGraph itself adds missing outputs)
+        del f["node/nodes/output"]
+    r = neurosdm("inspect", "ok.nir", cwd=tmp_path)
+    assert_one_line_error(r, "ok.nir", "'output'", "does not exist")
+    with pytest.raises(GraphError):
+        inspect_nir(tmp_path / "ok.nir")
+
+
+def test_failed_export_leaves_no_temp_file(tmp_path, monkeypatch):
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    def broken_write(filename, graph, **kw):
+        with open(filename, "wb") as f:
+            f.write(b"\x89HDF\r\n\x1a\n half")  # a partial file, then an interruption
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("neurosdm.exporters.nir.nir.write", broken_write)
+    r = invoke("export", ckpt, "--to", "nir", "-o", out_dir / "m.nir")
+    assert r.exit_code != 0
+    assert list(out_dir.iterdir()) == []
+
+    def failing_write(filename, graph, **kw):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("neurosdm.exporters.nir.nir.write", failing_write)
+    with pytest.raises(OSError):
+        export_checkpoint(ckpt, out_dir / "m.nir")
+    assert list(out_dir.iterdir()) == []
