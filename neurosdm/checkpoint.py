@@ -27,7 +27,7 @@ import torch
 from neurosdm import __version__
 from neurosdm.config import Config, DiffusionConfig, ModelConfig
 from neurosdm.errors import CheckpointError
-from neurosdm.io import atomic_path
+from neurosdm.io import atomic_path, describe_head, first_line
 from neurosdm.models import SpikingUNet
 
 DEFAULT_SDDPM_NUM_STEPS = 4  # SDDPM checkpoints (no TSM) do not record num_steps; the papers' default
@@ -62,21 +62,17 @@ def _torch_load(path: Path) -> object:
         else:
             raise CheckpointError(f"{path} is a directory without a ckpt.pt; pass the checkpoint file")
     if not zipfile.is_zipfile(path):
-        with open(path, "rb") as f:
-            head = f.read(8)
-        what = "an empty file" if not head else f"a file starting with {head!r}"
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (found {what}); expected a file saved by torch.save")
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (found {describe_head(path)}); expected a file saved by torch.save")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"{path} holds Python objects other than tensors and plain data, and neurosdm loads checkpoints as "
-            f"data only (weights_only=True): {first[:200]}"
+            f"data only (weights_only=True): {first_line(e)}"
         ) from None
     except Exception as e:  # truncated zip, bad records, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is truncated or corrupt and cannot be read: {first[:200]}") from None
+        raise CheckpointError(f"{path} is truncated or corrupt and cannot be read: {first_line(e)}") from None
 
 
 def _strip_prefix(sd: dict) -> dict:

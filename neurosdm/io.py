@@ -64,3 +64,16 @@ def save_npy(array: np.ndarray, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
+
+
+def describe_head(path: str | os.PathLike) -> str:
+    """What a file starts with, for error messages: ``an empty file`` or ``a file starting with b'...'``."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return "an empty file" if not head else f"a file starting with {head!r}"
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type name), for one-line errors."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]

@@ -66,6 +66,7 @@ from torch import nn
 import neurosdm
 from neurosdm.config import DiffusionConfig
 from neurosdm.errors import ConfigError, GraphError, NeuroSDMError
+from neurosdm.io import atomic_path, describe_head, first_line
 from neurosdm.lowering import (
     affine_of_batchnorm,
     depth_to_space,
@@ -526,7 +527,6 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike 
     is written atomically: an error or Ctrl-C leaves no partial output. An existing output is kept unless
     ``force``."""
     from neurosdm.checkpoint import build_model, file_sha256, load_checkpoint
-    from neurosdm.io import atomic_path
 
     if quantize not in QUANTIZE_CHOICES:
         raise ConfigError(f"unknown --quantize {quantize!r}; expected one of {', '.join(QUANTIZE_CHOICES)}")
@@ -599,15 +599,12 @@ def inspect_nir(path: str | os.PathLike) -> tuple[list[dict], dict]:
     if path.is_dir():
         raise GraphError(f"{path} is a directory; pass a .nir file")
     if not h5py.is_hdf5(path):
-        with open(path, "rb") as f:
-            head = f.read(8)
-        what = "an empty file" if not head else f"a file starting with {head!r}"
-        raise GraphError(f"{path} is not a NIR file (found {what}); expected an HDF5 file written by nir.write")
+        raise GraphError(f"{path} is not a NIR file (found {describe_head(path)}); expected an HDF5 file written "
+                         f"by nir.write")
     try:
         graph = nir.read(path)
     except Exception as e:  # truncated HDF5, unknown node types, missing fields, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GraphError(f"{path} is truncated or not a readable NIR graph: {type(e).__name__}: {first[:200]}") \
+        raise GraphError(f"{path} is truncated or not a readable NIR graph: {type(e).__name__}: {first_line(e)}") \
             from None
     if not isinstance(graph, nir.NIRGraph):
         raise GraphError(f"{path} holds a single {type(graph).__name__} node, not a NIR graph")
