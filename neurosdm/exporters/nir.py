@@ -67,6 +67,7 @@ import neurosdm
 from neurosdm.config import DiffusionConfig
 from neurosdm.errors import ConfigError, GraphError, NeuroSDMError
 from neurosdm.io import atomic_path, describe_head, first_line
+from neurosdm.neurons.functional import leaky_readout
 from neurosdm.lowering import (
     affine_of_batchnorm,
     depth_to_space,
@@ -471,14 +472,7 @@ def host_head(per_step_values: np.ndarray, metadata: dict) -> np.ndarray:
     h = _conv3x3(_silu(z), a["tail_conv_weight"], a["tail_conv_bias"])
     g = _conv3x3(h, a["T_output_weight"], a["T_output_bias"])
     h = _silu(g * a["last_bn_scale"][:, None, None] + a["last_bn_shift"][:, None, None]) + h
-    return _leaky(h, float(a["readout_decay"]))
-
-
-def _leaky(h: np.ndarray, decay: float) -> np.ndarray:
-    u = np.zeros_like(h[0])
-    for t in range(h.shape[0]):
-        u = decay * u + h[t]
-    return u
+    return leaky_readout(h, float(a["readout_decay"]))
 
 
 def eps_from_outputs(outputs: np.ndarray, metadata: dict) -> np.ndarray:

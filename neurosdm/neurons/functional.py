@@ -156,12 +156,14 @@ def multistep_neuron(
     return _run("forward", x, thr, float(decay), reset)[0]
 
 
-def leaky_readout(h: torch.Tensor, decay: float) -> torch.Tensor:
+def leaky_readout(h, decay: float):
     """Leaky integrator read at the last step (the SDM membrane output, a neuron that never fires)::
 
         out = sum_t decay**(num_steps-1-t) * h[t]      (equivalently u[t] = decay * u[t-1] + h[t], out = u[-1])
+
+    Works on torch tensors and numpy arrays alike (the host-side head of an export uses it on numpy).
     """
-    u = torch.zeros_like(h[0])
-    for t in range(h.shape[0]):
+    u = h[0]
+    for t in range(1, h.shape[0]):
         u = decay * u + h[t]
     return u
