@@ -14,7 +14,8 @@ from neurosdm import cli
 from neurosdm.checkpoint import file_sha256, save_checkpoint
 from neurosdm.config import Config, DiffusionConfig, ModelConfig
 from neurosdm.errors import ConfigError, GraphError
-from neurosdm.exporters.nir import default_output_path, export_checkpoint, inspect_nir
+from neurosdm.exporters.nir import default_output_path, eps_from_outputs, export_checkpoint, inspect_nir, step_graphs
+from neurosdm.simulators.reference import run_graph
 from neurosdm.models import SpikingUNet
 
 runner = CliRunner()
@@ -140,10 +141,20 @@ def test_unknown_format_is_a_usage_error(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
-def test_tsm_checkpoint_is_refused(tmp_path, sdm_reference):
+def test_public_sdm_tsm_checkpoint_exports_and_reproduces_its_output(tmp_path, sdm_reference):
+    """The public SDM code's TSM model (fixture made by that code): the exported file, read back and run by the
+    reference interpreter with the per-step tables, gives the public model's own eps."""
     r = neurosdm("export", sdm_reference / "ckpt.pt", "--to", "nir", "-o", "tsm.nir", cwd=tmp_path)
-    assert_one_line_error(r, "TSM", "p[t]")  # rich markup in messages is escaped
-    assert list(tmp_path.iterdir()) == []
+    assert r.returncode == 0, r.stderr
+    graph = nir.read(tmp_path / "tsm.nir")
+    md = graph.metadata
+    assert int(md["tsm"]) == 1 and len(md["scale_tables"]) > 0
+    x, t, ref = (np.load(sdm_reference / f) for f in ("x.npy", "t.npy", "eps.npy"))
+    for i, step in enumerate(t):
+        res = run_graph(graph, x[i:i + 1][None].astype(np.float64), num_steps=int(md["num_steps"]),
+                        step_graphs=step_graphs(graph, md, int(step)))
+        eps = eps_from_outputs(res["outputs"]["output"], md)
+        assert np.abs(eps - ref[i:i + 1]).max() < 1e-4, (int(step), np.abs(eps - ref[i:i + 1]).max())
 
 
 def test_missing_checkpoint(tmp_path):

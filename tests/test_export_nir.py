@@ -8,12 +8,12 @@ import torch
 from neurosdm.config import ModelConfig
 from neurosdm.errors import ConfigError
 from neurosdm.exporters.nir import (
-    UnsupportedModelError,
     eps_from_outputs,
+    graph_at,
     graph_size,
     host_head,
+    step_graphs,
     to_nir_graph,
-    with_diffusion_step,
 )
 from neurosdm.models import SpikingUNet
 from neurosdm.simulators.reference import run_graph
@@ -37,6 +37,9 @@ def _model(head="spiking", ch_mult=(1, 2), image_size=8, ch=4, num_steps=3, seed
                 mod.bias.uniform_(-0.3, 0.3)
             if isinstance(mod, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)) and mod.bias is not None:
                 mod.bias.uniform_(-0.3, 0.3)
+            if getattr(mod, "tsmp", None) is not None:  # distinct per-step scales, one near 0 and one negative
+                mod.tsmp.copy_(torch.linspace(1.4, -0.3, mod.tsmp.numel()).roll(int(mod.tsmp.numel() > 2))
+                               .reshape(mod.tsmp.shape))
         m.tail_conv.weight.normal_(0.0, 0.3)  # the default init (gain 1e-5) would make eps almost 0
     return m.eval()
 
@@ -46,25 +49,30 @@ def _torch_eps(model, x, t):
         return model(x, torch.full((x.shape[0],), t)).double().numpy()
 
 
-def _graph_eps(graph, metadata, x, record=False):
-    res = run_graph(graph, x.double().numpy()[None], num_steps=int(metadata["num_steps"]), record=record)
+def _graph_eps(graph, metadata, x, record=False, t=None):
+    """eps of the graph; with ``t``, the parameters of diffusion step t at every spiking step (step_graphs)."""
+    steps = None if t is None else step_graphs(graph, metadata, t)
+    res = run_graph(graph, x.double().numpy()[None], num_steps=int(metadata["num_steps"]), record=record,
+                    step_graphs=steps)
     return eps_from_outputs(res["outputs"]["output"], metadata), res["records"]
 
 
-CASES = [("spiking", (1, 2), 8, 4, 3), ("sdm", (1, 2), 8, 4, 3), ("spiking", (1, 2, 2), 8, 4, 3),
-         ("sdm", (1, 2, 2), 8, 4, 3), ("spiking", (1, 2, 2), 16, 8, 4), ("sdm", (1, 2, 2), 16, 8, 2)]
+CASES = [("spiking", (1, 2), 8, 4, 3, False), ("sdm", (1, 2), 8, 4, 3, False), ("spiking", (1, 2, 2), 8, 4, 3, False),
+         ("sdm", (1, 2, 2), 8, 4, 3, False), ("spiking", (1, 2, 2), 16, 8, 4, False), ("sdm", (1, 2, 2), 16, 8, 2, False),
+         ("spiking", (1, 2), 8, 4, 3, True), ("sdm", (1, 2), 8, 4, 4, True), ("spiking", (1, 2, 2), 16, 8, 4, True),
+         ("sdm", (1, 2, 2), 8, 4, 2, True)]
 
 
-@pytest.mark.parametrize("head,ch_mult,size,ch,num_steps", CASES)
-def test_export_matches_torch(head, ch_mult, size, ch, num_steps):
-    model = _model(head, ch_mult, image_size=size, ch=ch, num_steps=num_steps)
+@pytest.mark.parametrize("head,ch_mult,size,ch,num_steps,tsm", CASES)
+def test_export_matches_torch(head, ch_mult, size, ch, num_steps, tsm):
+    model = _model(head, ch_mult, image_size=size, ch=ch, num_steps=num_steps, tsm=tsm)
     x = torch.randn(2, 1, size, size, generator=torch.Generator().manual_seed(1))
     graph, md = to_nir_graph(model)
     assert md["diffusion_step"] == 0 and graph.metadata is md
     assert md["packed_levels"] == len(ch_mult) - 1
     refs = {}
     for t in STEPS:
-        eps, records = _graph_eps(with_diffusion_step(graph, md, t), md, x, record=(t == STEPS[0]))
+        eps, records = _graph_eps(graph, md, x, record=(t == STEPS[0]), t=t)
         refs[t] = _torch_eps(model, x, t)
         assert eps.shape == refs[t].shape
         err = np.abs(eps - refs[t]).max()
@@ -75,8 +83,13 @@ def test_export_matches_torch(head, ch_mult, size, ch, num_steps):
             assert np.mean([r > 0 for r in rates]) > 0.6
     # the diffusion step matters, and the graph as returned holds step 0
     assert np.abs(refs[0] - refs[49]).max() > 100 * ATOL
-    eps0, _ = _graph_eps(graph, md, x)
-    assert np.abs(eps0 - refs[0]).max() < ATOL
+    if tsm:  # the per-step tables matter: the graph's own (step 0) parameters at every step are wrong
+        assert md["scale_tables"] and all(np.ptp(v) > 0.5 for v in md["scale_tables"].values())
+        assert np.abs(_graph_eps(graph, md, x)[0] - refs[0]).max() > 100 * ATOL
+    else:
+        assert not md["scale_tables"] and all(v.shape[1] == 1 for v in md["bias_tables"].values())
+        eps0, _ = _graph_eps(graph, md, x)
+        assert np.abs(eps0 - refs[0]).max() < ATOL
 
 
 @pytest.mark.parametrize("head", ["spiking", "sdm"])
@@ -85,19 +98,20 @@ def test_default_step_and_bias_tables(head):
     graph, md = to_nir_graph(model, diffusion_step=17)
     assert md["diffusion_step"] == 17
     for name, table in md["bias_tables"].items():
-        assert table.shape == (50, graph.nodes[name].weight.shape[0])
-        np.testing.assert_allclose(graph.nodes[name].bias, table[17], rtol=1e-6, atol=1e-7)
+        assert table.shape == (50, 1, graph.nodes[name].weight.shape[0])
+        np.testing.assert_allclose(graph.nodes[name].bias, table[17, 0], rtol=1e-6, atol=1e-7)
     x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     eps, _ = _graph_eps(graph, md, x)
     assert np.abs(eps - _torch_eps(model, x, 17)).max() < ATOL
-    assert "bias_tables[node][t]" in md["bias_table_rule"]
+    assert "table[t if A > 1 else 0, k if K > 1 else 0]" in md["bias_table_rule"]
     with pytest.raises(ConfigError):
         to_nir_graph(model, diffusion_step=50)
 
 
-@pytest.mark.parametrize("head,ch_mult", [("spiking", (1, 2)), ("sdm", (1, 2, 2))])
-def test_write_read_round_trip(tmp_path, head, ch_mult):
-    model = _model(head, ch_mult)
+@pytest.mark.parametrize("head,ch_mult,tsm", [("spiking", (1, 2), False), ("sdm", (1, 2, 2), False),
+                                              ("spiking", (1, 2), True)])
+def test_write_read_round_trip(tmp_path, head, ch_mult, tsm):
+    model = _model(head, ch_mult, tsm=tsm)
     graph, md = to_nir_graph(model)
     path = tmp_path / "model.nir"
     nir.write(path, graph)
@@ -109,8 +123,8 @@ def test_write_read_round_trip(tmp_path, head, ch_mult):
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     for t in (0, 49):
         ref = _torch_eps(model, x, t)
-        eps_mem, _ = _graph_eps(with_diffusion_step(graph, md, t), md, x)
-        eps_file, _ = _graph_eps(with_diffusion_step(back, bmd, t), bmd, x)  # metadata as read back
+        eps_mem, _ = _graph_eps(graph, md, x, t=t)
+        eps_file, _ = _graph_eps(back, bmd, x, t=t)  # metadata as read back
         np.testing.assert_array_equal(eps_file, eps_mem)
         assert np.abs(eps_file - ref).max() < ATOL
 
@@ -131,11 +145,18 @@ def test_graph_contents():
     np.testing.assert_allclose(li.tau, 5.0, rtol=1e-6)
     np.testing.assert_allclose(li.r, 5.0, rtol=1e-6)
     assert np.all(li.v_leak == 0)
-    # junctions are identity Scale nodes
+    # junctions are identity Scale nodes (without TSM there are no other Scale nodes)
     for name, n in graph.nodes.items():
         if isinstance(n, nir.Scale):
             assert name.endswith(".sum") and np.all(n.scale == 1)
-    for key in ("dt", "reset", "comparison", "num_steps", "threshold", "threshold_scale", "head", "packed_levels",
+    tsm_graph, tsm_md = to_nir_graph(_model("spiking", (1, 2), tsm=True))
+    convs = [n for n, node in tsm_graph.nodes.items() if isinstance(node, nir.Conv2d)]
+    assert sorted(tsm_md["scale_tables"]) == sorted(f"{c}.tsm" for c in convs)  # one TSM scale per conv input
+    for c in convs:
+        assert (f"{c}.tsm", c) in tsm_graph.edges
+        if not c.endswith("_skip"):  # a skip part has no bias: no table
+            assert tsm_md["bias_tables"][c].shape[1] == 3
+    for key in ("dt", "reset", "comparison", "num_steps", "tsm", "scale_tables", "quantized", "threshold", "threshold_scale", "head", "packed_levels",
                 "neurosdm_version", "diffusion", "node_packing", "readout"):
         assert key in md
     assert md["dt"] == 1.0 and md["reset"] == "zero" and md["comparison"] == ">=" and md["readout"] == "last_step"
@@ -169,12 +190,6 @@ def test_host_head_matches_torch_head():
         ref = leaky_readout(z, model.cfg.readout_decay).double().numpy()
     out = host_head(space_to_depth(h, levels=1), md)
     assert np.abs(out - ref).max() < ATOL
-
-
-def test_tsm_is_rejected():
-    with pytest.raises(UnsupportedModelError):
-        to_nir_graph(_model("spiking", tsm=True))
-    assert issubclass(UnsupportedModelError, NotImplementedError)
 
 
 def test_size_report():

@@ -8,5 +8,7 @@ from neurosdm.exporters.nir import (  # noqa: F401
     host_head,
     inspect_nir,
     to_nir_graph,
+    graph_at,
+    step_graphs,
     with_diffusion_step,
 )

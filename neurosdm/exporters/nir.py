@@ -1,4 +1,4 @@
-"""Float export of a :class:`~neurosdm.models.SpikingUNet` (without TSM) to a core-NIR graph.
+"""Export of a :class:`~neurosdm.models.SpikingUNet` (TSM or not, either head) to a core-NIR graph.
 
 ``graph, metadata = to_nir_graph(model, diffusion_step)`` builds the whole spiking denoiser out of core NIR nodes
 (Input, Conv2d, Scale, IF, LI, Output) with the exact rewrites of :mod:`neurosdm.lowering`. ``metadata`` is also
@@ -48,8 +48,16 @@ Heads:
   boundary before ``tail_bn``) and its Output gives that junction's value at every spiking step.
   ``metadata["host_head"]`` holds the head's weights and :func:`host_head` (numpy) finishes the computation.
 
-TSM models raise :class:`UnsupportedModelError` (a per-step scale cannot be a time-invariant weight; see
-``docs/export-groundwork.md``). There is no quantisation here (float export).
+TSM (a learnable per-spiking-step scale ``p[k]`` on every conv's output, bias included, before its BN): a per-step
+scale cannot be a time-invariant NIR weight, so it moves to the conv's input,
+``BN(p[k] (W x + b)) = W' (p[k] x) + (p[k] b' + shift)`` (``W' = scale W``, ``b' = scale b``): a ``nir.Scale``
+node ``<conv>.tsm`` sits between the conv and its source (for spikes it makes them graded, payload ``p[k]``), and
+the conv's bias varies with the spiking step. Both are tables in the metadata: ``scale_tables[<conv>.tsm]`` is
+``[num_steps]`` (rule ``scale_table_rule``) and the conv's ``bias_tables`` entry ``[A, num_steps, C]``. A
+simulator applies them with :func:`graph_at` / :func:`step_graphs`; the stored nodes hold spiking step 0.
+
+Quantisation to Loihi-style fixed point is a separate pass over this graph
+(:mod:`neurosdm.exporters.fixed_point`).
 """
 
 from __future__ import annotations
@@ -85,8 +93,11 @@ __all__ = ["UnsupportedModelError", "to_nir_graph", "with_diffusion_step", "host
 
 QUANTIZE_CHOICES = ("none", "int8")
 
-BIAS_TABLE_RULE = ("at diffusion step t, for every node in bias_tables: node.bias := bias_tables[node][t] "
-                   "(the total bias: folded BatchNorm plus the time embedding)")
+BIAS_TABLE_RULE = ("at diffusion step t and spiking step k, every node in bias_tables (a table [A, K, C]) gets "
+                   "bias := table[t if A > 1 else 0, k if K > 1 else 0] (the total bias: folded BatchNorm, the "
+                   "time embedding, TSM's p[k] times the conv bias)")
+SCALE_TABLE_RULE = ("at spiking step k, every Scale node in scale_tables (a table [K]) gets scale := table[k] at "
+                    "every element (TSM: the per-step scale p[k] of the conv it feeds, applied to its input)")
 
 
 class UnsupportedModelError(NeuroSDMError, NotImplementedError):
@@ -113,6 +124,40 @@ class _Stream:
         return (self.channels * 4**self.level, *self.hw)
 
 
+@dataclass
+class _Conv:
+    """A conv of the model, BN folded, split from its TSM scale: ``y[k] = W (p[k] x) + p[k] b + shift``."""
+
+    weight: np.ndarray  # [Cout, Cin, k, k], BN scale folded in
+    bias: np.ndarray  # [Cout], BN scale folded in; multiplied by p[k]
+    shift: np.ndarray  # [Cout], added after p[k] (the BN shift)
+    tsm: np.ndarray | None  # p [num_steps], or None without TSM
+
+    def table(self, extra: np.ndarray | None = None) -> np.ndarray:
+        """The bias table ``[A, K, Cout]`` (A = diffusion steps or 1, K = spiking steps or 1) of this conv, plus an
+        additive per-diffusion-step ``extra [T, Cout]`` (the time embedding)."""
+        b = self.bias[None, None, :] * (self.tsm[None, :, None] if self.tsm is not None else 1.0)
+        t = b + self.shift[None, None, :]
+        return t + extra[:, None, :] if extra is not None else t
+
+
+def _conv_parts(conv, bn=None) -> _Conv:
+    w = _np64(conv.weight)
+    b = _np64(conv.bias) if conv.bias is not None else np.zeros(w.shape[0])
+    shift = np.zeros(w.shape[0])
+    if bn is not None:
+        scale, shift = affine_of_batchnorm(bn)
+        w = w * scale[:, None, None, None]
+        b = b * scale
+    p = getattr(conv, "tsmp", None)
+    return _Conv(w, b, shift, None if p is None else _np64(p).reshape(-1))
+
+
+def _pack_table(table: np.ndarray, level: int) -> np.ndarray:
+    """A bias table's channel axis (last) for a map packed ``level`` times (see :func:`pack_bias`)."""
+    return np.repeat(table, 4**level, axis=-1) if level else table
+
+
 class _Builder:
     def __init__(self, threshold: float, dtype):
         self.nodes: dict[str, nir.NIRNode] = {}
@@ -121,7 +166,8 @@ class _Builder:
         self.threshold = threshold
         self.dtype = dtype
         self.spike_nodes: dict[str, str] = {}
-        self.conv_params: dict[str, list] = {}  # name -> [weight, bias, stride, padding, input hw] (float64)
+        self.conv_params: dict[str, list] = {}  # name -> [weight, bias table [A, K, C], stride, padding, input hw]
+        self.scale_tables: dict[str, np.ndarray] = {}  # TSM scale node -> p [K]
         self.junction_feeders: dict[str, list[str]] = {}
 
     def edge(self, src: str, dst: str) -> None:
@@ -134,26 +180,32 @@ class _Builder:
         self.packing[name] = level
         return name
 
+    def if_node(self, name: str, shape, level: int) -> str:
+        return self.add(name, nir.IF(r=np.ones(shape, self.dtype), v_threshold=np.full(shape, self.threshold, self.dtype),
+                                     v_reset=np.zeros(shape, self.dtype)), level)
+
     def spikes(self, s: _Stream) -> _Stream:
         """The (shared) IF node reading stream ``s``."""
         if s.node not in self.spike_nodes:
-            shape = s.shape
-            name = self.add(f"{s.node}.if", nir.IF(r=np.ones(shape, self.dtype),
-                                                    v_threshold=np.full(shape, self.threshold, self.dtype),
-                                                    v_reset=np.zeros(shape, self.dtype)), s.level)
-            self.edge(s.node, name)
-            self.spike_nodes[s.node] = name
+            self.spike_nodes[s.node] = self.if_node(f"{s.node}.if", s.shape, s.level)
+            self.edge(s.node, self.spike_nodes[s.node])
         return _Stream(self.spike_nodes[s.node], s.channels, s.level, s.hw)
 
-    def conv(self, name: str, src: _Stream, weight, bias, stride: int, padding: int, out_channels: int,
-             out_level: int) -> _Stream:
-        """A Conv2d node reading ``src`` (weights already lowered to the stored layout)."""
+    def conv(self, name: str, src: _Stream, weight, table, stride: int, padding: int, out_channels: int,
+             out_level: int, tsm: np.ndarray | None = None) -> _Stream:
+        """A Conv2d node reading ``src`` (weights already lowered to the stored layout, ``table [A, K, C]``); with
+        ``tsm`` a Scale node ``<name>.tsm`` (``p[k]`` at spiking step k) sits between ``src`` and the conv."""
         k = weight.shape[2]
         h, w = src.hw
         hw = ((h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1)
-        self.conv_params[name] = [weight, bias, stride, padding, src.hw]
+        self.conv_params[name] = [weight, table, stride, padding, src.hw]
+        source = src.node
+        if tsm is not None:
+            source = self.add(f"{name}.tsm", nir.Scale(scale=np.full(src.shape, tsm[0], self.dtype)), src.level)
+            self.scale_tables[source] = tsm
+            self.edge(src.node, source)
         self.add(name, None, out_level)  # placeholder: nodes are materialised in finish()
-        self.edge(src.node, name)
+        self.edge(source, name)
         return _Stream(name, out_channels, out_level, hw)
 
     def junction(self, name: str, feeders: list[str], s: _Stream) -> _Stream:
@@ -163,11 +215,12 @@ class _Builder:
         self.junction_feeders[name] = list(feeders)
         return _Stream(name, s.channels, s.level, s.hw)
 
-    def finish(self) -> None:
-        for name, (w, b, stride, padding, hw) in self.conv_params.items():
+    def finish(self, diffusion_step: int) -> None:
+        for name, (w, table, stride, padding, hw) in self.conv_params.items():
+            bias = table[diffusion_step if table.shape[0] > 1 else 0, 0]
             self.nodes[name] = nir.Conv2d(input_shape=tuple(int(v) for v in hw), weight=w.astype(self.dtype),
                                           stride=int(stride), padding=int(padding), dilation=1, groups=1,
-                                          bias=b.astype(self.dtype))
+                                          bias=bias.astype(self.dtype))
 
 
 def _lower_3x3_or_1x1(w: np.ndarray, level: int) -> np.ndarray:
@@ -182,19 +235,9 @@ def _skip_conv(w: np.ndarray, level: int) -> tuple[np.ndarray, int, int]:
     return full_to_packed_conv(w, level), 2**level, (k - 1) // 2
 
 
-def _folded(conv: nn.Conv2d, bn) -> tuple[np.ndarray, np.ndarray]:
-    w, b = fold_batchnorm(_np64(conv.weight), _np64(conv.bias) if conv.bias is not None else None, bn)
-    return w, b
-
-
 def _check_model(model) -> tuple[float, float]:
     from neurosdm.neurons import SpikingNeurons
 
-    cfg = model.cfg
-    if cfg.tsm:
-        raise UnsupportedModelError(
-            "the NIR export does not support TSM models yet: a per-spiking-step scale p[t] on every conv cannot be "
-            "a time-invariant NIR weight (see docs/export-groundwork.md); export a model trained with tsm=False")
     thresholds = {(float(m.threshold), float(m.threshold_scale), float(m.decay), m.reset)
                   for m in model.modules() if isinstance(m, SpikingNeurons)}
     if len(thresholds) != 1:
@@ -206,52 +249,41 @@ def _check_model(model) -> tuple[float, float]:
     return threshold, scale
 
 
-def _res_block(b: _Builder, name: str, block, x: _Stream, skip: _Stream | None, temb_table: np.ndarray,
-               diffusion_step: int, bias_tables: dict) -> _Stream:
+def _res_block(b: _Builder, name: str, block, x: _Stream, skip: _Stream | None, temb_table: np.ndarray) -> _Stream:
     """Lower one ResBlock (reading ``x`` and, in the up path, the concatenated ``skip``); returns its junction."""
     level = x.level
     out_ch = block.conv1.out_channels
-    w1, b1 = _folded(block.conv1, block.bn1)
-    w2, b2 = _folded(block.conv2, block.bn2)
+    c1 = _conv_parts(block.conv1, block.bn1)
+    c2 = _conv_parts(block.conv2, block.bn2)
     sizes = [x.channels] + ([skip.channels] if skip is not None else [])
     if sum(sizes) != block.conv1.in_channels:
         raise RuntimeError(f"{name}: input channels {sizes} do not match conv1 {block.conv1.in_channels}")
-    parts1 = split_concat_conv(w1, sizes, b1)
+    zero = np.zeros((1, 1, out_ch * 4**level))
 
     # conv1 (+ its skip part) into IF2; the bias (BN shift and time embedding) sits on the main part
-    total_bias = np.stack([pack_bias(parts1[0][1] + temb_table[t], level) if level else parts1[0][1] + temb_table[t]
-                           for t in range(temb_table.shape[0])])
-    bias_tables[f"{name}.conv1"] = total_bias
-    sx = b.spikes(x)
-    h1 = b.conv(f"{name}.conv1", sx, _lower_3x3_or_1x1(parts1[0][0], level), total_bias[diffusion_step], 1, 1,
-                out_ch, level)
+    parts1 = split_concat_conv(c1.weight, sizes)
+    h1 = b.conv(f"{name}.conv1", b.spikes(x), _lower_3x3_or_1x1(parts1[0][0], level),
+                _pack_table(c1.table(temb_table), level), 1, 1, out_ch, level, c1.tsm)
     feeders_if2 = [h1.node]
     if skip is not None:
-        ss = b.spikes(skip)
         wq, stride, pad = _skip_conv(parts1[1][0], level)
-        zero = np.zeros(out_ch * 4**level)
-        feeders_if2.append(b.conv(f"{name}.conv1_skip", ss, wq, zero, stride, pad, out_ch, level).node)
-    if2_shape = (out_ch * 4**level, *x.hw)
-    if2 = b.add(f"{name}.if2", nir.IF(r=np.ones(if2_shape, b.dtype),
-                                      v_threshold=np.full(if2_shape, b.threshold, b.dtype),
-                                      v_reset=np.zeros(if2_shape, b.dtype)), level)
+        feeders_if2.append(b.conv(f"{name}.conv1_skip", b.spikes(skip), wq, zero, stride, pad, out_ch, level,
+                                  c1.tsm).node)
+    if2 = b.if_node(f"{name}.if2", (out_ch * 4**level, *x.hw), level)
     for f in feeders_if2:
         b.edge(f, if2)
-    s2 = _Stream(if2, out_ch, level, x.hw)
-    h2 = b.conv(f"{name}.conv2", s2, _lower_3x3_or_1x1(w2, level), pack_bias(b2, level) if level else b2, 1, 1,
-                out_ch, level)
+    h2 = b.conv(f"{name}.conv2", _Stream(if2, out_ch, level, x.hw), _lower_3x3_or_1x1(c2.weight, level),
+                _pack_table(c2.table(), level), 1, 1, out_ch, level, c2.tsm)
 
     feeders = [h2.node]
     if isinstance(block.shortcut, nn.Conv2d):
-        ws = _np64(block.shortcut.weight)
-        bs = _np64(block.shortcut.bias) if block.shortcut.bias is not None else np.zeros(out_ch)
-        parts = split_concat_conv(ws, sizes, bs)
+        cs = _conv_parts(block.shortcut)
+        parts = split_concat_conv(cs.weight, sizes)
         feeders.append(b.conv(f"{name}.shortcut", x, _lower_3x3_or_1x1(parts[0][0], level),
-                              pack_bias(parts[0][1], level) if level else parts[0][1], 1, 0, out_ch, level).node)
+                              _pack_table(cs.table(), level), 1, 0, out_ch, level, cs.tsm).node)
         if skip is not None:
             wq, stride, pad = _skip_conv(parts[1][0], level)
-            feeders.append(b.conv(f"{name}.shortcut_skip", skip, wq, np.zeros(out_ch * 4**level), stride, pad,
-                                  out_ch, level).node)
+            feeders.append(b.conv(f"{name}.shortcut_skip", skip, wq, zero, stride, pad, out_ch, level, cs.tsm).node)
     else:
         if skip is not None:
             raise UnsupportedModelError(f"{name}: an identity shortcut over a concatenation is not supported")
@@ -261,10 +293,10 @@ def _res_block(b: _Builder, name: str, block, x: _Stream, skip: _Stream | None, 
 
 def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionConfig | None = None,
                  dtype=np.float32) -> tuple[nir.NIRGraph, dict]:
-    """Export ``model`` (a :class:`~neurosdm.models.SpikingUNet`, eval semantics, no TSM) as a float NIR graph.
+    """Export ``model`` (a :class:`~neurosdm.models.SpikingUNet`, eval semantics) as a float NIR graph.
 
     diffusion_step: the diffusion step whose time-embedding biases the graph holds (default 0); the biases of
-        every step are in ``metadata["bias_tables"]`` (:func:`with_diffusion_step`).
+        every step are in ``metadata["bias_tables"]`` (:func:`graph_at`).
     diffusion: the diffusion schedule recorded in the metadata (default: the linear DDPM schedule with the
         model's ``num_diffusion_steps``).
     dtype: dtype of the stored arrays (weights are folded and lowered in float64 first).
@@ -287,7 +319,6 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
     from neurosdm.diffusion.schedules import make_betas
 
     b = _Builder(threshold * threshold_scale, dtype)
-    bias_tables: dict[str, np.ndarray] = {}
     with torch.no_grad():
         device = next(model.parameters()).device
         temb = model.time_embedding(torch.arange(n_diff, device=device))
@@ -296,39 +327,43 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
     size = int(cfg.image_size)
     b.add("input", nir.Input(input_type={"input": np.array([cfg.img_ch, size, size])}), 0)
     x = _Stream("input", cfg.img_ch, 0, (size, size))
-    w, bias = _folded(model.conv, model.bn)
-    h = b.conv("stem.conv", x, w, bias, 1, 1, model.conv.out_channels, 0)
-    w, bias = _folded(model.conv_identity, model.bn_identity)
-    h = b.conv("stem.conv_identity", b.spikes(h), w, bias, 1, 1, model.conv_identity.out_channels, 0)
+
+    def plain(name, src, conv, bn, stride, level_out, weight):
+        c = _conv_parts(conv, bn)
+        return b.conv(name, src, weight(c.weight), _pack_table(c.table(), level_out), stride, 1, conv.out_channels,
+                      level_out, c.tsm)
+
+    same = (lambda w: w)
+    h = plain("stem.conv", x, model.conv, model.bn, 1, 0, same)
+    h = plain("stem.conv_identity", b.spikes(h), model.conv_identity, model.bn_identity, 1, 0, same)
 
     hs = [h]
     for i, layer in enumerate(model.downblocks):
         if isinstance(layer, ResBlock):
-            h = _res_block(b, f"down{i}", layer, h, None, temb_tables[id(layer)], diffusion_step, bias_tables)
+            h = _res_block(b, f"down{i}", layer, h, None, temb_tables[id(layer)])
         elif isinstance(layer, DownSample):
-            w, bias = _folded(layer.conv, layer.bn)
-            h = b.conv(f"down{i}.conv", b.spikes(h), w, bias, 2, 1, layer.conv.out_channels, 0)
+            h = plain(f"down{i}.conv", b.spikes(h), layer.conv, layer.bn, 2, 0, same)
         else:
             raise UnsupportedModelError(f"unknown down block {type(layer).__name__}")
         hs.append(h)
     for i, layer in enumerate(model.middleblocks):
-        h = _res_block(b, f"mid{i}", layer, h, None, temb_tables[id(layer)], diffusion_step, bias_tables)
+        h = _res_block(b, f"mid{i}", layer, h, None, temb_tables[id(layer)])
     for i, layer in enumerate(model.upblocks):
         if isinstance(layer, ResBlock):
-            h = _res_block(b, f"up{i}", layer, h, hs.pop(), temb_tables[id(layer)], diffusion_step, bias_tables)
+            h = _res_block(b, f"up{i}", layer, h, hs.pop(), temb_tables[id(layer)])
         elif isinstance(layer, UpSample):
-            w, bias = _folded(layer.conv, layer.bn)
-            lvl = h.level + 1
-            wq = packed_conv(pack_phases(upsample_conv_phases(w)), h.level)
-            h = b.conv(f"up{i}.conv", b.spikes(h), wq, pack_bias(bias, lvl), 1, 1, layer.conv.out_channels, lvl)
+            lvl = h.level
+            h = plain(f"up{i}.conv", b.spikes(h), layer.conv, layer.bn, 1, lvl + 1,
+                      lambda w, lvl=lvl: packed_conv(pack_phases(upsample_conv_phases(w)), lvl))
         else:
             raise UnsupportedModelError(f"unknown up block {type(layer).__name__}")
     levels = h.level
     last = h
 
     metadata: dict = {
-        "format": "neurosdm float NIR export",
+        "format": "neurosdm NIR export",
         "neurosdm_version": neurosdm.__version__,
+        "quantized": "none",
         "dt": 1.0,
         "reset": "zero",
         "comparison": ">=",
@@ -338,6 +373,7 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
         "threshold_scale": float(threshold_scale),
         "v_threshold": float(threshold * threshold_scale),
         "head": cfg.head,
+        "tsm": int(bool(cfg.tsm)),
         "input_encoding": "direct: the analog image x_t (C, H, W) at every spiking step",
         "packed_levels": int(levels),
         "packing": "space_to_depth (pixel_unshuffle) applied packed_levels times; the host applies "
@@ -347,8 +383,10 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
         "output_shape": np.array(last.shape) if cfg.head == "sdm" else np.array([cfg.img_ch * 4**levels, *last.hw]),
         "diffusion_step": int(diffusion_step),
         "num_diffusion_steps": n_diff,
-        "bias_tables": bias_tables,
+        "bias_tables": {},
         "bias_table_rule": BIAS_TABLE_RULE,
+        "scale_tables": {},
+        "scale_table_rule": SCALE_TABLE_RULE,
         "diffusion": {
             "schedule": diffusion.schedule,
             "num_diffusion_steps": int(diffusion.num_diffusion_steps),
@@ -372,10 +410,8 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
             p[1] = p[1] * ps
         conv2 = feeders[0]
         b.conv_params[conv2][1] = b.conv_params[conv2][1] + pt
-        wt = _lower_3x3_or_1x1(_np64(model.tail_conv.weight), levels)
-        bt = _np64(model.tail_conv.bias)
-        out = b.conv("tail.conv", b.spikes(last), wt, pack_bias(bt, levels) if levels else bt, 1, 1, cfg.img_ch,
-                     levels)
+        out = plain("tail.conv", b.spikes(last), model.tail_conv, None, 1, levels,
+                    lambda w: _lower_3x3_or_1x1(w, levels))
         d = float(cfg.readout_decay)
         if d == 1.0:
             ro = nir.I(r=np.ones(out.shape, dtype))
@@ -397,21 +433,26 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
         b.edge(last.node, "output")
         ts, tsh = affine_of_batchnorm(model.tail_bn)
         ls, lsh = affine_of_batchnorm(model.last_bn)
+        tail = _conv_parts(model.tail_conv)
         metadata["readout"] = "host_head"
         metadata["readout_rule"] = ("the output is the analog stream before tail_bn at every spiking step; "
                                     "neurosdm.exporters.nir.host_head(outputs, metadata) gives eps")
         metadata["host_head"] = {
             "tail_bn_scale": ts, "tail_bn_shift": tsh,
-            "tail_conv_weight": _np64(model.tail_conv.weight), "tail_conv_bias": _np64(model.tail_conv.bias),
+            "tail_conv_weight": tail.weight, "tail_conv_bias": tail.bias,
+            "tail_conv_tsm": tail.tsm if tail.tsm is not None else np.ones(int(cfg.num_steps)),
             "T_output_weight": _np64(model.T_output_layer.weight[..., 0]),
             "T_output_bias": _np64(model.T_output_layer.bias),
             "last_bn_scale": ls, "last_bn_shift": lsh,
             "readout_decay": float(cfg.readout_decay),
-            "formula": "h = conv3x3(silu(tail_bn(x)), tail_conv); h = silu(last_bn(conv3x3(h, T_output))) + h; "
-                       "eps = sum_t readout_decay**(num_steps-1-t) h[t]; x = depth_to_space(output, packed_levels)",
+            "formula": "x = depth_to_space(output, packed_levels); h[k] = tail_conv_tsm[k] * conv3x3(silu(tail_bn(x[k])), "
+                       "tail_conv); h = silu(last_bn(conv3x3(h, T_output))) + h; "
+                       "eps = sum_k readout_decay**(num_steps-1-k) h[k]",
         }
 
-    b.finish()
+    b.finish(diffusion_step)
+    metadata["bias_tables"] = {name: p[1] for name, p in b.conv_params.items() if p[1].shape[:2] != (1, 1)}
+    metadata["scale_tables"] = dict(b.scale_tables)
     metadata["node_packing"] = {k: int(v) for k, v in b.packing.items()}
     graph = nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata=metadata)
     return graph, metadata
@@ -426,22 +467,47 @@ def _meta(metadata: dict, key: str):
     return v
 
 
-def with_diffusion_step(graph: nir.NIRGraph, metadata: dict | None, t: int) -> nir.NIRGraph:
-    """A copy of ``graph`` whose biases are those of diffusion step ``t`` (``bias_tables[node][t]``)."""
+def _table_index(table: np.ndarray, t: int, k: int):
+    return table[t if table.shape[0] > 1 else 0, k if table.shape[1] > 1 else 0]
+
+
+def graph_at(graph: nir.NIRGraph, metadata: dict | None, t: int, k: int = 0) -> nir.NIRGraph:
+    """A copy of ``graph`` holding the parameters of diffusion step ``t`` and spiking step ``k``: every node in
+    ``bias_tables`` gets its bias, every Scale node in ``scale_tables`` its scale (``BIAS_TABLE_RULE``,
+    ``SCALE_TABLE_RULE``)."""
     metadata = dict(graph.metadata if metadata is None else metadata)
-    tables = metadata["bias_tables"]
     n = int(_meta(metadata, "num_diffusion_steps"))
-    t = int(t)
+    t, k = int(t), int(k)
     if not 0 <= t < n:
         raise ConfigError(f"diffusion step must lie in 0..{n - 1}, got {t}")
     nodes = dict(graph.nodes)
-    for name, table in tables.items():
+    for name, table in metadata.get("bias_tables", {}).items():
         node = nodes[name]
         nodes[name] = nir.Conv2d(input_shape=node.input_shape, weight=node.weight, stride=node.stride,
                                  padding=node.padding, dilation=node.dilation, groups=node.groups,
-                                 bias=np.asarray(table[t]).astype(node.weight.dtype))
+                                 bias=np.asarray(_table_index(np.asarray(table), t, k)).astype(node.weight.dtype))
+    for name, table in metadata.get("scale_tables", {}).items():
+        node = nodes[name]
+        value = np.asarray(table).reshape(-1)
+        nodes[name] = nir.Scale(scale=np.full(np.shape(node.scale), value[k if value.size > 1 else 0],
+                                              np.asarray(node.scale).dtype))
     metadata["diffusion_step"] = t
     return nir.NIRGraph(nodes=nodes, edges=[tuple(e) for e in graph.edges], metadata=metadata)
+
+
+def step_graphs(graph: nir.NIRGraph, metadata: dict | None, t: int) -> list[nir.NIRGraph]:
+    """The graphs of the spiking steps of diffusion step ``t`` (one graph when no table varies with the spiking
+    step), for ``run_graph(..., step_graphs=...)``."""
+    metadata = dict(graph.metadata if metadata is None else metadata)
+    varying = any(np.asarray(v).shape[1] > 1 for v in metadata.get("bias_tables", {}).values()) or \
+        any(np.asarray(v).size > 1 for v in metadata.get("scale_tables", {}).values())
+    k_steps = int(_meta(metadata, "num_steps")) if varying else 1
+    return [graph_at(graph, metadata, t, k) for k in range(k_steps)]
+
+
+def with_diffusion_step(graph: nir.NIRGraph, metadata: dict | None, t: int) -> nir.NIRGraph:
+    """``graph_at(graph, metadata, t, 0)``: enough for a graph without per-spiking-step tables (no TSM)."""
+    return graph_at(graph, metadata, t, 0)
 
 
 def _conv3x3(x: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -469,7 +535,8 @@ def host_head(per_step_values: np.ndarray, metadata: dict) -> np.ndarray:
     if levels:
         x = depth_to_space(x, levels=levels)
     z = x * a["tail_bn_scale"][:, None, None] + a["tail_bn_shift"][:, None, None]
-    h = _conv3x3(_silu(z), a["tail_conv_weight"], a["tail_conv_bias"])
+    p = a["tail_conv_tsm"].reshape(-1, *([1] * (x.ndim - 1)))
+    h = _conv3x3(_silu(z), a["tail_conv_weight"], a["tail_conv_bias"]) * p
     g = _conv3x3(h, a["T_output_weight"], a["T_output_bias"])
     h = _silu(g * a["last_bn_scale"][:, None, None] + a["last_bn_shift"][:, None, None]) + h
     return leaky_readout(h, float(a["readout_decay"]))

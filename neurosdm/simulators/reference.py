@@ -104,7 +104,7 @@ import numpy as np
 
 from neurosdm.errors import ConfigError, GraphError
 
-__all__ = ["GraphError", "Discretisation", "run_graph", "METHODS", "RESETS", "COMPARISONS"]
+__all__ = ["GraphError", "Discretisation", "FixedPoint", "run_graph", "METHODS", "RESETS", "COMPARISONS"]
 
 METHODS = ("euler", "exp")
 RESETS = ("zero", "subtract")
@@ -190,6 +190,32 @@ class Discretisation:
             raise ConfigError(f"unknown Discretisation field(s) {sorted(unknown)}; known: {sorted(known)}")
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+@dataclass
+class FixedPoint:
+    """Integer arithmetic of a quantised neurosdm export (``metadata["quant"]``; see
+    :mod:`neurosdm.exporters.fixed_point`). Values are integers held in float64 (exact below 2**53):
+
+    - nodes in ``round_nodes`` (convs reading graded values) round their output half to even;
+    - ``IF``, ``I`` and ``LI`` run :func:`neurosdm.quantize.fixed_point_step`: state saturating at
+      ``+-(2**(state_bits-1) - 1)``; ``LI`` decays by ``decay_q12 = round(4096 (1 - dt/tau))`` with the product
+      rounded toward zero (Loihi); its input gain ``r dt / tau`` (1 for ``IF``/``I``: ``r dt``) must be 1;
+      thresholds must be integers; IF fires on ``>=`` and resets to 0 or by subtraction;
+    - other neuron types are refused. Saturations are counted per node (``run_graph(...)["saturations"]``).
+    """
+
+    state_bits: int = 24
+    round_nodes: frozenset = frozenset()
+
+    @classmethod
+    def from_metadata(cls, metadata: dict | None) -> "FixedPoint | None":
+        """The fixed-point rules of a quantised export, or None for a float graph."""
+        q = (metadata or {}).get("quant")
+        if not isinstance(q, dict):
+            return None
+        rounded = q.get("round_nodes", {})
+        return cls(int(np.asarray(q["state_bits"]).reshape(-1)[0]), frozenset(rounded))
 
 
 # ----------------------------------------------------------------------------------------------- array kernels
@@ -286,6 +312,7 @@ class _Op:
     out_shape: tuple[int, ...] | None = None
     init: Callable[[int], Any] | None = None
     step: _Step | None = None
+    saturations: int = 0
 
 
 def _shape(value) -> tuple[int, ...] | None:
@@ -364,10 +391,63 @@ def _leak(v, x_drive, v_leak, tau, disc: Discretisation):
     return v_leak + (v - v_leak) * a + (1.0 - a) * x_drive
 
 
-def _compile(op: _Op, disc: Discretisation) -> None:
-    """Set ``op.out_shape``, ``op.init`` and ``op.step`` from the node and ``op.in_shape``."""
+def _integers(x: np.ndarray, name: str) -> np.ndarray:
+    xi = np.rint(x)
+    if not np.array_equal(xi, x):
+        raise GraphError(f"node {name!r}: fixed-point mode got a non-integer value {x[xi != x].flat[0]!r}")
+    return xi.astype(np.int64)
+
+
+def _fixed_neuron(op: _Op, gain: np.ndarray, decay_q12, v_th, reset: str, fixed: FixedPoint, spiking: bool):
+    """``op.step`` for a fixed-point I/IF/LI node (:class:`FixedPoint`)."""
+    from neurosdm.quantize import fixed_point_step, state_limit
+
+    if not np.allclose(gain, 1.0, rtol=0, atol=1e-9):
+        raise GraphError(f"node {op.name!r}: fixed-point mode needs an input gain of 1 (r dt / tau), got "
+                         f"{np.unique(gain)[:3]}")
+    dq = np.unique(np.asarray(decay_q12, np.int64))
+    if dq.size != 1:
+        raise GraphError(f"node {op.name!r}: fixed-point mode needs one decay per node, got {dq[:3]}")
+    thr = _integers(np.asarray(v_th, np.float64), op.name) if spiking else state_limit(fixed.state_bits) + 1
+
+    def step(x, v):
+        s, v_new, sat = fixed_point_step(v, _integers(x, op.name), thr, int(dq[0]), reset, fixed.state_bits)
+        op.saturations += int(sat.sum())
+        out = s.astype(np.float64) if spiking else v_new.astype(np.float64)
+        return out, v_new
+
+    op.init = lambda batch: np.zeros((batch, *op.in_shape), np.int64)
+    op.step = step
+
+
+def _compile(op: _Op, disc: Discretisation, fixed: FixedPoint | None = None) -> None:
+    """Set ``op.out_shape``, ``op.init`` and ``op.step`` from the node and ``op.in_shape`` (float semantics, or
+    the integer arithmetic of ``fixed``)."""
     node, name, shape = op.node, op.name, op.in_shape
     kind = type(node).__name__
+    if fixed is not None and isinstance(node, (nir.I, nir.IF, nir.LI)) and op.role == "node":
+        from neurosdm.quantize import DECAY_ONE
+
+        op.out_shape = shape
+        if disc.method != "euler" or disc.comparison != ">=":
+            raise GraphError("fixed-point mode needs the euler discretisation and the '>=' comparison")
+        r = _param(node, "r", name, shape)
+        if isinstance(node, nir.LI):
+            tau = _param(node, "tau", name, shape)
+            if np.any(_param(node, "v_leak", name, shape) != 0):
+                raise GraphError(f"node {name!r}: fixed-point mode needs v_leak = 0")
+            _fixed_neuron(op, r * disc.dt / tau, np.rint((1.0 - disc.dt / tau) * DECAY_ONE), None, "hard", fixed,
+                          False)
+        else:
+            spiking = isinstance(node, nir.IF)
+            v_th = _param(node, "v_threshold", name, shape) if spiking else None
+            if spiking and np.any(_param(node, "v_reset", name, shape, default=0.0) != 0):
+                raise GraphError(f"node {name!r}: fixed-point mode needs v_reset = 0")
+            _fixed_neuron(op, r * disc.dt, DECAY_ONE, v_th, "hard" if disc.reset == "zero" else "subtract", fixed,
+                          spiking)
+        return
+    if fixed is not None and isinstance(node, (nir.LIF, nir.CubaLI, nir.CubaLIF, nir.Threshold)):
+        raise GraphError(f"node {name!r} ({kind}): fixed-point mode supports the neuron types I, IF and LI")
     zeros = (lambda batch: np.zeros((batch, *shape)))
 
     def p(field, default=None):
@@ -409,10 +489,13 @@ def _compile(op: _Op, disc: Discretisation) -> None:
                              f"padding {pad}, dilation {dilation}, stride {stride}")
         op.out_shape = (int(w.shape[0]), *(out_sp if nd == 2 else out_sp[1:]))
 
+        rounded = fixed is not None and name in fixed.round_nodes
+
         def conv(x, w=w, bias=bias, stride=stride, pad=pad, dilation=dilation):
             x4 = x if nd == 2 else x[:, :, None, :]
             y = conv2d(x4, w, bias, stride, pad, dilation, groups)
-            return y if nd == 2 else y[:, :, 0, :]
+            y = y if nd == 2 else y[:, :, 0, :]
+            return np.round(y) if rounded else y  # numpy rounds half to even
 
         op.init, op.step = _stateless(conv)
     elif isinstance(node, (nir.SumPool2d, nir.AvgPool2d)):
@@ -580,7 +663,7 @@ def _order(names: list[str], edges: list[tuple[str, str]], roots: list[str]) -> 
     return post[::-1], back
 
 
-def _prepare(graph: nir.NIRGraph, disc: Discretisation):
+def _prepare(graph: nir.NIRGraph, disc: Discretisation, fixed: FixedPoint | None = None):
     """Flatten, order, infer and check shapes, compile. Returns ``(ops in evaluation order, edges, back-edge
     indices, incoming edge indices per node, top-level Input names, top-level Output names)``."""
     if not isinstance(graph, nir.NIRGraph):
@@ -626,7 +709,7 @@ def _prepare(graph: nir.NIRGraph, disc: Discretisation):
             if shape != declared:
                 raise GraphError(f"shape mismatch on edge {src!r} -> {name!r}: {src!r} outputs {shape}, "
                                  f"{name!r} ({type(op.node).__name__}) expects {declared}")
-        _compile(op, disc)
+        _compile(op, disc, fixed)
     for idx in back:  # recurrent edges, now that every shape is known
         src, dst = edges[idx]
         if ops[src].out_shape != ops[dst].in_shape:
@@ -673,7 +756,8 @@ def _check_inputs(inputs, top_inputs: list[str], ops: dict[str, _Op], num_steps:
 
 
 def run_graph(graph: nir.NIRGraph, inputs: dict[str, np.ndarray] | np.ndarray, num_steps: int | None = None,
-              disc: Discretisation | None = None, record: bool = False) -> dict:
+              disc: Discretisation | None = None, record: bool = False,
+              step_graphs: list[nir.NIRGraph] | None = None, fixed: FixedPoint | None | str = "auto") -> dict:
     """Run ``graph`` for ``num_steps`` discrete steps from a zero state (semantics: the module docstring).
 
     inputs:    per top-level Input node, an array ``[num_steps, batch, *shape]`` (a single array when the graph
@@ -681,14 +765,33 @@ def run_graph(graph: nir.NIRGraph, inputs: dict[str, np.ndarray] | np.ndarray, n
     num_steps: defaults to the longest input.
     disc:      the discretisation; default: :meth:`Discretisation.from_metadata` of ``graph.metadata``.
     record:    also return every node's output (flattened names).
+    step_graphs: graphs with the same nodes and edges as ``graph`` but other parameters; step ``k`` runs with
+               the parameters of ``step_graphs[min(k, len - 1)]`` (state carries over). Time-varying parameters,
+               e.g. TSM's per-step scales (``neurosdm.exporters.nir.step_graphs``). Default: ``graph`` at every step.
+    fixed:     integer arithmetic (:class:`FixedPoint`); ``"auto"`` (default) reads it from the metadata of a
+               quantised export (None for a float graph); None forces float semantics.
 
-    Returns ``{"outputs": {output node: [num_steps, batch, *shape]}, "records": {node: [num_steps, batch, ...]}}``
-    (float64; ``records`` is empty unless ``record``). Raises :class:`GraphError` for graphs or inputs it cannot
-    run, naming the node(s) and shapes involved.
+    Returns ``{"outputs": {output node: [num_steps, batch, *shape]}, "records": {node: [num_steps, batch, ...]},
+    "saturations": {node: count}}`` (float64; ``records`` is empty unless ``record``; ``saturations`` counts the
+    (neuron, step) pairs whose state was clipped, fixed-point mode only). Raises :class:`GraphError` for graphs or
+    inputs it cannot run, naming the node(s) and shapes involved.
     """
+    metadata = getattr(graph, "metadata", None)
     if disc is None:
-        disc = Discretisation.from_metadata(getattr(graph, "metadata", None))
-    ops_list, edges, back, incoming, top_inputs, top_outputs = _prepare(graph, disc)
+        disc = Discretisation.from_metadata(metadata)
+    if isinstance(fixed, str):
+        if fixed != "auto":
+            raise ConfigError(f"fixed must be a FixedPoint, None or 'auto', got {fixed!r}")
+        fixed = FixedPoint.from_metadata(metadata)
+    ops_list, edges, back, incoming, top_inputs, top_outputs = _prepare(graph, disc, fixed)
+    per_step = [ops_list]
+    for g in step_graphs or []:
+        other = _prepare(g, disc, fixed)[0]
+        if [op.name for op in other] != [op.name for op in ops_list]:
+            raise GraphError("step_graphs must have the nodes and edges of the graph")
+        per_step.append(other)
+    if step_graphs:
+        per_step = per_step[1:]
     ops = {op.name: op for op in ops_list}
     arrays, num_steps, batch = _check_inputs(inputs, top_inputs, ops, num_steps)
 
@@ -698,7 +801,7 @@ def run_graph(graph: nir.NIRGraph, inputs: dict[str, np.ndarray] | np.ndarray, n
     traces: dict[str, list[np.ndarray]] = {n: [] for n in ops if n in wanted}
     for t in range(num_steps):
         cur: dict[str, np.ndarray] = {}
-        for op in ops_list:
+        for op in per_step[min(t, len(per_step) - 1)]:
             if op.role == "input":
                 arr = arrays[op.name]
                 x = arr[t if arr.shape[0] > 1 else 0]
@@ -718,4 +821,9 @@ def run_graph(graph: nir.NIRGraph, inputs: dict[str, np.ndarray] | np.ndarray, n
 
     outputs = {name: stack(name) for name in top_outputs}
     records = {name: stack(name) for name in ops if record}
-    return {"outputs": outputs, "records": records}
+    saturations = {}
+    for ops_k in per_step:
+        for op in ops_k:
+            if op.saturations:
+                saturations[op.name] = saturations.get(op.name, 0) + op.saturations
+    return {"outputs": outputs, "records": records, "saturations": saturations}
