@@ -52,6 +52,12 @@ def train(
     data_dir: Optional[str] = typer.Option(None, help="where the dataset files are"),
     init: Optional[Path] = typer.Option(None, help="start from this checkpoint's weights and architecture (any "
                                         "layout); e.g. --init SDDPM_CKPT --tsm for TSM fine-tuning"),
+    qat: bool = typer.Option(False, "--qat", help="quantisation-aware training: every spiking-path conv runs with "
+                             "the fake-quantised BN-folded weights the int8 export will use; BN statistics are "
+                             "frozen. Meant with --init CKPT (fine-tune a trained model); without --init it trains "
+                             "from scratch, BN statistics estimated once from training batches, then frozen. "
+                             "Resuming a QAT run keeps QAT on"),
+    qat_bits: Optional[int] = typer.Option(None, "--qat-bits", help="QAT weight mantissa bits (default 8)"),
     seed: Optional[int] = typer.Option(None),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="bf16 autocast"),
     ckpt_every: Optional[int] = typer.Option(None),
@@ -64,6 +70,10 @@ def train(
     from neurosdm import config as C
     from neurosdm import train as T
 
+    if qat_bits is not None and not qat:
+        from neurosdm.errors import ConfigError
+
+        raise ConfigError("--qat-bits needs --qat")
     base = C.preset(preset)
     if init:  # the architecture and schedule come from the checkpoint whose weights we start from
         from neurosdm.checkpoint import load_checkpoint
@@ -74,7 +84,8 @@ def train(
         base, **{"train.dataset": dataset, "train.steps": steps, "train.batch_size": batch_size,
                              "train.lr": lr, "model.num_steps": num_steps, "model.tsm": tsm, "model.head": head,
                              "train.data_dir": data_dir, "train.seed": seed, "train.bf16": bf16,
-                             "train.ckpt_every": ckpt_every, "train.sample_every": sample_every})
+                             "train.ckpt_every": ckpt_every, "train.sample_every": sample_every,
+                             "train.qat": qat or None, "train.qat_weight_bits": qat_bits})
     with T.distributed(device) as dev:
         path = T.train(cfg, out, resume=resume, init=str(init) if init else None, device=dev,
                        progress=progress_bar("training"), num_sample_images=sample_images)
@@ -141,22 +152,38 @@ class Quantize(str, Enum):
     int8 = "int8"
 
 
+class Junctions(str, Enum):
+    scale = "scale"
+    edges = "edges"
+
+
 @app.command()
 def export(
-    ckpt: Path = typer.Argument(..., help="checkpoint (neurosdm, SDM or SDDPM layout; models without TSM)"),
-    to: ExportFormat = typer.Option(..., "--to", help="output format (nir: float core-NIR graph)"),
+    ckpt: Path = typer.Argument(..., help="checkpoint (neurosdm, SDM or SDDPM layout, TSM or not)"),
+    to: ExportFormat = typer.Option(..., "--to", help="output format (nir: core-NIR graph)"),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="output file (default: CKPT with suffix .nir; "
                                        "DIR/model.nir for a run directory)"),
-    quantize: Quantize = typer.Option(Quantize.none, help="none (float) | int8 (not available in this version)"),
+    quantize: Quantize = typer.Option(Quantize.none, help="none: float32 graph | int8: Loihi-style fixed point "
+                                      "(8-bit weights, 24-bit state), calibrated on real images"),
+    calibration: Optional[str] = typer.Option(None, help="dataset for int8 calibration (default: the checkpoint's "
+                                              "training set, else the built-in sample)"),
+    data_dir: Optional[str] = typer.Option(None, help="where the calibration dataset lives"),
+    calibration_images: int = typer.Option(64, help="images for int8 calibration (noised at 8 diffusion steps)"),
+    junctions: Junctions = typer.Option(Junctions.scale, help="scale: identity Scale nodes sum residual streams | "
+                                        "edges: sums as fan-in edges (for NIR readers without Scale)"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
 ):
-    """Export a checkpoint as a float NIR graph (EMA weights, biases of diffusion step 0, all steps in metadata)."""
+    """Export a checkpoint as a NIR graph (EMA weights, biases of diffusion step 0, all steps in metadata)."""
     from neurosdm.exporters.nir import export_checkpoint, inspect_nir
 
-    path = export_checkpoint(ckpt, out, quantize=quantize.value, force=force)
+    path = export_checkpoint(ckpt, out, quantize=quantize.value, force=force, calibration=calibration,
+                             data_dir=data_dir, calibration_images=calibration_images, junctions=junctions.value)
     _, totals = inspect_nir(path)
+    q = totals["metadata"].get("quant")
+    detail = (f"; int8, state unit 2^{int(q['state_exponent'])}, calibrated on {int(q['calibration']['images'])} "
+              f"images" if isinstance(q, dict) else "")
     console.print(f"wrote {path}: {totals['nodes']} nodes, {totals['edges']} edges, "
-                  f"{totals['file_bytes'] / 1e6:.2f} MB", highlight=False, soft_wrap=True)
+                  f"{totals['file_bytes'] / 1e6:.2f} MB{detail}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -82,6 +82,14 @@ class TrainConfig:
     sample_every: int = 0  # 0: only at the end
     ckpt_every: int = 500
     num_workers: int = 0
+    # quantisation-aware training: every spiking-path conv runs with fake-quantised (BN-folded) weights, BN
+    # statistics frozen (SpikingUNet.set_qat, Trainer); qat_weight_bits: signed weight mantissa width
+    qat: bool = False
+    qat_weight_bits: int = 8
+
+    def __post_init__(self):
+        if not 2 <= self.qat_weight_bits <= 24:
+            raise ConfigError(f"qat_weight_bits must be in 2..24, got {self.qat_weight_bits}")
 
 
 @dataclass

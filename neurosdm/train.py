@@ -79,6 +79,14 @@ def recalibrate_batchnorm(model: torch.nn.Module, data: torch.Tensor, diffusion:
     model.train(was_training)
 
 
+def freeze_batchnorm(model: torch.nn.Module) -> None:
+    """Put every BatchNorm of ``model`` in eval mode (running statistics used and left unchanged; the affine
+    parameters still learn). Quantisation-aware training: the quantised weight is the BN-folded one."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def learning_rate(step: int, cfg) -> float:
     """Linear warm-up to ``lr`` over ``warmup`` steps, then constant (as the SDDPM/pytorch-ddpm recipe)."""
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
@@ -97,6 +105,8 @@ class Trainer:
         torch.manual_seed(tc.seed)  # parameter initialisation
         self.model = SpikingUNet(config.model).to(self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if tc.qat:
+            self._set_qat(tc.qat_weight_bits)
         self.net = self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -115,10 +125,34 @@ class Trainer:
         self.step_count = 0
         self.last_loss = float("nan")
 
+    def _set_qat(self, bits: int | None) -> None:
+        """Quantisation-aware training on (``bits``) or off (None) for the model and its EMA
+        (:meth:`SpikingUNet.set_qat`); under QAT ``step()`` keeps BN statistics frozen and ``save()`` does not
+        recalibrate them."""
+        self.model.set_qat(bits)
+        self.ema.set_qat(bits)
+
+    def calibrate_batchnorm(self) -> None:
+        """Estimate the model's BN statistics from training batches (:func:`recalibrate_batchnorm`, float
+        weights) and copy them to the EMA: QAT from scratch starts from these, frozen, instead of the untrained
+        mean 0 / variance 1, with which no neuron of a fresh network fires."""
+        bits = self.model.qat_bits
+        self.model.set_qat(None)
+        recalibrate_batchnorm(self.model, self.data, self.diffusion, seed=self.config.train.seed)
+        self.model.set_qat(bits)
+        with torch.no_grad():
+            for be, b in zip(self.ema.buffers(), self.model.buffers()):
+                be.copy_(b)
+
     def load_state(self, path: str | os.PathLike, weights_only_init: bool = False) -> None:
         """Resume from a neurosdm checkpoint, or (``weights_only_init``) start from its weights only
-        (``train --init``)."""
+        (``train --init``). Resuming a QAT run keeps QAT on, with the run's bit width (its saved config)."""
         ckpt = load_checkpoint(path)
+        saved = ckpt.config.train
+        if not weights_only_init and saved.qat:
+            self.config.train = dataclasses.replace(self.config.train, qat=True,
+                                                    qat_weight_bits=saved.qat_weight_bits)
+            self._set_qat(saved.qat_weight_bits)
         model_state = dict(ckpt.model_state)
         if self.config.model.tsm and not ckpt.config.model.tsm:  # TSM fine-tuning: scales start at 1
             for k, v in self.model.state_dict().items():
@@ -144,6 +178,8 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = learning_rate(k, tc)
         self.net.train()
+        if tc.qat:  # BN statistics frozen: QAT trains the weights for the folding the export will do
+            freeze_batchnorm(self.model)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
             loss = self.diffusion.loss(self.net, x_0, generator=_generator(tc.seed, k, self.rank + 1))
         self.opt.zero_grad(set_to_none=True)
@@ -158,9 +194,11 @@ class Trainer:
 
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> None:
         """Write a checkpoint (rank 0). The EMA model's BN statistics are re-estimated first; they are
-        overwritten by the next ``step()`` anyway, so resuming stays exact."""
+        overwritten by the next ``step()`` anyway, so resuming stays exact. Not under QAT: the statistics are
+        frozen there, and new ones would move the folded weights off the grid QAT trained for."""
         if self.rank == 0:
-            recalibrate_batchnorm(self.ema, self.data, self.diffusion, seed=self.config.train.seed)
+            if not self.config.train.qat:
+                recalibrate_batchnorm(self.ema, self.data, self.diffusion, seed=self.config.train.seed)
             save_checkpoint(path, self.config, self.model, self.ema, self.opt, self.step_count, extra)
 
 
@@ -178,6 +216,8 @@ def train(config: Config, out_dir: str | os.PathLike, resume: bool = True, init:
         tr.load_state(ckpt_path)
     elif init:
         tr.load_state(init, weights_only_init=True)
+    elif config.train.qat:  # QAT from scratch: BN statistics estimated once, then frozen
+        tr.calibrate_batchnorm()
     tc = config.train
     start, t0 = tr.step_count, time.perf_counter()
     grid_steps = min(50, config.diffusion.num_diffusion_steps)  # DDIM steps for the sample grids

@@ -123,13 +123,39 @@ def test_existing_output_needs_force(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.nir", "m.pt"]
 
 
-def test_quantize_int8_is_not_available(tmp_path):
+def test_quantize_int8_export(tmp_path):
     tiny_checkpoint(tmp_path / "m.pt")
-    r = neurosdm("export", "m.pt", "--to", "nir", "--quantize", "int8", cwd=tmp_path)
-    assert_one_line_error(r, "not available in this version", "--quantize none")
+    r = invoke("export", tmp_path / "m.pt", "--to", "nir", "--quantize", "int8", "--calibration", "builtin",
+               "--calibration-images", "16")
+    assert r.exit_code == 0, r.output
+    assert "int8" in r.output and "calibrated on 16 images" in r.output
+    graph = nir.read(tmp_path / "m.nir")
+    q = graph.metadata["quant"]
+    assert graph.metadata["quantized"] == "int8" and int(q["weight_bits"]) == 8 and int(q["state_bits"]) == 24
+    assert q["calibration"]["dataset"] == "builtin"
+    for name, node in graph.nodes.items():  # stored as float32, integers where the unit says so
+        if isinstance(node, nir.Conv2d):
+            assert node.weight.dtype == np.float32 and np.all(node.bias == np.round(node.bias))
+        if isinstance(node, nir.IF):
+            assert np.all(node.v_threshold == np.round(node.v_threshold)) and node.v_threshold.min() >= 1
+    # --junctions edges: no identity Scale left except in front of the Output
+    r = invoke("export", tmp_path / "m.pt", "--to", "nir", "-o", tmp_path / "e.nir", "--junctions", "edges")
+    assert r.exit_code == 0, r.output
+    scales = [n for n, node in nir.read(tmp_path / "e.nir").nodes.items() if isinstance(node, nir.Scale)]
+    assert len(scales) <= 1
+
+
+def test_quantize_errors(tmp_path):
+    tiny_checkpoint(tmp_path / "m.pt")
+    r = neurosdm("export", "m.pt", "--to", "nir", "--quantize", "int8", "--calibration", "cifar10", cwd=tmp_path)
+    assert_one_line_error(r, "cifar10")
+    r = neurosdm("export", "m.pt", "--to", "nir", "--quantize", "int4", cwd=tmp_path)
+    assert r.returncode == 2 and "int4" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
     with pytest.raises(ConfigError):
         export_checkpoint(tmp_path / "m.pt", quantize="int4")
+    with pytest.raises(ConfigError):
+        export_checkpoint(tmp_path / "m.pt", quantize="int8", calibration_images=0)
 
 
 def test_unknown_format_is_a_usage_error(tmp_path):

@@ -88,10 +88,12 @@ from neurosdm.lowering import (
     upsample_conv_phases,
 )
 
-__all__ = ["UnsupportedModelError", "to_nir_graph", "with_diffusion_step", "host_head", "eps_from_outputs",
+__all__ = ["UnsupportedModelError", "to_nir_graph", "graph_at", "step_graphs", "with_diffusion_step", "host_head",
+           "eps_from_outputs", "run_reference",
            "graph_size", "export_checkpoint", "default_output_path", "inspect_nir", "QUANTIZE_CHOICES"]
 
 QUANTIZE_CHOICES = ("none", "int8")
+JUNCTION_CHOICES = ("scale", "edges")
 
 BIAS_TABLE_RULE = ("at diffusion step t and spiking step k, every node in bias_tables (a table [A, K, C]) gets "
                    "bias := table[t if A > 1 else 0, k if K > 1 else 0] (the total bias: folded BatchNorm, the "
@@ -544,13 +546,34 @@ def host_head(per_step_values: np.ndarray, metadata: dict) -> np.ndarray:
 
 def eps_from_outputs(outputs: np.ndarray, metadata: dict) -> np.ndarray:
     """eps ``[B, img_ch, H, W]`` from the graph's output at every spiking step ``[num_steps, B, ...]``, for
-    either head (spiking: the last step, unpacked; sdm: :func:`host_head`)."""
-    head = _meta(metadata, "head")
-    if head == "sdm":
-        return host_head(outputs, metadata)
+    either head (spiking: the last step, unpacked; sdm: :func:`host_head`); a quantised export's integer output
+    is first scaled by ``2**quant.output_exponent``."""
+    out = np.asarray(outputs, dtype=np.float64)
+    quant = metadata.get("quant")
+    if isinstance(quant, dict):
+        out = out * 2.0 ** int(np.asarray(quant["output_exponent"]))
+    if _meta(metadata, "head") == "sdm":
+        return host_head(out, metadata)
     levels = int(_meta(metadata, "packed_levels"))
-    out = np.asarray(outputs, dtype=np.float64)[-1]
-    return depth_to_space(out, levels=levels) if levels else out
+    return depth_to_space(out[-1], levels=levels) if levels else out[-1]
+
+
+def run_reference(graph: nir.NIRGraph, metadata: dict | None, x_t, t: int, record: bool = False, fixed="auto"):
+    """One denoiser call of an exported graph in the reference interpreter: ``(eps [B, C, H, W], run_graph's
+    result)`` for ``x_t [B, C, H, W]`` at diffusion step ``t``, with the per-step tables applied; a quantised
+    export gets the host's input encoding and (``fixed="auto"``) its fixed-point arithmetic."""
+    from neurosdm.exporters.fixed_point import quantize_input
+    from neurosdm.simulators.reference import FixedPoint, run_graph
+
+    md = graph.metadata if metadata is None else metadata
+    if isinstance(fixed, str) and fixed == "auto":
+        fixed = FixedPoint.from_metadata(md)
+    x = np.asarray(x_t, np.float64)
+    if isinstance(md.get("quant"), dict):
+        x, _ = quantize_input(x, md)
+    res = run_graph(graph, x[None], num_steps=int(_meta(md, "num_steps")), record=record,
+                    step_graphs=step_graphs(graph, md, t), fixed=fixed)
+    return eps_from_outputs(res["outputs"]["output"], md), res
 
 
 def graph_size(graph: nir.NIRGraph) -> dict:
@@ -580,8 +603,16 @@ def default_output_path(ckpt_path: str | os.PathLike) -> Path:
 
 
 def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None,
-                      quantize: str = "none", force: bool = False) -> Path:
-    """Export a checkpoint (any layout, EMA weights when present) as a float NIR file; returns the written path.
+                      quantize: str = "none", force: bool = False, calibration: str | None = None,
+                      data_dir: str | None = None, calibration_images: int = 64, seed: int = 0,
+                      junctions: str = "scale") -> Path:
+    """Export a checkpoint (any layout, EMA weights when present) as a NIR file; returns the written path.
+
+    quantize: ``"none"`` (float32 graph) or ``"int8"`` (:mod:`neurosdm.exporters.fixed_point`, calibrated on
+        ``calibration_images`` images of the dataset ``calibration`` (default: the checkpoint's training dataset)
+        noised at 8 diffusion steps from ``seed``).
+    junctions: ``"scale"`` (identity Scale nodes sum residual streams) or ``"edges"`` (the sums as fan-in edges
+        into every consumer, for readers without Scale: :func:`neurosdm.exporters.rewrite.inline_junctions`).
 
     The graph holds the biases of diffusion step 0 (all steps are in ``metadata["bias_tables"]``) and records the
     checkpoint's diffusion schedule, ``source_checkpoint`` (file name) and ``source_checkpoint_sha256``. The file
@@ -591,9 +622,10 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike 
 
     if quantize not in QUANTIZE_CHOICES:
         raise ConfigError(f"unknown --quantize {quantize!r}; expected one of {', '.join(QUANTIZE_CHOICES)}")
-    if quantize != "none":
-        raise ConfigError(f"quantised export (--quantize {quantize}) is not available in this version; "
-                          "pass --quantize none for the float export")
+    if junctions not in JUNCTION_CHOICES:
+        raise ConfigError(f"unknown --junctions {junctions!r}; expected one of {', '.join(JUNCTION_CHOICES)}")
+    if calibration_images < 1:
+        raise ConfigError(f"--calibration-images must be at least 1, got {calibration_images}")
     ckpt_path = Path(ckpt_path)
     out_path = default_output_path(ckpt_path) if out_path is None else Path(out_path)
     if out_path.is_dir():
@@ -603,7 +635,15 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike 
     ckpt = load_checkpoint(ckpt_path)
     state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
     model = build_model(ckpt.config.model, state, source=str(ckpt_path)).eval()
-    graph, metadata = to_nir_graph(model, diffusion=ckpt.config.diffusion)
+    graph, metadata = to_nir_graph(model, diffusion=ckpt.config.diffusion,
+                                   dtype=np.float32 if quantize == "none" else np.float64)
+    if quantize == "int8":
+        graph, metadata = _quantize(graph, metadata, ckpt.config, calibration, data_dir, calibration_images, seed)
+    if junctions == "edges":
+        from neurosdm.exporters.rewrite import inline_junctions
+
+        graph = inline_junctions(graph, metadata)
+        metadata = graph.metadata
     ckpt_file = ckpt_path / "ckpt.pt" if ckpt_path.is_dir() else ckpt_path
     metadata["source_checkpoint"] = ckpt_file.name
     metadata["source_checkpoint_sha256"] = file_sha256(ckpt_file)
@@ -611,6 +651,32 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike 
     with atomic_path(out_path) as tmp:
         nir.write(tmp, graph)
     return out_path
+
+
+def _quantize(graph, metadata, config, calibration, data_dir, n_images: int, seed: int):
+    """PTQ of an exported graph on real images (see :func:`export_checkpoint`)."""
+    from neurosdm.data import load_dataset
+    from neurosdm.exporters.fixed_point import calibrate, calibration_inputs, quantize_graph
+
+    from neurosdm.errors import DatasetError
+
+    cfg = config.model
+    name = calibration or config.train.dataset
+    try:
+        images = load_dataset(name, data_dir or config.train.data_dir, split="train", image_size=cfg.image_size,
+                              limit=n_images)
+    except DatasetError:
+        if calibration is not None or (cfg.img_ch, cfg.image_size) != (1, 28):
+            raise
+        name = "builtin"  # the training set is not on this machine: the shipped Fashion-MNIST sample (recorded)
+        images = load_dataset(name, split="train", limit=n_images)
+    if tuple(images.shape[1:]) != (cfg.img_ch, cfg.image_size, cfg.image_size):
+        raise ConfigError(f"calibration data {name!r} has images {tuple(images.shape[1:])}, the model takes "
+                          f"{(cfg.img_ch, cfg.image_size, cfg.image_size)}; pass --calibration DATASET")
+    cal = calibrate(graph, metadata, calibration_inputs(images, config.diffusion, seed=seed))
+    graph, metadata = quantize_graph(graph, metadata, cal)
+    metadata["quant"]["calibration"]["dataset"] = str(name)
+    return graph, metadata
 
 
 _WEIGHTED = (nir.Conv2d, nir.Affine, nir.Linear) + ((nir.Conv1d,) if hasattr(nir, "Conv1d") else ())

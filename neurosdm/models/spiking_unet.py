@@ -16,6 +16,8 @@ Architecture (reference/sdm.md), all tensors time-first ``[num_steps, B, C, H, W
 - head "spiking" (everything on chip): ``h = tail_conv(IF(tail_bn(h)))``; ``eps = sum_t 0.8**(num_steps-1-t) h[t]``
   (a leaky-integrator readout neuron)
 - TSM: every conv's output (bias included) is multiplied by a learnable per-step scale ``p[t]`` before BN.
+- QAT (:meth:`SpikingUNet.set_qat`): every conv of the spiking path runs with fake-quantised weights, for a conv
+  followed by a BatchNorm the quantised BN-folded weight (as the exporter folds and rounds it), see :class:`Conv`.
 
 Module names follow the public code so that its state dicts load with only the TSM key rename
 (``<conv>.tsmconv.weight`` -> ``<conv>.weight``).
@@ -31,7 +33,9 @@ from torch import nn
 from torch.nn import init
 
 from neurosdm.config import ModelConfig
+from neurosdm.errors import ConfigError
 from neurosdm.neurons import SpikingNeurons, leaky_readout
+from neurosdm.quantize import fake_quant
 
 
 def sinusoidal_table(num_diffusion_steps: int, dim: int) -> torch.Tensor:
@@ -49,16 +53,45 @@ def per_step(fn, x: torch.Tensor) -> torch.Tensor:
 
 
 class Conv(nn.Conv2d):
-    """Conv2d over ``[num_steps, B, C, H, W]``; with TSM, the output of step t is scaled by ``tsmp[t]``."""
+    """Conv2d over ``[num_steps, B, C, H, W]``; with TSM, the output of step t is scaled by ``tsmp[t]``.
+
+    Quantisation-aware training: ``qat`` is None (float) or ``(bits, bn)``, set by :meth:`SpikingUNet.set_qat`
+    (a plain attribute: no parameter, buffer or submodule, so the state dict is the same either way). The conv
+    then uses :meth:`effective_weight`:
+
+    - ``bn`` None (no BatchNorm after the conv): ``W_eff = fake_quant(W, None, bits)``;
+    - ``bn`` the eval-mode BatchNorm after it, ``s = gamma / sqrt(running_var + eps)``:
+      ``W_eff = fake_quant(W * s, None, bits) / s``, so that the BN afterwards applies exactly the quantised
+      folded weight ``fake_quant(W * s)`` (up to one float rounding). ``W * s`` and the division are computed in
+      float64, as :func:`neurosdm.lowering.fold_batchnorm` (the exporter's fold) does, so the mantissas are those
+      of ``quantize_weight(fold_batchnorm(W, b, bn)[0])``. The gradient is straight-through (clamped, see
+      :func:`neurosdm.quantize.fake_quant`) to ``W`` and, through ``s``, to ``gamma``.
+    """
 
     def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0, num_steps=4, tsm=False):
         super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=padding)
         self.tsmp = nn.Parameter(torch.ones(num_steps, 1, 1, 1, 1)) if tsm else None
+        self.qat: tuple[int, nn.Module | None] | None = None  # a tuple is not registered as a submodule
         init.xavier_uniform_(self.weight)
         init.zeros_(self.bias)
 
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the forward pass uses: ``self.weight``, or its fake-quantised version under QAT."""
+        if self.qat is None:
+            return self.weight
+        bits, bn = self.qat
+        if bn is None:
+            return fake_quant(self.weight, None, bits)
+        w = self.weight.double()
+        gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(bn.running_var, dtype=torch.float64)
+        s = (gamma / torch.sqrt(bn.running_var.double() + bn.eps)).reshape(-1, *([1] * (w.ndim - 1)))
+        zero = s == 0  # a channel BN multiplies by 0: nothing to quantise; avoid 0/0
+        q = fake_quant(w * s, None, bits)
+        return torch.where(zero, w, q / torch.where(zero, torch.ones_like(s), s)).to(self.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = per_step(super().forward, x)
+        w = self.effective_weight()
+        y = per_step(lambda z: self._conv_forward(z, w, self.bias), x)
         return y * self.tsmp if self.tsmp is not None else y
 
 
@@ -178,6 +211,35 @@ class SpikingUNet(nn.Module):
         else:
             self.tail_neuron = _neurons(cfg)
         self.set_threshold_scale(cfg.threshold_scale)
+        self.qat_bits: int | None = None
+
+    def qat_pairs(self) -> list[tuple[Conv, BatchNorm | None]]:
+        """Every conv of the spiking path with the BatchNorm that follows it (None where none does): the stem's
+        ``conv``/``bn`` and ``conv_identity``/``bn_identity``, each ResBlock's ``conv1``/``bn1``, ``conv2``/``bn2``
+        and 1x1 ``shortcut`` (no BN), Down/UpSample ``conv``/``bn`` and, with the spiking head, ``tail_conv`` (no
+        BN after it). The SDM head's ``tail_conv`` and ``T_output_layer`` run on the host in float: not listed."""
+        pairs: list[tuple[Conv, BatchNorm | None]] = [(self.conv, self.bn), (self.conv_identity, self.bn_identity)]
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                pairs += [(m.conv1, m.bn1), (m.conv2, m.bn2)]
+                if isinstance(m.shortcut, Conv):
+                    pairs.append((m.shortcut, None))
+            elif isinstance(m, (DownSample, UpSample)):
+                pairs.append((m.conv, m.bn))
+        if self.cfg.head == "spiking":
+            pairs.append((self.tail_conv, None))
+        return pairs
+
+    def set_qat(self, bits: int | None) -> None:
+        """Quantisation-aware training with ``bits``-bit weight mantissas (per-layer power-of-two exponent), or
+        float (``None``): every conv of :meth:`qat_pairs` uses :meth:`Conv.effective_weight`. Nothing is added
+        to the state dict. The BN statistics must stay fixed while QAT trains (the trainer keeps BN in eval mode):
+        the folded weight ``W * s`` is what is quantised."""
+        if bits is not None and not 2 <= int(bits) <= 24:
+            raise ConfigError(f"QAT weight bits must be in 2..24, got {bits}")
+        self.qat_bits = None if bits is None else int(bits)
+        for conv, bn in self.qat_pairs():
+            conv.qat = None if bits is None else (int(bits), bn)
 
     def set_threshold_scale(self, scale: float) -> None:
         """Threshold guidance (SDM): every IF neuron fires at ``threshold * scale``; no retraining."""

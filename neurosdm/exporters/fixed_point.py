@@ -1,0 +1,230 @@
+"""Post-training quantisation of an exported NIR denoiser to Loihi-style fixed point (``--quantize int8``).
+
+``quantize_graph(graph, metadata, calibration)`` turns the float graph of :func:`neurosdm.exporters.nir.to_nir_graph`
+into the integer model it stands for. The quantised file is still plain core NIR; every value it holds is an
+integer in one unit, so a float reader that runs it gets the integer arithmetic wherever no rounding is needed, and
+:class:`neurosdm.simulators.reference.FixedPoint` (from ``metadata["quant"]``) gives it exactly.
+
+Fixed-point model (``metadata["quant"]``, the numbers from :class:`neurosdm.quantize.QuantSpec`)::
+
+    unit          U = 2**E, E = quant.state_exponent: every conv output, junction, IF/LI membrane, bias and
+                  threshold is an integer number of U
+    weights       per conv node a signed weight_bits mantissa m and a power-of-two exponent e
+                  (quant.weight_exponents, the finest without clipping: neurosdm.quantize.choose_exponent)
+    binary input  (the conv reads IF spikes): stored weight m * 2**(e - E), an integer (E <= e)
+    graded input  (the image, a float stream, TSM-scaled spikes: quant.round_nodes): stored m * 2**(e + u - E)
+                  with u the input's exponent; the output is rounded half to even to an integer of U
+    input         the host sends x_int = clip(round_half_even(x_t / 2**E_in), +-(2**(input_bits-1) - 1)),
+                  E_in = quant.input_exponent (u = E_in for the first conv)
+    TSM           scale_tables hold integer p_q[k] = round_half_even(p[k] / 2**e_p) (quant.tsm_exponents), so the
+                  scaled spikes are graded with u = e_p
+    biases        round_half_even(b / U) (bias tables included)
+    IF            v <- clip(v + x, +-V), V = 2**(state_bits-1) - 1; spike when v >= ceil(theta / U); reset to 0
+    LI readout    v <- sign(v d) (|v d| >> 12) + x, d = round(4096 (1 - dt/tau)) (Loihi's decay), clipped at +-V
+    output        eps = host(output * 2**quant.output_exponent)
+
+E is calibrated (``calibrate``): the finest exponent of the convs that read spikes (so the 8-bit mantissas of the
+convs reading binary spikes are kept exactly), made coarser when the largest value seen on a few batches of real data (every conv output,
+junction and readout, and an IF membrane bound of ``num_steps * max |input|``) would not fit ``state_bits`` with a
+factor 2 of headroom; convs whose exponent is then finer than E are re-rounded to E (reported).
+"""
+
+from __future__ import annotations
+
+import math
+
+import nir
+import numpy as np
+import torch
+
+from neurosdm.errors import ConfigError, QuantizationError
+from neurosdm.quantize import QuantSpec, choose_exponent, quantize_weight
+
+__all__ = ["calibration_inputs", "calibrate", "quantize_graph", "quantize_input", "UNITS_RULE"]
+
+UNITS_RULE = ("every value of the graph is an integer in units of 2**state_exponent; convs in round_nodes round "
+              "their output half to even; IF: v <- clip(v + x, +-(2**(state_bits-1)-1)), spike when v >= "
+              "v_threshold, reset to 0; LI: v <- sign(v*d)*(|v*d| >> 12) + x, d = round(4096*(1 - dt/tau)), "
+              "clipped; the host sends x_int = clip(round_half_even(x / 2**input_exponent), "
+              "+-(2**(input_bits-1)-1)) and reads eps from output * 2**output_exponent; weight mantissas are "
+              "weight / 2**(weight_exponents[node] + u_in - state_exponent), u_in = 0 for spikes, "
+              "input_exponent for the image, state_exponent for streams, plus tsm_exponents for TSM inputs")
+
+HEADROOM = 2.0  # calibrated maxima must fit the state with this factor to spare
+
+
+def calibration_inputs(images: torch.Tensor, diffusion, steps: int = 8, seed: int = 0) -> list[tuple[int, np.ndarray]]:
+    """``[(t, x_t [B, C, H, W] float64)]`` for ``steps`` diffusion steps spread over the schedule (both ends
+    included), the images split evenly between them, noise from ``seed``."""
+    from neurosdm.diffusion.schedules import GaussianDiffusion
+
+    n_diff = int(diffusion.num_diffusion_steps)
+    ts = np.unique(np.linspace(0, n_diff - 1, steps).round().astype(int))
+    chunks = torch.chunk(images.float(), len(ts))
+    gd = GaussianDiffusion(diffusion)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t, x0 in zip(ts, chunks):
+        noise = torch.randn(x0.shape, generator=g)
+        out.append((int(t), gd.q_sample(x0, int(t), noise).double().numpy()))
+    return out
+
+
+def calibrate(graph: nir.NIRGraph, metadata: dict, inputs: list[tuple[int, np.ndarray]]) -> dict:
+    """Run the float graph (reference interpreter) on calibration inputs ``[(t, x_t)]`` and return
+    ``{"max_abs": {node: max |output|}, "input_max_abs": float, "images": n, "diffusion_steps": [t...]}`` over the
+    non-spiking nodes (convs, Scale nodes, readout)."""
+    from neurosdm.exporters.nir import run_reference
+
+    max_abs: dict[str, float] = {}
+    x_max, n = 0.0, 0
+    for t, x in inputs:
+        _, res = run_reference(graph, metadata, x, t, record=True)
+        for name, rec in res["records"].items():
+            node = graph.nodes.get(name)
+            if isinstance(node, (nir.Conv2d, nir.Scale, nir.LI, nir.I)):
+                max_abs[name] = max(max_abs.get(name, 0.0), float(np.abs(rec).max()))
+        x_max = max(x_max, float(np.abs(x).max()))
+        n += x.shape[0]
+    return {"max_abs": max_abs, "input_max_abs": x_max, "images": n,
+            "diffusion_steps": np.array([t for t, _ in inputs])}
+
+
+def _source(graph: nir.NIRGraph, name: str) -> str:
+    srcs = [s for s, d in graph.edges if d == name]
+    if len(srcs) != 1:
+        raise QuantizationError(f"node {name!r} has {len(srcs)} inputs; the quantiser expects convs with one input")
+    return srcs[0]
+
+
+def _f32(a, what: str) -> np.ndarray:
+    """Stored arrays are float32: the integers and power-of-two multiples of 8-bit mantissas are exact there."""
+    a = np.asarray(a, np.float64)
+    b = a.astype(np.float32)
+    if not np.array_equal(b.astype(np.float64), a):
+        raise QuantizationError(f"{what}: a quantised value is not exact in float32")
+    return b
+
+
+def quantize_input(x: np.ndarray, metadata: dict) -> tuple[np.ndarray, int]:
+    """The host's input encoding of a quantised export: ``(x_int as float64, clipped pixels)``."""
+    q = metadata["quant"]
+    e_in, bits = int(np.asarray(q["input_exponent"])), int(np.asarray(q["input_bits"]))
+    lim = (1 << (bits - 1)) - 1
+    k = np.round(np.asarray(x, np.float64) * 2.0 ** -e_in)
+    return np.clip(k, -lim, lim) + 0.0, int(np.count_nonzero(np.abs(k) > lim))
+
+
+def quantize_graph(graph: nir.NIRGraph, metadata: dict, calibration: dict, spec: QuantSpec | None = None,
+                   input_bits: int = 16) -> tuple[nir.NIRGraph, dict]:
+    """The fixed-point graph of a float export (module docstring). ``calibration`` from :func:`calibrate`.
+    Returns ``(graph, metadata)`` with ``metadata["quant"]`` describing the format; raises
+    :class:`QuantizationError` when a value cannot be represented."""
+    spec = spec or QuantSpec()
+    if metadata.get("quant"):
+        raise QuantizationError("the graph is already quantised")
+    nodes = dict(graph.nodes)
+    scale_tables = {k: np.asarray(v, np.float64).reshape(-1) for k, v in metadata.get("scale_tables", {}).items()}
+    bias_tables = {k: np.asarray(v, np.float64) for k, v in metadata.get("bias_tables", {}).items()}
+    convs = [n for n, node in nodes.items() if isinstance(node, nir.Conv2d)]
+
+    # exponents: input, TSM scales, weights
+    e_in = choose_exponent(np.array([HEADROOM * calibration["input_max_abs"]]), input_bits)
+    tsm_exp = {name: choose_exponent(p, spec.weight_bits, spec.exp_min, spec.exp_max) for name, p in scale_tables.items()}
+    w_exp = {c: choose_exponent(np.asarray(nodes[c].weight, np.float64), spec.weight_bits, spec.exp_min, spec.exp_max)
+             for c in convs}
+
+    def source_kind(c):
+        """(what conv c reads: "spikes" | "input" | "stream", extra exponent of a TSM scale or None)."""
+        src, extra = _source(graph, c), None
+        if src in scale_tables:
+            extra, src = tsm_exp[src], _source(graph, src)
+        node = nodes[src]
+        return ("spikes" if isinstance(node, nir.IF) else "input" if isinstance(node, nir.Input) else "stream"), extra
+
+    kinds = {c: source_kind(c) for c in convs}
+    binary = {c for c in convs if kinds[c] == ("spikes", None)}
+    spiking = [c for c in convs if kinds[c][0] == "spikes"]  # with TSM the spikes are graded (payload p[k])
+    if not spiking:
+        raise QuantizationError("no conv reads spikes; cannot choose the state unit")
+    e_state = min(w_exp[c] for c in spiking)
+    n_steps = int(np.asarray(metadata["num_steps"]))
+    # largest value to hold: the calibrated maxima, an IF membrane integrating up to num_steps inputs, the threshold
+    bound = max([n_steps * v for v in calibration["max_abs"].values()] + [float(metadata["v_threshold"])])
+    need = math.ceil(math.log2(HEADROOM * bound)) + 1  # bits above the unit, sign excluded
+    e_state = max(e_state, need - (spec.state_bits - 1))
+    rerounded = {c: e_state - w_exp[c] for c in binary if w_exp[c] < e_state}
+    lost = {c: v for c, v in rerounded.items() if v >= spec.weight_bits - 1}
+    if lost:
+        c = max(lost, key=lost.get)
+        raise QuantizationError(f"values up to {bound:.4g} do not fit a {spec.state_bits}-bit state at the grid of "
+                                f"{c!r}: it would lose {lost[c]} of its {spec.weight_bits} weight "
+                                "bits; widen the state or check the calibration data")
+    for c in rerounded:
+        w_exp[c] = e_state
+    unit = 2.0 ** e_state
+
+    def to_units(b):
+        return np.round(np.asarray(b, np.float64) / unit) + 0.0
+
+    round_nodes = {}
+    for c in convs:
+        node = nodes[c]
+        src_kind, extra = kinds[c]
+        u_in = {"spikes": 0, "input": e_in, "stream": e_state}[src_kind] + (extra or 0)
+        m, _ = quantize_weight(np.asarray(node.weight, np.float64), w_exp[c], spec.weight_bits)
+        shift = w_exp[c] + u_in - e_state
+        if c not in binary:
+            round_nodes[c] = 1
+        nodes[c] = nir.Conv2d(input_shape=node.input_shape, weight=_f32(m.astype(np.float64) * 2.0 ** shift, c),
+                              stride=node.stride, padding=node.padding, dilation=node.dilation, groups=node.groups,
+                              bias=_f32(to_units(node.bias), c))
+    for name, p in scale_tables.items():
+        pq = np.round(p * 2.0 ** -tsm_exp[name]) + 0.0
+        scale_tables[name] = pq
+        nodes[name] = nir.Scale(scale=_f32(np.full(np.shape(nodes[name].scale), pq[0]), name))
+    bias_tables = {k: _f32(to_units(v), k) for k, v in bias_tables.items()}
+    vmax = spec.state_max
+    for name, node in list(nodes.items()):
+        if isinstance(node, nir.IF):
+            th = np.ceil(np.asarray(node.v_threshold, np.float64) / unit)
+            if th.max() > vmax or th.min() < 1:
+                raise QuantizationError(f"node {name!r}: threshold is {th.max():g} units of 2**{e_state}, outside "
+                                        f"1..{vmax}")
+            nodes[name] = nir.IF(r=_f32(node.r, name), v_threshold=_f32(th, name), v_reset=_f32(node.v_reset, name))
+        elif isinstance(node, nir.LI):
+            nodes[name] = nir.LI(tau=np.asarray(node.tau, np.float32), r=np.asarray(node.r, np.float32),
+                                 v_leak=_f32(node.v_leak, name))
+        elif isinstance(node, nir.I):
+            nodes[name] = nir.I(r=_f32(node.r, name))
+        elif isinstance(node, nir.Scale) and name not in scale_tables:
+            nodes[name] = nir.Scale(scale=_f32(node.scale, name))
+        elif isinstance(node, (nir.Scale, nir.Conv2d, nir.Input, nir.Output)):
+            continue
+        else:
+            raise QuantizationError(f"node {name!r} ({type(node).__name__}) has no fixed-point form here")
+    for name, table in bias_tables.items():
+        if np.abs(table).max(initial=0) > vmax:
+            raise QuantizationError(f"node {name!r}: a bias does not fit {spec.state_bits}-bit state")
+
+    md = dict(metadata)
+    md["format"] = "neurosdm NIR export, fixed point"
+    md["quantized"] = f"int{spec.weight_bits}"
+    md["bias_tables"] = bias_tables
+    md["scale_tables"] = scale_tables
+    md["quant"] = {
+        "weight_bits": spec.weight_bits, "state_bits": spec.state_bits, "input_bits": int(input_bits),
+        "decay_bits": spec.decay_bits, "rounding": "nearest-even",
+        "state_exponent": int(e_state), "input_exponent": int(e_in), "output_exponent": int(e_state),
+        "weight_exponents": {c: int(w_exp[c]) for c in convs},
+        "tsm_exponents": {k: int(v) for k, v in tsm_exp.items()},
+        "round_nodes": round_nodes,
+        "rerounded_bits": {c: int(v) for c, v in rerounded.items()},
+        "units_rule": UNITS_RULE,
+        "calibration": {"images": int(calibration["images"]),
+                        "diffusion_steps": np.asarray(calibration["diffusion_steps"]),
+                        "input_max_abs": float(calibration["input_max_abs"]),
+                        "max_abs_bound": float(bound), "headroom": HEADROOM},
+    }
+    out = nir.NIRGraph(nodes=nodes, edges=[tuple(e) for e in graph.edges], metadata=md)
+    return out, md
