@@ -12,3 +12,4 @@ from neurosdm.exporters.nir import (  # noqa: F401
     step_graphs,
     with_diffusion_step,
 )
+from neurosdm.exporters.rewrite import inline_junctions  # noqa: F401

@@ -612,7 +612,8 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike 
         ``calibration_images`` images of the dataset ``calibration`` (default: the checkpoint's training dataset)
         noised at 8 diffusion steps from ``seed``).
     junctions: ``"scale"`` (identity Scale nodes sum residual streams) or ``"edges"`` (the sums as fan-in edges
-        into every consumer, for readers without Scale: :func:`neurosdm.exporters.rewrite.inline_junctions`).
+        into every consumer and an identity 1x1 conv before the Output, for readers without Scale:
+        :func:`neurosdm.exporters.rewrite.inline_junctions`; see docs/peer-readers.md).
 
     The graph holds the biases of diffusion step 0 (all steps are in ``metadata["bias_tables"]``) and records the
     checkpoint's diffusion schedule, ``source_checkpoint`` (file name) and ``source_checkpoint_sha256``. The file
@@ -642,7 +643,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike 
     if junctions == "edges":
         from neurosdm.exporters.rewrite import inline_junctions
 
-        graph = inline_junctions(graph, metadata)
+        graph = inline_junctions(graph, metadata, output_junction="conv")  # no Scale left: spikingjelly reads it
         metadata = graph.metadata
     ckpt_file = ckpt_path / "ckpt.pt" if ckpt_path.is_dir() else ckpt_path
     metadata["source_checkpoint"] = ckpt_file.name
