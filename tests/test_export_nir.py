@@ -196,3 +196,12 @@ def test_size_report():
     model = _model("spiking", (1, 2))
     size = graph_size(to_nir_graph(model)[0])
     assert size["nodes"] > 0 and size["conv_nonzero"] <= size["conv_weights"]
+
+
+def test_deep_up_path_is_refused_with_the_reason():
+    """The paper's CIFAR-10 model (3 up-sampling levels) would store 6.9e9 polyphase weights: refused up front."""
+    from neurosdm.config import preset
+    from neurosdm.exporters.nir import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="3 up-sampling levels.*6,902,291,840"):
+        to_nir_graph(SpikingUNet(preset("paper-cifar10").model))

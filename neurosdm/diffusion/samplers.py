@@ -38,6 +38,19 @@ from neurosdm.errors import ConfigError
 SAMPLERS = ("ddpm", "ddim")
 
 
+def host_ops_per_pixel(sampler: str, eta: float = 0.0, clip_x0: bool = True, last: bool = False) -> int:
+    """Element-wise operations of one sampler update per pixel, counted from the equations of :func:`sample`
+    (multiply, add/subtract, clamp each count 1): ``x_0`` prediction 3, clamp 1; DDPM mean 3; DDIM ``eps``
+    re-derivation 3 (with clamping) and update 3; added noise 2 (``sigma z`` and the add; not at the last step)."""
+    ops = 3 + (1 if clip_x0 else 0)
+    if sampler == "ddpm":
+        ops += 3
+    else:
+        ops += (3 if clip_x0 else 0) + 3
+    stochastic = sampler == "ddpm" or eta > 0
+    return ops + (2 if stochastic and not last else 0)
+
+
 def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Standard normal noise shaped like ``x``: drawn on the CPU in float32 (reproducible for a given
     ``generator`` whatever the device), then moved to ``x``'s device and dtype."""

@@ -79,9 +79,9 @@ from neurosdm.neurons.functional import leaky_readout
 from neurosdm.lowering import (
     affine_of_batchnorm,
     depth_to_space,
-    fold_batchnorm,
     full_to_packed_conv,
     pack_bias,
+    packed_weight_overhead,
     pack_phases,
     packed_conv,
     split_concat_conv,
@@ -93,6 +93,7 @@ __all__ = ["UnsupportedModelError", "to_nir_graph", "graph_at", "step_graphs", "
            "graph_size", "export_checkpoint", "default_output_path", "inspect_nir", "QUANTIZE_CHOICES"]
 
 QUANTIZE_CHOICES = ("none", "int8")
+MAX_STORED_WEIGHTS = 2**28  # 1 GB of float32 conv weights
 JUNCTION_CHOICES = ("scale", "edges")
 
 BIAS_TABLE_RULE = ("at diffusion step t and spiking step k, every node in bias_tables (a table [A, K, C]) gets "
@@ -309,6 +310,14 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
 
     cfg = model.cfg
     threshold, threshold_scale = _check_model(model)
+    stored = packed_weight_overhead(model)
+    if stored["model_packed_stored"] > MAX_STORED_WEIGHTS:
+        raise UnsupportedModelError(
+            f"this model's up path has {stored['levels']} up-sampling levels: core NIR has no up-sampling node, and "
+            f"the polyphase form stores {stored['model_packed_stored']:,} conv weights "
+            f"({stored['model_packed_stored'] * 4 / 1e9:.1f} GB; 16x per level, {stored['model_original']:,} in the "
+            f"model), above the limit of {MAX_STORED_WEIGHTS:,}; export models with at most 2 up-sampling levels "
+            "(len(ch_mult) <= 3), see docs/export.md")
     n_diff = int(cfg.num_diffusion_steps)
     diffusion_step = 0 if diffusion_step is None else int(diffusion_step)
     if not 0 <= diffusion_step < n_diff:
