@@ -198,10 +198,120 @@ def inspect(file: Path = typer.Argument(..., help="NIR file (.nir)")):
     for r in rows:
         table.add_row(r["name"], r["type"], r["shape"], f"{r['synapses']:,}", str(r["fan_in"]), f"{r['params']:,}")
     console.print(table)
-    src = totals["metadata"].get("source_checkpoint")
+    md = totals["metadata"]
+    src = md.get("source_checkpoint")
     console.print(f"{totals['nodes']} nodes, {totals['edges']} edges, {totals['synapses']:,} synapses, "
                   f"{totals['params']:,} stored parameters, {totals['file_bytes'] / 1e6:.2f} MB; edges valid"
                   + (f"; from {src}" if src else ""), highlight=False, soft_wrap=True)
+    q = md.get("quant")
+    if isinstance(q, dict):
+        console.print(f"fixed point: {int(q['weight_bits'])}-bit weight mantissas (exponents "
+                      f"{min(q['weight_exponents'].values())}..{max(q['weight_exponents'].values())}), "
+                      f"{int(q['state_bits'])}-bit state in units of 2^{int(q['state_exponent'])}, "
+                      f"{int(q['input_bits'])}-bit input in units of 2^{int(q['input_exponent'])}, "
+                      f"{len(q['round_nodes'])} convs rounding graded inputs", highlight=False, soft_wrap=True)
+    if md.get("scale_tables"):
+        console.print(f"TSM: {len(md['scale_tables'])} per-step input scales and per-step biases in the metadata "
+                      "(apply with neurosdm.exporters.nir.graph_at)", highlight=False, soft_wrap=True)
+
+
+class Engine(str, Enum):
+    event = "event"
+    torch = "torch"
+
+
+class Sampler(str, Enum):
+    ddim = "ddim"
+    ddpm = "ddpm"
+
+
+def _layer_table(stats, title: str) -> Table:
+    table = Table(title=title)
+    cols = ("layer", "kind", "spikes", "rate", "synops", "graded", "MACs", "neuron upd.", "sat.")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
+    for r in stats.layer_rows():
+        if r["kind"] in ("input", "output"):
+            continue
+        fmt = (lambda k: f"{r[k]:,}" if k in r else "")
+        table.add_row(r["layer"], r["kind"], fmt("spikes_out"), f"{r['rate']:.3f}" if "rate" in r else "",
+                      fmt("synops"), fmt("graded_ops"), fmt("macs"), fmt("neuron_updates"), fmt("saturations"))
+    return table
+
+
+@app.command()
+def simulate(
+    file: Path = typer.Argument(..., help="NIR file written by `neurosdm export`"),
+    engine: Engine = typer.Option(Engine.event, help="event: event-driven (CPU) | torch: clocked, dense (CPU/CUDA)"),
+    num_images: int = typer.Option(4, help="images to generate"),
+    sampler: Sampler = typer.Option(Sampler.ddim),
+    steps: int = typer.Option(20, help="denoising steps"),
+    seed: int = typer.Option(0),
+    eta: float = typer.Option(0.0, help="DDIM stochasticity"),
+    batch_size: int = typer.Option(16),
+    device: str = typer.Option("cpu", help="torch engine only: cpu | cuda"),
+    save_spikes: bool = typer.Option(False, "--save-spikes", help="also write every IF layer's spikes as NIR data "
+                                     "(DIR/spikes.nird)"),
+    out: Path = typer.Option(..., "--out", help="output directory"),
+):
+    """Generate images by running an exported graph on an engine inside the sampler; exact per-layer counts."""
+    from neurosdm.io import image_grid, save_npy, save_png
+    from neurosdm.simulators.program import load_program
+    from neurosdm.simulators.run import save_spikes_nird
+    from neurosdm.simulators.run import simulate as run_simulation
+
+    program = load_program(file)
+    images, stats, den = run_simulation(program, engine.value, num_images, sampler.value, steps, seed, eta,
+                                        batch_size, device, record=save_spikes,
+                                        progress=progress_bar(f"{engine.value} engine"))
+    save_npy(images.numpy(), out / "images.npy")
+    save_png(image_grid(images.numpy()), out / "images.png")
+    stats.save(out / "stats.json")
+    if save_spikes:
+        save_spikes_nird(den, program, out / "spikes.nird")
+    table = _layer_table(stats, f"{file.name}: {engine.value} engine, {num_images} images, {sampler.value} {steps}")
+    console.print(table)
+    from neurosdm.io import atomic_path
+
+    with atomic_path(out / "layers.txt") as tmp:
+        with open(tmp, "w") as f:
+            Console(file=f, width=140).print(table)
+    tot = stats.to_dict()["totals"]
+    console.print(f"{tot['spikes_out']:,} spikes, {tot['synops']:,} synops, {tot['graded_ops']:,} graded ops, "
+                  f"{tot['macs']:,} MACs on chip; host {int(stats.host['host_macs'].sum()):,} MACs, "
+                  f"{int(stats.host['host_elementwise'].sum()):,} element-wise ops -> {out}/images.png, "
+                  f"{out}/stats.json", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def compare(
+    source: Path = typer.Argument(..., help="checkpoint (exported to int8 in memory) or NIR file"),
+    num_images: int = typer.Option(4),
+    steps: int = typer.Option(20, help="denoising steps"),
+    sampler: Sampler = typer.Option(Sampler.ddim),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(16),
+    calibration: Optional[str] = typer.Option(None, help="int8 calibration dataset (checkpoint input)"),
+    data_dir: Optional[str] = typer.Option(None),
+    out: Path = typer.Option(..., "--out", help="output directory"),
+):
+    """GPU path (float torch model) vs the quantised graph on the torch engine vs the event engine, same seeds."""
+    from neurosdm.compare import compare as run_compare
+
+    r = run_compare(source, out, num_images, steps, seed, sampler.value, batch_size, calibration, data_dir,
+                    progress=progress_bar("sampling"))
+    table = Table(title=f"{r['program']}: {num_images} images, {sampler.value} {steps}")
+    for col in ("pair", "PSNR per image (dB)", "max |diff|", "identical"):
+        table.add_column(col)
+    for name, p in r["pairs"].items():
+        table.add_row(name, " ".join(f"{v:.1f}" for v in p["psnr"]), f"{max(p['max_abs']):.3g}", str(p["identical"]))
+    console.print(table)
+    worst = min(r["spike_agreement"].values()) if r["spike_agreement"] else 1.0
+    console.print(f"event vs torch engine: outputs bit-identical {r['engine_outputs_bit_identical']}, counts equal "
+                  f"{r['counts_equal']}, spike agreement {worst:.6f} (worst layer, {r['spikes_compared']:,} spikes "
+                  f"compared); seconds per image: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                              r["seconds_per_image"].items())
+                  + f" -> {out}/compare.png, {out}/compare.json", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -96,6 +96,18 @@ class RunStats:
     def total(self, counter: str) -> int:
         return int(sum(cs[counter].sum() for cs in self.layers.values() if counter in cs))
 
+    def layer_rows(self) -> list[dict]:
+        """One row per layer (run order): kind, totals of every counter, and the firing rate (spikes per neuron
+        update) of spiking layers."""
+        rows = []
+        for layer, cs in self.layers.items():
+            row = {"layer": layer, "kind": self.layer_kinds.get(layer, "")}
+            row.update({c: int(cs[c].sum()) for c in COUNTERS if c in cs})
+            if "spikes_out" in cs and row.get("neuron_updates"):
+                row["rate"] = row["spikes_out"] / row["neuron_updates"]
+            rows.append(row)
+        return rows
+
     def to_dict(self) -> dict:
         return {
             "format": "neurosdm RunStats v1",
