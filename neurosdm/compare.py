@@ -21,6 +21,9 @@ from neurosdm.io import atomic_path, save_npy
 
 __all__ = ["compare", "psnr"]
 
+LABELS = {"gpu_float32": "GPU path: the torch model, float32", "torch_engine": "exported graph, clocked torch engine",
+          "event_engine": "exported graph, event-driven engine"}
+
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR of images in [-1, 1] (peak-to-peak 2); inf for equal images."""
@@ -55,16 +58,16 @@ def _plot(columns: dict[str, np.ndarray], path: Path, title: str) -> None:
 
     names = list(columns)
     last = names[-1]
-    panels = [(n, image_grid(columns[n], nrow=1)) for n in names]
+    n = columns[names[0]].shape[0]
+    panels = [(LABELS.get(name, name), image_grid(columns[name], nrow=n)) for name in names]  # a row per path
     if len(names) > 1:
         ref = names[0]
         diff = np.abs(columns[last] - columns[ref]) * 2 - 1  # |difference| x2 on the image scale: 0 black, 1 white
-        panels.append((f"|{last} - {ref}| x2", image_grid(np.clip(diff, -1, 1), nrow=1)))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(4, 1.1 * columns[names[0]].shape[0]), 1.5 * len(panels)))
+        panels.append((f"|{last} - {ref}| x2", image_grid(np.clip(diff, -1, 1), nrow=n)))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(4.0, 0.9 * n), 1.3 * len(panels)))
     axes = np.atleast_1d(axes)
     for ax, (name, grid) in zip(axes, panels):
-        img = grid.transpose(1, 2, 0) if grid.ndim == 3 and grid.shape[0] == 3 else grid.squeeze()
-        ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(grid, vmin=0, vmax=255)
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
