@@ -314,6 +314,169 @@ def compare(
                   + f" -> {out}/compare.png, {out}/compare.json", highlight=False, soft_wrap=True)
 
 
+def _energy_report(file: Path, profile: str, baseline: str, host: Optional[str], graph: Optional[Path],
+                   num_images: int, steps: int, seed: int, say) -> dict:
+    """Stats (from stats.json, or by running the event engine on a .nir), priced; ANN baseline from the graph."""
+    from neurosdm.energy import ann_baseline, estimate
+    from neurosdm.errors import ConfigError
+    from neurosdm.simulators.program import load_program
+    from neurosdm.simulators.stats import RunStats
+
+    if not file.exists():
+        raise ConfigError(f"file not found: {file}")
+    program = None
+    if file.suffix == ".json":
+        try:
+            stats = RunStats.load(file)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ConfigError(f"{file} is not a RunStats file written by `neurosdm simulate`: {e}") from None
+        if graph is not None:
+            program = load_program(graph)
+    else:
+        from neurosdm.simulators.run import simulate as run_simulation
+
+        program = load_program(file)
+        say(f"simulating {file.name} on the event engine: {num_images} image(s), DDIM {steps} steps, seed {seed}")
+        _, stats, _ = run_simulation(program, "event", num_images, "ddim", steps, seed)
+    report = estimate(stats, profile, host)
+    if program is not None:
+        base = ann_baseline(program, baseline)
+        calls = report["denoising_steps"]
+        base["pj_per_image"] = base["pj_per_call"] * calls
+        base["ratio_snn_to_ann"] = report["totals"]["per_image_pj"] / base["pj_per_image"] \
+            if base["pj_per_image"] else None
+        report["ann_baseline"] = base
+    return report
+
+
+def _fmt_energy(pj: float) -> str:
+    for unit, f in (("J", 1e12), ("mJ", 1e9), ("uJ", 1e6), ("nJ", 1e3)):
+        if abs(pj) >= f:
+            return f"{pj / f:.3g} {unit}"
+    return f"{pj:.3g} pJ"
+
+
+@app.command()
+def energy(
+    file: Path = typer.Argument(..., help="NIR file written by `neurosdm export`, or stats.json of `neurosdm simulate`"),
+    profile: str = typer.Option("loihi2", help="hardware profile (see `neurosdm profiles`) or a .toml file"),
+    baseline: str = typer.Option("cmos45-fp32", help="profile pricing the ANN baseline's MACs"),
+    host: Optional[str] = typer.Option(None, help="profile pricing host work (default: the profile's own host)"),
+    graph: Optional[Path] = typer.Option(None, help="with stats.json: the .nir it came from (for the ANN baseline)"),
+    num_images: int = typer.Option(1, help="from a .nir: images to simulate"),
+    steps: int = typer.Option(10, help="from a .nir: DDIM steps"),
+    seed: int = typer.Option(0, help="from a .nir: seed"),
+    as_json: bool = typer.Option(False, "--json", help="print/write JSON"),
+    as_csv: bool = typer.Option(False, "--csv", help="print/write CSV (layer, kind, term, count, pJ)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the report (JSON, CSV or the table) to FILE"),
+):
+    """Energy, time and EDP of a run on a hardware profile, per layer and term, with an ANN baseline."""
+    import csv
+    import io
+    import json
+
+    from neurosdm.errors import ConfigError
+    from neurosdm.io import atomic_path
+
+    if as_json and as_csv:
+        raise ConfigError("choose one of --json and --csv")
+    quiet = as_json or as_csv
+    err = Console(stderr=True)
+    r = _energy_report(file, profile, baseline, host, graph, num_images, steps, seed,
+                       (lambda m: err.print(m, highlight=False)) if quiet else
+                       (lambda m: console.print(m, highlight=False)))
+    if as_json:
+        text = json.dumps(r, indent=1)
+    elif as_csv:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["layer", "kind", "term", "count", "pJ"])
+        for layer in r["layers"]:
+            for term, v in layer["terms"].items():
+                w.writerow([layer["layer"], layer["kind"], term, v["count"], v["pj"]])
+        for term, v in r["host"]["terms"].items():
+            w.writerow(["host", "host", term, v["count"], v["pj"]])
+        if r["static"]:
+            w.writerow(["chip", "static", "static", "", r["static"]["pj"]])
+        for u in r["unpriced"]:
+            w.writerow([u["where"], "unpriced", u["term"], u["count"], ""])
+        text = buf.getvalue()
+    if quiet:
+        if out:
+            with atomic_path(out) as tmp:
+                tmp.write_text(text)
+            err.print(f"wrote {out}")
+        else:
+            typer.echo(text, nl=False)
+        return
+    terms = sorted({t for layer in r["layers"] for t in layer["terms"]})
+    table = Table(title=f"{file.name} on {r['profile']}: {r['images']} image(s), {r['denoising_steps']} denoising "
+                        f"steps x {r['num_steps']} spiking steps")
+    for col in ("layer", "kind", *terms, "total"):
+        table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
+    for layer in r["layers"]:
+        if not layer["terms"]:
+            continue
+        table.add_row(layer["layer"], layer["kind"],
+                      *[_fmt_energy(layer["terms"][t]["pj"]) if t in layer["terms"] else "" for t in terms],
+                      _fmt_energy(layer["total_pj"]))
+    for term, v in r["host"]["terms"].items():
+        table.add_row(f"host ({r['host_profile']})", term, *[""] * len(terms), _fmt_energy(v["pj"]))
+    if r["static"]:
+        table.add_row("static", f"{r['static']['power_mw']:g} mW", *[""] * len(terms), _fmt_energy(r["static"]["pj"]))
+    tot = r["totals"]
+    lines = [f"total {_fmt_energy(tot['total_pj'])}; per image {_fmt_energy(tot['per_image_pj'])}; per network call "
+             f"per image {_fmt_energy(tot['per_call_per_image_pj'])}; per denoising step (all images) "
+             + ", ".join(_fmt_energy(v) for v in tot["per_denoising_step_pj"][:5])
+             + (" ..." if len(tot["per_denoising_step_pj"]) > 5 else "")]
+    if r["time"]:
+        lines.append(f"estimated chip time per image {r['time']['per_image_s'] * 1e3:.3g} ms "
+                     f"({r['time']['model']}); EDP per image {r['edp_per_image_js']:.3g} J s"
+                     + (f"; no latency for: {', '.join(r['time']['untimed_terms'])}"
+                        if r["time"]["untimed_terms"] else ""))
+    else:
+        lines.append("no time estimate: the profile publishes no latencies (no EDP, no static energy)")
+    b = r.get("ann_baseline")
+    if b:
+        lines.append(f"ANN baseline ({b['profile']}, {b['mac_pj']:g} pJ/MAC, {b['macs']:,} MACs per call): "
+                     f"{_fmt_energy(b['pj_per_image'])} per image; SNN/ANN = {b['ratio_snn_to_ann']:.3g}")
+    else:
+        lines.append("ANN baseline: needs the graph (give a .nir, or --graph FILE.nir with stats.json)")
+    if r["unpriced"]:
+        lines.append("UNPRICED (no price in the profile, not included): " + "; ".join(
+            f"{u['term']} ({u['where']}): {u['count']:,}" for u in r["unpriced"]))
+    else:
+        lines.append("unpriced: none")
+    console.print(table)
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
+    if out:
+        with atomic_path(out) as tmp:
+            with open(tmp, "w") as f:
+                c = Console(file=f, width=200)
+                c.print(table)
+                for line in lines:
+                    c.print(line, highlight=False, soft_wrap=True)
+        console.print(f"wrote {out}")
+
+
+@app.command()
+def profiles():
+    """List the hardware profiles: description, sources, and how many constants are assumptions."""
+    from neurosdm.energy import list_profiles, load_profile
+
+    table = Table(title="hardware profiles (neurosdm/hw_profiles)")
+    for col in ("profile", "description", "host", "constants", "assumptions", "sources"):
+        table.add_column(col, no_wrap=col in ("profile", "host"))
+    for name in list_profiles():
+        p = load_profile(name)
+        consts = list(p.constants())
+        table.add_row(name, p.description, p.host or "-", str(len(consts)),
+                      str(sum(c.evidence == "assumption" for _, _, c in consts)),
+                      "\n".join(p.sources.values()))
+    console.print(table)
+
+
 def main() -> None:
     """Entry point. Usage errors are typer's (usage line, exit 2); user errors print one line and exit 1;
     Ctrl-C exits with typer's "Aborted!" (outputs are written atomically, so nothing is left half-written)."""

@@ -31,8 +31,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(4.0 / mse))
 
 
-def _program_from(source: Path, calibration, data_dir, calibration_images: int):
-    """(program, float model + config or None, description) for a checkpoint or a .nir file."""
+def _program_from(source: Path, calibration, data_dir, calibration_images: int, graph_file=None):
+    """(program, float model + config or None, description) for a checkpoint (with its exported ``graph_file``,
+    else an int8 export made in memory) or a .nir file."""
     from neurosdm.simulators.program import load_program
 
     if source.suffix == ".nir":
@@ -43,6 +44,8 @@ def _program_from(source: Path, calibration, data_dir, calibration_images: int):
     ckpt = load_checkpoint(source)
     state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
     model = build_model(ckpt.config.model, state, source=str(source)).eval()
+    if graph_file is not None:
+        return load_program(graph_file), (model, ckpt.config), f"{source.name}, {Path(graph_file).name}"
     graph, md = to_nir_graph(model, diffusion=ckpt.config.diffusion, dtype=np.float64)
     graph, md = _quantize(graph, md, ckpt.config, calibration, data_dir, calibration_images, seed=0)
     return load_program(graph), (model, ckpt.config), f"{source.name}, int8 export in memory"
@@ -79,8 +82,9 @@ def _plot(columns: dict[str, np.ndarray], path: Path, title: str) -> None:
 
 def compare(source, out_dir, num_images: int = 4, steps: int = 20, seed: int = 0, sampler: str = "ddim",
             batch_size: int = 16, calibration: str | None = None, data_dir: str | None = None,
-            calibration_images: int = 64, progress=None) -> dict:
-    """Run every path on the same seeds and write the report into ``out_dir``; returns the compare.json dict."""
+            calibration_images: int = 64, progress=None, graph_file=None) -> dict:
+    """Run every path on the same seeds and write the report into ``out_dir``; returns the compare.json dict.
+    ``graph_file``: the checkpoint's exported .nir file to simulate (default: an int8 export made in memory)."""
     from neurosdm.sample import generate
     from neurosdm.simulators.run import make_engine, simulate
 
@@ -88,7 +92,7 @@ def compare(source, out_dir, num_images: int = 4, steps: int = 20, seed: int = 0
     if not source.exists():
         raise ConfigError(f"not found: {source}")
     out = Path(out_dir)
-    program, float_model, what = _program_from(source, calibration, data_dir, calibration_images)
+    program, float_model, what = _program_from(source, calibration, data_dir, calibration_images, graph_file)
     columns: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     kw = dict(num_images=num_images, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size)

@@ -1,0 +1,85 @@
+"""Plots of energy reports (matplotlib, Agg): each function writes one PNG atomically and returns its path.
+
+- :func:`plot_layer_terms`: per-layer energy by term (stacked bars) of one :func:`neurosdm.energy.estimate` report;
+- :func:`plot_spikes`: spikes per layer per spiking step of a RunStats (summed over denoising steps and images);
+- :func:`plot_profiles`: energy per image per profile against the ANN baseline(s), log scale.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from neurosdm.io import atomic_path
+
+__all__ = ["plot_layer_terms", "plot_spikes", "plot_profiles"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def plot_layer_terms(report: dict, path: str | os.PathLike) -> Path:
+    """Stacked bars: one bar per layer with priced terms, one colour per term (uJ, all images)."""
+    plt = _plt()
+    layers = [layer for layer in report["layers"] if layer["terms"]]
+    terms = sorted({t for layer in layers for t in layer["terms"]})
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(layers) + 2), 4.5))
+    x = np.arange(len(layers))
+    bottom = np.zeros(len(layers))
+    for term in terms:
+        v = np.array([layer["terms"].get(term, {}).get("pj", 0.0) for layer in layers]) * 1e-6
+        ax.bar(x, v, bottom=bottom, label=term)
+        bottom += v
+    ax.set_xticks(x, [layer["layer"] for layer in layers], rotation=90, fontsize=7)
+    ax.set_ylabel("energy (uJ, all images)")
+    ax.set_title(f"{report['profile']}: energy per layer by term")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_spikes(stats, path: str | os.PathLike) -> Path:
+    """Spikes per IF layer per spiking step (summed over denoising steps and images), one line per layer."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, cs in stats.layers.items():
+        if "spikes_out" in cs:
+            ax.plot(np.arange(stats.num_steps), cs["spikes_out"].sum(axis=0), marker="o", label=name)
+    ax.set_xlabel("spiking step")
+    ax.set_ylabel("spikes")
+    ax.set_xticks(np.arange(stats.num_steps))
+    ax.set_title("spikes per layer per spiking step")
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
+def plot_profiles(per_image_pj: dict[str, float], baselines: dict[str, float], path: str | os.PathLike) -> Path:
+    """Bars of energy per image per profile (log scale), the ANN baseline(s) as horizontal lines."""
+    plt = _plt()
+    names = list(per_image_pj)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(names) + 2), 4.5))
+    ax.bar(np.arange(len(names)), [per_image_pj[n] * 1e-9 for n in names], color="tab:blue")
+    for i, (label, pj) in enumerate(baselines.items()):
+        ax.axhline(pj * 1e-9, color=f"C{i + 1}", linestyle="--", label=f"ANN baseline: {label}")
+    ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("energy per image (mJ)")
+    ax.set_title("SNN energy per image by profile vs the ANN baseline")
+    if baselines:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
