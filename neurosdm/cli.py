@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from enum import Enum
@@ -133,14 +134,28 @@ def info(ckpt: Path = typer.Argument(..., help="checkpoint (neurosdm, SDM or SDD
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="output directory"),
     ckpt: Path = typer.Option(DEFAULT_CKPT, help="checkpoint (default: the shipped Fashion-MNIST model)"),
-    num_images: int = typer.Option(16),
+    num_images: int = typer.Option(4),
     steps: int = typer.Option(20, help="DDIM sampling steps"),
+    seed: int = typer.Option(0),
 ):
-    """The main job on a built-in default: sample from the shipped checkpoint on the GPU path."""
-    from neurosdm.sample import sample_to_dir
+    """The main job on a built-in default: sample on the GPU path, export to int8 NIR, simulate event by event,
+    price on every hardware profile against the ANN baseline, compare, and write an HTML report."""
+    import time
 
-    png = sample_to_dir(ckpt, out, num_images, num_sample_steps=steps, progress=progress_bar("sampling"))
-    console.print(f"demo: {num_images} images from {ckpt.name} ({steps} DDIM steps) -> {png}")
+    from neurosdm.report import run_demo
+
+    t0 = time.perf_counter()
+    report = run_demo(ckpt, out, num_images, steps, seed, progress=progress_bar("sampling"),
+                      log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    priced = json.loads((out / "energy.json").read_text())
+    cmp = json.loads((out / "compare.json").read_text())
+    snn = ", ".join(f"{k} {v['per_image_mj']:.3g}" for k, v in priced["summary"].items()
+                    if k in ("loihi", "loihi2", "truenorth"))
+    ann = priced["ann_baseline"]["cmos45-fp32"]["pj_per_image"] * 1e-9
+    console.print(f"demo: {num_images} images of {ckpt.name} in {time.perf_counter() - t0:.0f} s; event engine = "
+                  f"torch engine bit for bit: {cmp['engine_outputs_bit_identical']}; SNN mJ per image: {snn}; "
+                  f"ANN baseline (45 nm fp32) {ann:.3g}", highlight=False, soft_wrap=True)
+    console.print(f"report: {report}", highlight=False, soft_wrap=True)
 
 
 class ExportFormat(str, Enum):

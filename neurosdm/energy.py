@@ -490,3 +490,59 @@ def paper_check(include_conv_identity: bool = True, padding: str = "dense", incl
     implied = {t: (mj * 1e9 - 4.6 * flops["conv"]) / (0.9 * t * rest) for t, mj in PAPER_SNN_MJ.items()}
     return {"flops": flops, "macs": int(sum(flops.values())), "ann_mj": ann_pj * 1e-9,
             "ann_error": ann_pj * 1e-9 / PAPER_ANN_MJ - 1, "implied_rate": implied}
+
+
+# -------------------------------------------------------------------------------------- a run on every profile
+
+def price_all(stats, program, profiles=None, baselines=("cmos45-fp32", "cmos45-int8")) -> dict:
+    """A simulated run priced on every profile (default: all shipped), with the ANN baselines of the same
+    architecture and the SDM paper's formula on the measured firing rates. JSON-ready dict: ``counts``,
+    ``host``, ``firing_rates``, ``summary`` (per profile: mJ per image, time, EDP, ratio to the fp32 ANN, unpriced,
+    energy by term), ``ann_baseline``, ``paper_formula_on_measured_rates`` and the full ``reports``."""
+    calls = len(stats.timesteps)
+    reports = {name: estimate(stats, name) for name in (profiles or list_profiles())}
+    base = {}
+    for name in baselines:
+        b = ann_baseline(program, name)
+        b["pj_per_image"] = b["pj_per_call"] * calls
+        base[name] = b
+    rates = firing_rates(stats, program)
+    first = next(layer.name for layer in program.layers if layer.kind == "conv" and layer.sources == program.inputs)
+    paper = paper_energy(program_macs(program), rates, program.num_steps, first)
+    paper["per_image_pj"] = paper["total_pj"] * calls
+    ref = base.get("cmos45-fp32")
+    summary = {
+        name: {"per_image_mj": r["totals"]["per_image_pj"] * 1e-9,
+               "per_call_per_image_uj": r["totals"]["per_call_per_image_pj"] * 1e-6,
+               "time_per_image_ms": r["time"]["per_image_s"] * 1e3 if r["time"] else None,
+               "edp_per_image_js": r["edp_per_image_js"],
+               "vs_ann_fp32": r["totals"]["per_image_pj"] / ref["pj_per_image"] if ref else None,
+               "unpriced": {f"{u['term']} ({u['where']})": u["count"] for u in r["unpriced"]},
+               "by_term_mj": {k: v * 1e-9 for k, v in r["totals"]["by_term_pj"].items()}}
+        for name, r in reports.items()}
+    return {
+        "counts": {c: stats.total(c) for c in ("synops", "graded_ops", "macs", "fanin_adds", "neuron_updates",
+                                               "active_neurons", "spikes_out")},
+        "host": {k: int(v.sum()) for k, v in stats.host.items()},
+        "firing_rates": rates,
+        "summary": summary,
+        "ann_baseline": {k: {kk: v[kk] for kk in ("macs", "mac_pj", "pj_per_call", "pj_per_image", "convention")}
+                         for k, v in base.items()},
+        "paper_formula_on_measured_rates": {k: paper[k] for k in ("total_pj", "first_pj", "sops", "mean_rate",
+                                                                   "per_image_pj")},
+        "reports": reports,
+    }
+
+
+def write_plots(priced: dict, stats, out_dir, profile: str = "loihi2") -> dict[str, Path]:
+    """The three energy plots of a :func:`price_all` result into ``out_dir``; returns ``{name: path}``."""
+    from neurosdm.energy_plots import plot_layer_terms, plot_profiles, plot_spikes
+
+    out = Path(out_dir)
+    return {
+        "layers": plot_layer_terms(priced["reports"][profile], out / f"energy_layers_{profile}.png"),
+        "spikes": plot_spikes(stats, out / "energy_spikes.png"),
+        "profiles": plot_profiles({k: v["totals"]["per_image_pj"] for k, v in priced["reports"].items()},
+                                  {k: v["pj_per_image"] for k, v in priced["ann_baseline"].items()},
+                                  out / "energy_profiles.png"),
+    }

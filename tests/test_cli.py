@@ -1,6 +1,8 @@
+import json
 import subprocess
 import sys
 
+import nir
 import numpy as np
 import pytest
 import torch
@@ -101,7 +103,15 @@ def test_demo_runs_on_shipped_checkpoint(tmp_path):
         pytest.skip("the shipped checkpoint neurosdm/assets/tiny_fashion.pt is not in this checkout")
     r = invoke("demo", "--out", tmp_path, "--num-images", "2", "--steps", "2")
     assert r.exit_code == 0, r.output
-    assert np.load(tmp_path / "samples.npy").shape == (2, 1, 28, 28)
+    assert "report:" in r.output and "bit for bit: True" in r.output
+    for name in ("gpu_float32", "torch_engine", "event_engine"):
+        assert np.load(tmp_path / f"images_{name}.npy").shape == (2, 1, 28, 28)
+    html = (tmp_path / "report.html").read_text()
+    for needle in ("loihi2", "ANN baseline", "synaptic operations", "data:image/png;base64", "Assumptions"):
+        assert needle in html, needle
+    energy = json.loads((tmp_path / "energy.json").read_text())
+    assert set(energy["summary"]) >= {"loihi", "loihi2", "loihi-sanafe", "truenorth", "spinnaker2", "sdm-paper"}
+    assert isinstance(nir.read(tmp_path / "model_int8.nir"), nir.NIRGraph)
     assert torch.load(cli.DEFAULT_CKPT, weights_only=True)["format"] == "neurosdm"
 
 
