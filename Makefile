@@ -18,11 +18,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/neurosdm demo --out demo_out
 
-# Peer frameworks for the parity and NIR-reader tests, pinned (docs/peer-readers.md was generated with these) and
+# Peer frameworks for the parity, NIR-reader and NeuroBench-count tests, pinned (docs/peer-readers.md was generated with these) and
 # without their dependencies: spikingjelly's torchvision and snnTorch/Norse's unpinned torch would replace the CPU
 # torch with a multi-GB CUDA build (see DESIGN.md).
 $(VENV)/.peers-installed: $(STAMP)
-	$(PY) -m pip install -q --no-deps spikingjelly==2.0.0 nirtorch==2.6 norse==1.1.0 snntorch==1.0.0
+	$(PY) -m pip install -q --no-deps spikingjelly==2.0.0 nirtorch==2.6 norse==1.1.0 snntorch==1.0.0 neurobench==2.3.0
 	$(PY) -m pip install -q loguru packaging scipy
 	touch $@
 
