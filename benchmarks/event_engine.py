@@ -5,11 +5,19 @@
     output layout around it) and synops/s; the whole call's time;
 (b) the real firing activity: spikes / neuron updates per IF layer and in total;
 (c) forced activity: the spike inputs of every spike-input conv replaced by random spikes at 1..50 %; the event
-    conv timed and fitted ``time = a + b * synops`` (per layer against events too);
+    conv timed and fitted ``time = a + b * synops`` (per layer against events too; pooled over all layers);
 (d) the same layers densely by ``torch.nn.functional.conv2d`` (float64 and float32, one thread): time per dense
     operation (dense ops = every input position times its nonzero fan-out, the ``macs`` count) and the ratio
     event time per synop (the fitted slope b) / dense time per op;
-(e) peak memory of one engine call (tracemalloc, batch 1) against the graph's weights plus the neuron state.
+(e) memory, batch 1. Engine = what ``EventEngine`` holds beyond the Program (the kernel plans: weight runs,
+    indices, per-tap counts; its shared output buffer) + the peak of what one call allocates (tracemalloc:
+    activations, neuron state, outputs, temporaries). Against: the graph's weights (every conv weight and bias,
+    float64, as the Program holds them) + the neuron state (one float64 per neuron of the I/LI/IF layers);
+(f) whole calls at forced activity: every IF layer's output replaced by random spikes at 1..50 % (the engine's
+    private benchmark hook ``_force_rate``; the same random draw for every repeat), plus the real activity;
+    the levels timed round robin, median of ``--repeats`` calls each; fitted ``call time = a + b * events``
+    (events = the input events of all event convs over the call), and the ratio of each call time to the
+    real-activity call time.
 
 Writes ``results/event_engine.json`` and prints Markdown tables. ``python benchmarks/event_engine.py --help``.
 """
@@ -105,12 +113,15 @@ def main(argv=None) -> int:
             flat = np.ascontiguousarray(inp[k]).reshape(-1)
             addr = np.flatnonzero(flat)
             vals = flat[addr]
-            out = np.zeros(plan.Ho * plan.Wo * plan.Co)
-            a = (addr, vals, out, plan.rptr, plan.rstart, plan.rlen, plan.roff, plan.wv, plan.tap_nnz, plan.C,
-                 plan.H, plan.W, plan.kh, plan.kw, plan.sh, plan.sw, plan.pt, plan.pl, plan.Ho, plan.Wo, plan.Co)
-            ops += _scatter(*a)
-            kernel_s += _median_time(lambda: _scatter(*a), args.repeats)
-            wrapped_s += _median_time(lambda: plan.scatter(inp[k], True), args.repeats)
+            xk = np.ascontiguousarray(inp[k])
+            out = np.zeros(plan.buffer_size)
+            a = (xk, out, plan.rptr, plan.rstart, plan.rlen, plan.roff, plan.wv, plan.nnz, plan.cls_nnz, plan.sh,
+                 plan.sw, plan.pt, plan.pl, plan.Ho, plan.Wo, plan.Hp, plan.Wp, plan.tY, plan.tX, plan.Co)
+            ev_k, ops_k = _scatter(*a)
+            assert ev_k == addr.size
+            ops += ops_k
+            kernel_s += _median_time(lambda: _scatter(*a), args.repeats)  # the scan and the scatter, no zeroing
+            wrapped_s += _median_time(lambda: plan.scatter(inp[k], True, eng._buf), args.repeats)
         key = "synops" if layer.input == "spikes" else "graded_ops"
         assert ops == int(counts[layer.name][key].sum())
         real[layer.name] = {"events": int(counts[layer.name]["events_in"].sum()), "synops": int(ops),
@@ -142,8 +153,8 @@ def main(argv=None) -> int:
         pts = []
         for rate in RATES:
             s = (rng.random((1, *layer.in_shape)) < rate).astype(np.float64)
-            _, ev, ops = plan.scatter(s, True)
-            sec = _median_time(lambda: plan.scatter(s, True), args.repeats)
+            _, ev, ops = plan.scatter(s, True, eng._buf)
+            sec = _median_time(lambda: plan.scatter(s, True, eng._buf), args.repeats)
             pts.append((rate, ev, ops, sec))
             xs_syn.append(ops)
             ys.append(sec)
@@ -168,10 +179,13 @@ def main(argv=None) -> int:
     slope_per_layer = {n: v["fit_synops"]["b_s_per_synop"] for n, v in forced.items()}
 
     # (e) memory
-    weights = sum(layer.weight.nbytes + layer.bias.nbytes for layer in prog.layers if layer.kind == "conv")
+    weights = sum(np.asarray(layer.weight, np.float64).nbytes + np.asarray(layer.bias, np.float64).nbytes
+                  for layer in prog.layers if layer.kind == "conv")
     state = sum(layer.size * 8 for layer in prog.layers if layer.kind in ("if", "li", "i"))
     step_acts = sum(layer.size * 8 for layer in prog.layers)
     plans = sum(p.weight_bytes for p in eng.plans.values())
+    buf_bytes = int(eng._buf.nbytes)
+    wv32 = all(p.wv.dtype == np.float32 for p in eng.plans.values() if p.event)
     tracemalloc.start()
     eng.run(x, t)
     _, peak_run = tracemalloc.get_traced_memory()
@@ -180,6 +194,37 @@ def main(argv=None) -> int:
     EventEngine(prog)
     _, peak_build = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    engine_total = plans + buf_bytes + peak_run
+    mem_ratio = engine_total / (weights + state)
+
+    # (f) whole calls at forced activity
+    def call_events(res):
+        return sum(int(res["counts"][layer.name]["events_in"].sum()) for layer in event_layers)
+
+    def one_call(rate):
+        eng._force_rate = rate
+        eng._force_rng = np.random.default_rng(1)  # the same draw at every repeat
+        try:
+            t0 = time.perf_counter()
+            res = eng.run(x, t)
+            return call_events(res), time.perf_counter() - t0
+        finally:
+            eng._force_rate = None
+
+    levels = (None, *RATES)
+    for rate in levels:
+        one_call(rate)  # warm up
+    times = {rate: [] for rate in levels}
+    events = {}
+    for _ in range(max(5, args.repeats)):  # round robin: load drift hits every level alike
+        for rate in levels:
+            events[rate], sec = one_call(rate)
+            times[rate].append(sec)
+    s_real = float(np.median(times[None]))
+    whole = [{"rate": rate, "events": events[rate], "seconds": float(np.median(times[rate])),
+              "ratio_to_real": float(np.median(times[rate])) / s_real} for rate in levels]
+    wa, wb, wr2 = _fit([w["events"] for w in whole], [w["seconds"] for w in whole])
+    wa_f, wb_f, wr2_f = _fit([w["events"] for w in whole[1:]], [w["seconds"] for w in whole[1:]])
 
     result = {
         "machine": info, "numba": HAVE_NUMBA, "checkpoint": args.checkpoint, "diffusion_step": t,
@@ -192,7 +237,15 @@ def main(argv=None) -> int:
         "dense": dense, "dense_s_per_op": per_op,
         "ratio_event_per_synop_to_dense_per_op": {dt: b_all / v for dt, v in per_op.items()},
         "memory": {"peak_run_bytes": peak_run, "peak_build_bytes": peak_build, "graph_weights_bytes": weights,
-                   "neuron_state_bytes": state, "one_step_activations_bytes": step_acts, "plan_bytes": plans},
+                   "neuron_state_bytes": state, "one_step_activations_bytes": step_acts, "plan_bytes": plans,
+                   "buffer_bytes": buf_bytes, "plan_weights_float32": wv32, "engine_total_bytes": engine_total,
+                   "engine_total_over_weights_plus_state": mem_ratio,
+                   "accounting": "engine_total = plan_bytes (what the engine holds beyond the Program) + "
+                                 "buffer_bytes (its shared kernel output buffer) + peak_run_bytes (tracemalloc "
+                                 "peak of one call, batch 1); against graph_weights_bytes (conv weights and "
+                                 "biases, float64) + neuron_state_bytes (one float64 per I/LI/IF neuron)"},
+        "whole_call": {"points": whole, "fit_all": {"a_s": wa, "b_s_per_event": wb, "r2": wr2},
+                       "fit_forced": {"a_s": wa_f, "b_s_per_event": wb_f, "r2": wr2_f}},
     }
     write_json_atomic(args.out, result)
 
@@ -220,11 +273,23 @@ def main(argv=None) -> int:
     r = result["ratio_event_per_synop_to_dense_per_op"]
     print(f"\nall layers pooled: time = {a_all * 1e6:.1f} us + {b_all * 1e9:.3f} ns x synops (R^2 {r2_all:.4f}), "
           f"{1 / b_all / 1e6:.0f} Msynops/s; dense {per_op['float64'] * 1e9:.3f} ns/op (f64), "
-          f"{per_op['float32'] * 1e9:.3f} ns/op (f32); ratio {r['float64']:.1f}x (f64), {r['float32']:.1f}x (f32)\n")
+          f"{per_op['float32'] * 1e9:.3f} ns/op (f32); ratio {r['float64']:.1f}x (f64), {r['float32']:.1f}x (f32) "
+          f"(target 8x vs f64: {'met' if r['float64'] <= 8 else 'not met'})\n")
     m = result["memory"]
-    print(f"(e) memory: peak of one call {m['peak_run_bytes'] / 2**20:.2f} MiB (tracemalloc); graph weights "
-          f"{weights / 2**20:.2f} MiB (float64) + neuron state {state / 2**20:.2f} MiB; engine plans "
-          f"{plans / 2**20:.2f} MiB; building the engine peaks at {m['peak_build_bytes'] / 2**20:.2f} MiB\n")
+    print(f"(e) memory: engine {engine_total / 2**20:.2f} MiB = plans {plans / 2**20:.2f} MiB (weights "
+          f"{'float32' if wv32 else 'float64'}) + buffer {buf_bytes / 2**20:.2f} MiB + peak of one call "
+          f"{peak_run / 2**20:.2f} MiB (tracemalloc); graph weights {weights / 2**20:.2f} MiB (float64) + neuron "
+          f"state {state / 2**20:.2f} MiB = {(weights + state) / 2**20:.2f} MiB; ratio {mem_ratio:.2f}x "
+          f"(target 2x: {'met' if mem_ratio <= 2 else 'not met'}); building the engine peaks at "
+          f"{m['peak_build_bytes'] / 2**20:.2f} MiB\n")
+    rows = [["real" if w["rate"] is None else f"{w['rate']:.0%}", f"{w['events']:,}", f"{w['seconds'] * 1e3:.1f}",
+             f"{w['ratio_to_real']:.2f}"] for w in whole]
+    print("(f) whole denoiser calls, every IF layer forced to random spikes at the rate (real: the model's own "
+          "activity)\n")
+    print(markdown_table(["activity", "events", "call ms", "ratio to real"], rows))
+    print(f"\nfit call time = a + b * events: all points a = {wa * 1e3:.1f} ms, b = {wb * 1e9:.1f} ns/event, "
+          f"R^2 {wr2:.4f}; forced points only a = {wa_f * 1e3:.1f} ms, b = {wb_f * 1e9:.1f} ns/event, "
+          f"R^2 {wr2_f:.4f}\n")
     print(machine_line(info))
     return 0
 

@@ -7,16 +7,20 @@
 
 How each layer is computed (numpy float64 throughout; integer-valued in fixed point, exact below 2**53):
 
-- **conv, input "spikes" / "graded"** (event-driven): the nonzero input elements form an event list of flat
-  addresses ``((b * C + c) * H + y) * W + x`` and values (1 for a spike, the payload for a graded input). Every
-  event ``(b, c, y, x, v)`` adds ``v * W[o, c, ky, kx]`` to the output ``(b, o, oy, ox)`` for every tap
-  ``(ky, kx)`` whose output position ``oy = (y + pad_top - ky) / sh`` (an integer in ``0..Ho-1``; likewise
-  ``ox``) exists, and only for the output channels ``o`` whose weight is nonzero: per ``(c, ky, kx)`` the
-  nonzero weights are stored CSR-like (``ptr``, output-channel index, weight), and the output buffer is
-  channel-last ``[B, Ho, Wo, Co]`` so that one event's additions at one position are contiguous. The work, and
-  the count ``synops`` (``graded_ops``), is exactly the (event, nonzero synapse inside the map) pairs. The loop is a
-  numba kernel (:func:`_scatter`); without numba a vectorised numpy path (:func:`_scatter_numpy`) does the same
-  additions and counts.
+- **conv, input "spikes" / "graded"** (event-driven): the nonzero input elements are the events. Every event
+  ``(b, c, y, x, v)`` adds ``v * W[o, c, ky, kx]`` to the output ``(b, o, oy, ox)`` for every tap ``(ky, kx)``
+  whose output position ``oy = (y + pad_top - ky) / sh`` (an integer in ``0..Ho-1``; likewise ``ox``) exists,
+  and only for the output channels ``o`` whose weight is nonzero. The kernel (:func:`_scatter`) writes a
+  channel-last output buffer ``[B, Hp, Wp, Co]`` with a halo around the map: relative to the buffer address of
+  ``(y + pad_top) // sh, (x + pad_left) // sw`` every tap of an event is a fixed offset that depends only on the
+  input channel and the phase ``((y + pad_top) % sh, (x + pad_left) % sw)``, and the taps of one kernel row are
+  side by side. So per (channel, phase) the nonzero weights of all taps are stored as one list of runs (offset,
+  length, weights; output channels reordered per layer to make the runs long), and an event is one loop over
+  its list, without bounds checks: taps outside the map land in the halo, which is cropped (and the channels
+  put back in order) by :func:`_crop`. The work, and the count ``synops`` (``graded_ops``), is exactly the
+  (event, nonzero synapse inside the map) pairs; the stored weights are float32 where that is exact (int8
+  graphs), the indices int32, the buffer shared by the layers. Without numba a vectorised numpy path
+  (:func:`_scatter_numpy`) does the same additions and counts.
 - **conv, input "analog"** (the image, residual streams, sums of several sources): dense, im2col + one float64
   matmul; ``macs`` = every input position times its nonzero fan-out inside the map (precomputed per layer).
 - **rounded conv** (fixed point, ``Layer.rounded``): the output, bias included, is rounded half to even.
@@ -54,47 +58,74 @@ except ImportError:  # pragma: no cover - exercised by forcing use_numba=False i
 
 
 @njit(cache=True, nogil=True)
-def _scatter(addr, vals, out, rptr, rstart, rlen, roff, wv, tap_nnz, C, H, W, kh, kw, sh, sw, pt, pl, Ho, Wo,
+def _scatter(x, out, rptr, rstart, rlen, roff, wv, nnz, cls_nnz, sh, sw, pt, pl, Ho, Wo, Hp, Wp, tY, tX,
              Co):  # pragma: no cover - compiled
-    """Scatter the events ``addr`` (flat input addresses, ``((b*C + c)*H + y)*W + x``) with values ``vals`` into
-    ``out`` (flat ``[B, Ho, Wo, Co]``, channels in the plan's order) through the weight runs of each ``(c, ky, kx)``
-    (``rptr``: the runs of a tap; run ``q`` adds ``wv[roff[q]:roff[q] + rlen[q]]`` to the channels
-    ``rstart[q]...``). Returns the synapses used: the nonzero weights ``tap_nnz`` of every tap reached."""
+    """Scatter the nonzero elements (events) of ``x [B, C, H, W]`` into ``out`` (flat ``[B, Hp, Wp, Co]``: the
+    output map with a halo of ``tY`` rows / ``tX`` columns before it, channels in the plan's order) and count them.
+
+    An event at ``(b, c, y, x)`` with ``ty = y + pt = qy * sh + py`` (likewise ``tx = qx * sw + px``) reaches the
+    taps ``ky = py + sh * j``, ``kx = px + sw * i`` at the outputs ``(qy - j, qx - i)``: relative to the address
+    ``base`` of ``(qy, qx)`` these are fixed offsets, so all its taps are the weight runs of one list ``g = (c,
+    phase (py, px))`` (``rptr``; run ``q`` adds ``v * wv[roff[q]:roff[q] + rlen[q]]`` at ``base + rstart[q]``).
+    Taps that fall outside the map land in the halo (discarded) and are not counted: the returned ``ops`` are the
+    nonzero weights of the taps inside the map (``cls_nnz[g]`` for an event whose taps are all inside, else summed
+    from ``nnz [C, kh, kw]``). The events are taken position by position (every channel of one input position
+    before the next), so that consecutive events write the same output neighbourhood. Returns ``(events, ops)``."""
+    B, C, H, W = x.shape
+    kh, kw = nnz.shape[1], nnz.shape[2]
+    S = sh * sw
+    events = 0
     ops = 0
-    HW = H * W
-    CHW = C * HW
-    for e in range(addr.shape[0]):
-        a = addr[e]
-        b = a // CHW
-        r = a - b * CHW
-        c = r // HW
-        r -= c * HW
-        y = r // W
-        x = r - y * W
-        v = vals[e]
-        for ky in range(kh):
-            ty = y + pt - ky
-            if ty < 0:
-                break  # ty only decreases with ky
-            oy = ty // sh
-            if oy * sh != ty or oy >= Ho:
-                continue
-            for kx in range(kw):
-                tx = x + pl - kx
-                if tx < 0:
-                    break
-                ox = tx // sw
-                if ox * sw != tx or ox >= Wo:
-                    continue
-                base = ((b * Ho + oy) * Wo + ox) * Co
-                tap = (c * kh + ky) * kw + kx
-                for q in range(rptr[tap], rptr[tap + 1]):
-                    o0 = np.uint64(base + rstart[q])  # unsigned: no negative-index wraparound, so it vectorises
-                    j0 = np.uint64(roff[q])
-                    for i in range(rlen[q]):
-                        out[o0 + np.uint64(i)] += v * wv[j0 + np.uint64(i)]
-                ops += tap_nnz[tap]
-    return ops
+    for b in range(B):
+        for y in range(H):
+            ty = y + pt
+            qy = ty // sh
+            py = ty - qy * sh
+            nj = (kh - py + sh - 1) // sh
+            yin = qy - nj + 1 >= 0 and qy < Ho
+            for xx in range(W):
+                tx = xx + pl
+                qx = tx // sw
+                px = tx - qx * sw
+                ni = (kw - px + sw - 1) // sw
+                inside = yin and qx - ni + 1 >= 0 and qx < Wo
+                base = ((b * Hp + qy + tY) * Wp + qx + tX) * Co
+                cls = py * sw + px
+                for c in range(C):
+                    v = x[b, c, y, xx]
+                    if v == 0.0:
+                        continue
+                    events += 1
+                    g = c * S + cls
+                    for q in range(rptr[g], rptr[g + 1]):
+                        o0 = np.uint64(base + rstart[q])  # unsigned: no wraparound check, so it vectorises
+                        j0 = np.uint64(roff[q])
+                        for i in range(rlen[q]):
+                            out[o0 + np.uint64(i)] += v * wv[j0 + np.uint64(i)]
+                    if inside:
+                        ops += cls_nnz[g]
+                    else:
+                        for j in range(nj):
+                            oy = qy - j
+                            if oy < 0 or oy >= Ho:
+                                continue
+                            for i in range(ni):
+                                ox = qx - i
+                                if ox >= 0 and ox < Wo:
+                                    ops += nnz[c, py + sh * j, px + sw * i]
+    return events, ops
+
+
+@njit(cache=True, nogil=True)
+def _crop(out, y, inv, Hp, Wp, tY, tX):  # pragma: no cover - compiled
+    """``y [B, Co, Ho, Wo] = out [B, Hp, Wp, Co]`` without the halo, channel ``o`` read from slot ``inv[o]``."""
+    B, Co, Ho, Wo = y.shape
+    for b in range(B):
+        for oy in range(Ho):
+            for ox in range(Wo):
+                base = ((b * Hp + oy + tY) * Wp + ox + tX) * Co
+                for o in range(Co):
+                    y[b, o, oy, ox] = out[base + inv[o]]
 
 
 def _scatter_numpy(addr, vals, out, plan: "ConvPlan") -> int:
@@ -122,30 +153,36 @@ def _scatter_numpy(addr, vals, out, plan: "ConvPlan") -> int:
     return ops
 
 
-def _runs(rows: np.ndarray, max_gap: int):
-    """Per row (a tap ``(c, ky, kx)``: its weights over the output channels), the runs of nonzero weights, runs
-    closer than ``max_gap + 1`` channels merged (the zeros between them are then stored and multiplied: exact, and
-    cheaper than starting a run). Returns ``(rptr, rstart, rlen, roff, wv)`` (CSR over rows)."""
+def _runs(groups, max_gap: int, wdtype):
+    """Per group (an input channel and phase: a list of segments ``(offset, weights)``, each a stretch of the
+    output buffer relative to an event's base address), the runs of nonzero weights, runs closer than
+    ``max_gap + 1`` slots merged (the zeros between them are then stored and multiplied: exact, and cheaper than
+    starting a run). Returns ``(rptr, rstart, rlen, roff, wv)`` (CSR over groups; int32 indices, ``wv`` in
+    ``wdtype``)."""
     rptr, rstart, rlen, roff, wv = [0], [], [], [], []
     n = 0
-    for row in rows:
-        idx = np.flatnonzero(row)
-        if idx.size:
-            cut = np.flatnonzero(np.diff(idx) > max_gap + 1) + 1
-            starts, ends = idx[np.r_[0, cut]], idx[np.r_[cut - 1, idx.size - 1]] + 1
-            for a, b in zip(starts, ends):
-                rstart.append(a)
-                rlen.append(b - a)
-                roff.append(n)
-                wv.append(row[a:b])
-                n += b - a
+    for segs in groups:
+        for off, row in segs:
+            idx = np.flatnonzero(row)
+            if idx.size:
+                cut = np.flatnonzero(np.diff(idx) > max_gap + 1) + 1
+                starts, ends = idx[np.r_[0, cut]], idx[np.r_[cut - 1, idx.size - 1]] + 1
+                for a, b in zip(starts, ends):
+                    rstart.append(off + a)
+                    rlen.append(b - a)
+                    roff.append(n)
+                    wv.append(row[a:b])
+                    n += b - a
         rptr.append(len(rstart))
-    i64 = (lambda v: np.asarray(v, np.int64))
-    return i64(rptr), i64(rstart), i64(rlen), i64(roff), (np.concatenate(wv) if wv else np.zeros(0))
+    if n >= 2**31:
+        raise GraphError("a conv layer with more than 2**31 stored weights")
+    i32 = (lambda v: np.asarray(v, np.int32))
+    return (i32(rptr), i32(rstart), i32(rlen), i32(roff),
+            (np.concatenate(wv) if wv else np.zeros(0)).astype(wdtype))
 
 
 def _cost(nz_rows: np.ndarray, max_gap: int, run_cost: int = 8) -> int:
-    """Work of the runs of ``nz_rows`` (boolean, taps x channels): stored weights plus ``run_cost`` per run."""
+    """Work of the runs of ``nz_rows`` (boolean, segments x slots): stored weights plus ``run_cost`` per run."""
     total = 0
     for row in nz_rows:
         idx = np.flatnonzero(row)
@@ -156,55 +193,95 @@ def _cost(nz_rows: np.ndarray, max_gap: int, run_cost: int = 8) -> int:
     return total
 
 
-def _channel_order(nz_rows: np.ndarray, max_gap: int) -> np.ndarray:
-    """An order of the output channels that makes the nonzero weights of each tap contiguous: the identity or a
+def _channel_order(nz_segs: np.ndarray, max_gap: int) -> np.ndarray:
+    """An order of the output channels that makes the nonzero weights of each segment (``nz_segs``: boolean,
+    segments x taps x channels, the taps of a segment side by side in the buffer) contiguous: the identity or a
     stride-``P`` regrouping (channel ``o = i * P + j`` moved to ``j * (Co / P) + i``), whichever runs cheapest.
     The polyphase (packed) convs of neurosdm's up path interleave their phases this way."""
-    co = nz_rows.shape[1]
-    best, best_cost = np.arange(co), _cost(nz_rows, max_gap)
+    co = nz_segs.shape[-1]
+    flat = (lambda order: nz_segs[..., order].reshape(nz_segs.shape[0], -1))
+    best, best_cost = np.arange(co), _cost(flat(np.arange(co)), max_gap)
     for p in range(2, co):
         if co % p:
             continue
         order = np.arange(co).reshape(co // p, p).T.reshape(-1)
-        cost = _cost(nz_rows[:, order], max_gap)
+        cost = _cost(flat(order), max_gap)
         if cost < best_cost:
             best, best_cost = order, cost
     return best
 
 
 class ConvPlan:
-    """A conv layer prepared for both paths: per ``(c, ky, kx)`` the runs of nonzero weights over the output
-    channels (in a channel order that keeps them contiguous, ``perm``), the dense weights for the numpy path and
-    the im2col matrix, and the per-call constants (``macs_per_image``)."""
+    """A conv layer prepared for both paths: for the kernel, per input channel and input phase ``(py, px)`` (the
+    input position modulo the stride, after padding) the runs of nonzero weights of all the taps it reaches, as
+    offsets in a haloed channel-last output buffer (channel order ``perm`` chosen to keep the runs contiguous);
+    the graph's weights (a view, not a copy) for the numpy path and the im2col matrix; the per-call constants
+    (``macs_per_image``). The stored weights are float32 when that is exact (every weight of an int8 graph; any
+    float weight that round-trips), else float64."""
 
     max_gap = 3  # zeros inside a run up to this many (stored and multiplied; never counted)
 
     def __init__(self, layer: Layer):
-        w = np.ascontiguousarray(layer.weight, np.float64)
+        w = np.asarray(layer.weight, np.float64)  # the program's array: no copy
         self.Co, self.C, self.kh, self.kw = w.shape
         _, self.H, self.W = layer.in_shape
         _, self.Ho, self.Wo = layer.out_shape
         self.sh, self.sw = layer.stride
         (self.pt, self.pb), (self.pl, self.pr) = layer.padding
-        wt = np.ascontiguousarray(w.transpose(1, 2, 3, 0))  # [C, kh, kw, Co]
+        wt = w.transpose(1, 2, 3, 0)  # [C, kh, kw, Co] (a view)
         self.wt = wt
         nz = wt != 0
-        self.nnz = nz.sum(axis=3).astype(np.int64)  # [C, kh, kw]
-        self.tap_nnz = self.nnz.reshape(-1).copy()
-        self.event = layer.input in ("spikes", "graded")
-        if self.event:  # the kernel's weight runs
-            self.perm = _channel_order(nz.reshape(-1, self.Co), self.max_gap)
-            self.inv = None if np.array_equal(self.perm, np.arange(self.Co)) else np.argsort(self.perm)
-            self.rptr, self.rstart, self.rlen, self.roff, self.wv = _runs(wt.reshape(-1, self.Co)[:, self.perm],
-                                                                         self.max_gap)
+        self.nnz = nz.sum(axis=3).astype(np.int32)  # [C, kh, kw]
+        self.event = layer.input in ("spikes", "graded") and min(self.pt, self.pl) >= 0
+        if self.event:
+            self._build_runs(wt, nz)
             self.wmat = np.zeros((0, self.Co))
-        else:  # [C*kh*kw, Co] for the dense path
-            self.wmat = np.ascontiguousarray(w.reshape(self.Co, -1).T)
-            self.rptr = self.rstart = self.rlen = self.roff = self.wv = np.zeros(0, np.int64)
+        else:  # [C*kh*kw, Co] for the dense path (a transposed view)
+            self.wmat = w.reshape(self.Co, -1).T
+            self.rptr = self.rstart = self.rlen = self.roff = self.cls_nnz = np.zeros(0, np.int32)
+            self.wv = np.zeros(0)
         # macs: every input position times its nonzero fan-out inside the output map
         rows = np.array([self._valid(self.H, self.pt, k, self.sh, self.Ho) for k in range(self.kh)], np.int64)
         cols = np.array([self._valid(self.W, self.pl, k, self.sw, self.Wo) for k in range(self.kw)], np.int64)
         self.macs_per_image = int((self.nnz * rows[None, :, None] * cols[None, None, :]).sum())
+
+    def _build_runs(self, wt: np.ndarray, nz: np.ndarray) -> None:
+        sh, sw, Co = self.sh, self.sw, self.Co
+        self.tY, self.tX = -(-self.kh // sh) - 1, -(-self.kw // sw) - 1  # halo: the most taps behind an event
+        self.Hp = self.tY + max((self.H - 1 + self.pt) // sh, self.Ho - 1) + 1
+        self.Wp = self.tX + max((self.W - 1 + self.pl) // sw, self.Wo - 1) + 1
+        # per phase: the taps (ky rows j, kx columns i, kx descending so that the buffer addresses ascend)
+        phases = []
+        for py in range(sh):
+            for px in range(sw):
+                kys = list(range(py, self.kh, sh))
+                kxs = list(range(px, self.kw, sw))[::-1]
+                phases.append((kys, kxs))
+        ni = max(len(kxs) for _, kxs in phases)
+        segs_nz = np.zeros((self.C, sum(len(kys) for kys, _ in phases), ni, Co), bool)
+        for c in range(self.C):
+            r = 0
+            for kys, kxs in phases:
+                for ky in kys:
+                    segs_nz[c, r, :len(kxs)] = nz[c, ky][kxs]
+                    r += 1
+        self.perm = _channel_order(segs_nz.reshape(-1, ni, Co), self.max_gap)
+        self.inv = np.argsort(self.perm).astype(np.int32)  # slot of each channel
+        wp = wt[..., self.perm]
+        exact32 = bool(np.all(wp.astype(np.float32).astype(np.float64) == wp))
+        groups, cls_nnz = [], []
+        for c in range(self.C):
+            for kys, kxs in phases:
+                segs = []
+                for j, ky in enumerate(kys):
+                    if kxs:
+                        off = -j * self.Wp * Co - (len(kxs) - 1) * Co
+                        segs.append((off, wp[c, ky][kxs].reshape(-1)))
+                groups.append(segs)
+                cls_nnz.append(sum(int(self.nnz[c, ky, kx]) for ky in kys for kx in kxs))
+        self.rptr, self.rstart, self.rlen, self.roff, self.wv = _runs(groups, self.max_gap,
+                                                                      np.float32 if exact32 else np.float64)
+        self.cls_nnz = np.asarray(cls_nnz, np.int64)
 
     @staticmethod
     def _valid(n: int, pad: int, k: int, s: int, n_out: int) -> int:
@@ -213,27 +290,40 @@ class ConvPlan:
         return int(np.count_nonzero((t >= 0) & (t % s == 0) & (t // s < n_out)))
 
     @property
-    def weight_bytes(self) -> int:
-        return int(sum(a.nbytes for a in (self.rptr, self.rstart, self.rlen, self.roff, self.wv, self.tap_nnz,
-                                           self.wt, self.wmat)))
+    def buffer_size(self) -> int:
+        """Elements of the kernel's output buffer per image (0 for a dense layer)."""
+        return self.Hp * self.Wp * self.Co if self.event else 0
 
-    def scatter(self, x: np.ndarray, use_numba: bool) -> tuple[np.ndarray, int, int]:
-        """Event-driven conv of ``x [B, C, H, W]`` (bias excluded). Returns ``(y [B, Co, Ho, Wo], events, ops)``."""
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the plan holds beyond the program's own arrays (the weights it views)."""
+        return int(sum(a.nbytes for a in (self.rptr, self.rstart, self.rlen, self.roff, self.wv, self.cls_nnz,
+                                           self.nnz)) + (self.inv.nbytes + self.perm.nbytes if self.event else 0))
+
+    def scatter(self, x: np.ndarray, use_numba: bool, buf: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+        """Event-driven conv of ``x [B, C, H, W]`` (bias excluded). Returns ``(y [B, Co, Ho, Wo], events, ops)``.
+        ``buf``: optional float64 scratch of at least ``B * buffer_size`` elements for the kernel (reused)."""
         batch = x.shape[0]
+        if use_numba and self.event:
+            n = batch * self.buffer_size
+            if buf is None or buf.size < n:
+                buf = np.zeros(n)
+            else:
+                buf = buf[:n]
+                buf.fill(0.0)
+            x = np.ascontiguousarray(x, np.float64)
+            events, ops = _scatter(x, buf, self.rptr, self.rstart, self.rlen, self.roff, self.wv, self.nnz,
+                                   self.cls_nnz, self.sh, self.sw, self.pt, self.pl, self.Ho, self.Wo, self.Hp,
+                                   self.Wp, self.tY, self.tX, self.Co)
+            y = np.empty((batch, self.Co, self.Ho, self.Wo))
+            _crop(buf, y, self.inv, self.Hp, self.Wp, self.tY, self.tX)
+            return y, int(events), int(ops)
         flat = x.reshape(-1)
         addr = np.flatnonzero(flat)
         vals = flat[addr]
         out = np.zeros(batch * self.Ho * self.Wo * self.Co)
-        if use_numba:
-            ops = _scatter(addr, vals, out, self.rptr, self.rstart, self.rlen, self.roff, self.wv, self.tap_nnz,
-                           self.C, self.H, self.W, self.kh, self.kw, self.sh, self.sw, self.pt, self.pl, self.Ho,
-                           self.Wo, self.Co)
-            y = out.reshape(batch, self.Ho, self.Wo, self.Co)
-            if self.inv is not None:
-                y = y[..., self.inv]  # back to the graph's channel order
-        else:
-            ops = _scatter_numpy(addr, vals, out, self)
-            y = out.reshape(batch, self.Ho, self.Wo, self.Co)
+        ops = _scatter_numpy(addr, vals, out, self)
+        y = out.reshape(batch, self.Ho, self.Wo, self.Co)
         return np.ascontiguousarray(y.transpose(0, 3, 1, 2)), int(addr.size), int(ops)
 
     def dense(self, x: np.ndarray) -> np.ndarray:
@@ -250,7 +340,11 @@ class ConvPlan:
 class EventEngine:
     """Event-driven simulator of a :class:`Program` (numpy + a numba kernel; module docstring).
 
-    ``use_numba``: None (default) uses the kernel when numba is installed; False forces the numpy path."""
+    ``use_numba``: None (default) uses the kernel when numba is installed; False forces the numpy path.
+
+    The kernels' output buffer is shared by the layers and kept between calls, so one engine must not run two
+    calls at once (use one engine per thread). ``_force_rate`` (private; ``benchmarks/event_engine.py`` only):
+    when set to a rate, every IF layer outputs random spikes at that rate instead of its own spikes."""
 
     name = "event"
 
@@ -265,6 +359,21 @@ class EventEngine:
         self.program = program
         self.use_numba = HAVE_NUMBA if use_numba is None else bool(use_numba)
         self.plans = {layer.name: ConvPlan(layer) for layer in program.layers if layer.kind == "conv"}
+        self._buf_per_image = max([p.buffer_size for p in self.plans.values()] + [0])
+        self._buf = np.zeros(0)  # the kernels' output buffer, shared by the layers and kept between calls
+        # the step at which each layer's output is last read (freed after it unless it is an output or recorded)
+        order = {layer.name: i for i, layer in enumerate(program.layers)}
+        self._last_use = {layer.name: order[layer.name] for layer in program.layers}
+        for layer in program.layers:
+            for src in layer.sources:
+                self._last_use[src] = max(self._last_use[src], order[layer.name])
+        self._free_after = [[] for _ in program.layers]
+        for name, i in self._last_use.items():
+            self._free_after[i].append(name)
+        # benchmark hook (benchmarks/event_engine.py): when a rate in (0, 1], every IF layer outputs random spikes
+        # at that rate (drawn from _force_rng) instead of its own; the state evolves as usual. Not for results.
+        self._force_rate: float | None = None
+        self._force_rng = np.random.default_rng(0)
         self.fixed = program.fixed
         if self.fixed is not None:
             from neurosdm.quantize import state_limit
@@ -304,11 +413,13 @@ class EventEngine:
                 state[layer.name] = np.zeros((batch, *layer.in_shape), np.int64 if fixed is not None else np.float64)
         outs = {name: [] for name in prog.outputs}
         recs = {layer.name: [] for layer in prog.layers} if record else {}
+        if self.use_numba and self._buf.size < batch * self._buf_per_image:
+            self._buf = np.zeros(batch * self._buf_per_image)
 
         for k in range(K):
             p = params[min(k, len(params) - 1)]
             cur: dict[str, np.ndarray] = {}
-            for layer in prog.layers:
+            for li, layer in enumerate(prog.layers):
                 name = layer.name
                 if layer.kind == "input":
                     y = x
@@ -328,6 +439,8 @@ class EventEngine:
                     recs[name].append(y)
                 if name in outs:
                     outs[name].append(y)
+                for done in self._free_after[li]:
+                    del cur[done]  # its last reader has run (outputs and records keep their own reference)
 
         def stack(lst, layer):
             return np.stack(lst) if lst else np.zeros((0, batch, *layer.out_shape))
@@ -346,7 +459,7 @@ class EventEngine:
         if kind == "conv":
             plan = self.plans[name]
             if layer.input in ("spikes", "graded"):
-                y, events, ops = plan.scatter(x, self.use_numba)
+                y, events, ops = plan.scatter(x, self.use_numba, self._buf)
                 counter(name, "synops" if layer.input == "spikes" else "graded_ops")[k] = ops
                 counter(name, "events_in")[k] = events
             else:
@@ -381,6 +494,7 @@ class EventEngine:
             state[name] = v
             counter(name, "saturations")[k] = np.count_nonzero(sat)
             if kind == "if":
+                s = self._forced(s)
                 counter(name, "spikes_out")[k] = np.count_nonzero(s)
                 return s.astype(np.float64)
             return v.astype(np.float64)
@@ -398,5 +512,12 @@ class EventEngine:
         else:
             v = v - (layer.threshold - layer.v_reset) * s
         state[name] = v
+        s = self._forced(s)
         counter(name, "spikes_out")[k] = np.count_nonzero(s)
         return s.astype(np.float64)
+
+    def _forced(self, s: np.ndarray) -> np.ndarray:
+        """``s``, or random spikes of its shape at ``_force_rate`` (the benchmark hook; see ``__init__``)."""
+        if self._force_rate is None:
+            return s
+        return self._force_rng.random(s.shape) < self._force_rate
