@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from neurosdm.config import ModelConfig
 from neurosdm.exporters.nir import run_reference, to_nir_graph
 from neurosdm.exporters.rewrite import inline_junctions
-from neurosdm.models import SpikingUNet
 from neurosdm.simulators.reference import Discretisation, run_graph
+from test_export_nir import _model
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_STEPS = 3
@@ -42,19 +41,7 @@ pr = _load_script()
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory):
     """A tiny random SDM-head UNet (the shipped checkpoint's layout), exported, written and read back."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(img_ch=1, image_size=8, ch=4, ch_mult=(1, 2), num_res_blocks=1, num_steps=NUM_STEPS,
-                      num_diffusion_steps=50, head="sdm", threshold_scale=0.97, tsm=False)
-    model = SpikingUNet(cfg)
-    with torch.no_grad():  # random BN statistics and biases, as tests/test_export_nir.py
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.5, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.3, 0.3)
-            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and mod.bias is not None:
-                mod.bias.uniform_(-0.3, 0.3)
+    model = _model("sdm", (1, 2), num_steps=NUM_STEPS)  # random BN statistics and biases
     g, _ = to_nir_graph(model.eval())
     path = tmp_path_factory.mktemp("peer") / "tiny.nir"
     nir.write(path, g)
