@@ -34,22 +34,46 @@ from neurosdm.simulators.reference import Discretisation, FixedPoint, _padding, 
 
 __all__ = ["Layer", "Program", "load_program", "KINDS"]
 
-KINDS = {nir.Input: "input", nir.Output: "output", nir.Conv2d: "conv", nir.Scale: "scale", nir.IF: "if",
-         nir.LI: "li", nir.I: "i"}
+KINDS = {nir.Input: "input", nir.Output: "output", nir.Conv2d: "conv", nir.Conv1d: "gconv", nir.Scale: "scale",
+         nir.IF: "if", nir.LI: "li", nir.I: "i", nir.LIF: "lif", nir.CubaLI: "cubali", nir.CubaLIF: "cubalif",
+         nir.Affine: "affine", nir.Linear: "affine", nir.SumPool2d: "pool", nir.AvgPool2d: "pool",
+         nir.Flatten: "flatten", nir.Threshold: "threshold"}
+
+#: kinds whose output is 0/1 spikes (a layer reading exactly one of them has ``input == "spikes"``)
+SPIKING = ("if", "lif", "cubalif", "threshold")
+#: kinds with a membrane (and, for cubali/cubalif, a synaptic current) that starts at 0 at every call
+NEURONS = ("if", "li", "i", "lif", "cubali", "cubalif")
+#: kinds the event engine runs (it refuses the others; the torch engine runs every kind)
+EVENT_KINDS = ("input", "output", "conv", "scale", "if", "li", "i")
 
 
 @dataclass
 class Layer:
     """One node. Arrays are float64 and full-shaped (per neuron / per element) unless said otherwise.
 
-    conv: ``weight [Co, Ci, kh, kw]``, ``bias [Co]``, ``stride (sh, sw)``, ``padding ((top, bottom), (left,
-    right))``; ``rounded``: in fixed point, the output (bias included) is rounded half to even.
+    ``sources`` are the nodes whose outputs are summed into this layer's input; ``back[j]`` is True where the edge
+    from ``sources[j]`` closes a cycle (a recurrent edge: it delivers that source's output of the **previous**
+    spiking step, zero at the first; the reference interpreter's rule).
+
+    conv (Conv2d, groups 1, dilation 1) / gconv (Conv1d, or Conv2d with dilation or groups): ``weight [Co, Ci /
+    groups, kh, kw]`` (a Conv1d is stored as a height-1 Conv2d: ``weight [Co, Ci / groups, 1, k]``, ``nd = 1``),
+    ``bias [Co]``, ``stride (sh, sw)``, ``padding ((top, bottom), (left, right))``, ``dilation (dh, dw)``,
+    ``groups``; ``rounded``: in fixed point, the output (bias included) is rounded half to even.
+    affine (Affine, Linear): ``y = W x + b``, ``weight [..., out, in]``, ``bias [..., out]`` (zeros for Linear).
+    pool (SumPool2d, AvgPool2d): ``kernel``, ``stride``, ``padding ((ph, ph), (pw, pw))``; ``y = pool_scale *
+    window sum`` (``pool_scale`` 1, or ``1 / (kh kw)`` for AvgPool2d, padding zeros counted).
+    flatten: a reshape to ``out_shape`` (NIR's batch-free ``start_dim`` / ``end_dim``, checked by the reference).
+    threshold: ``y = [x >= threshold]`` (``disc.comparison``).
     scale: ``scale`` (element-wise factor, input shape).
-    if / li / i: one float step is ``v <- decay * v + (1 - decay) * v_leak + gain * x`` (then, for IF, compare
-    and reset as the reference interpreter: ``disc.comparison``, ``disc.reset``): IF/I ``decay = 1``,
-    ``gain = r dt``; LI euler ``decay = 1 - dt/tau``, ``gain = r dt / tau``; LI exp ``decay = exp(-dt/tau)``,
-    ``gain = (1 - decay) r``. ``threshold`` and ``v_reset`` (IF), ``v_leak`` (zeros for IF/I), ``decay_q12``
-    (fixed point: ``round(4096 * decay)``, one value per layer, gain 1, ``neurosdm.quantize.fixed_point_step``).
+    if / li / i / lif: one float step is ``v <- decay * v + (1 - decay) * v_leak + gain * x`` (then, for IF and
+    LIF, compare and reset as the reference interpreter: ``disc.comparison``, ``disc.reset``): IF/I
+    ``decay = 1``, ``gain = r dt``; LI/LIF euler ``decay = 1 - dt/tau``, ``gain = r dt / tau``; exp
+    ``decay = exp(-dt/tau)``, ``gain = (1 - decay) r``. ``threshold`` and ``v_reset`` (IF/LIF), ``v_leak``
+    (zeros for IF/I), ``decay_q12`` (fixed point: ``round(4096 * decay)``, one value per layer, gain 1,
+    ``neurosdm.quantize.fixed_point_step``).
+    cubali / cubalif: first the current ``i <- syn_decay * i + syn_gain * x`` (``syn_decay`` and ``syn_gain`` as
+    ``decay`` and ``gain`` above with ``tau_syn`` and ``r = w_in``, ``v_leak = 0``), then the membrane as LI/LIF
+    with ``tau_mem`` driven by the updated ``i`` (the reference's CubaLI/CubaLIF rule).
     """
 
     name: str
@@ -58,14 +82,22 @@ class Layer:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     input: str = "analog"
+    back: list[bool] = field(default_factory=list)
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
     stride: tuple[int, int] = (1, 1)
     padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    nd: int = 2
+    kernel: tuple[int, int] = (1, 1)
+    pool_scale: float = 1.0
     rounded: bool = False
     scale: np.ndarray | None = None
     gain: np.ndarray | None = None
     decay: np.ndarray | None = None
+    syn_gain: np.ndarray | None = None
+    syn_decay: np.ndarray | None = None
     threshold: np.ndarray | None = None
     v_reset: np.ndarray | None = None
     v_leak: np.ndarray | None = None
@@ -74,6 +106,10 @@ class Layer:
     @property
     def size(self) -> int:
         return int(np.prod(self.out_shape))
+
+    @property
+    def spiking(self) -> bool:
+        return self.kind in SPIKING
 
 
 @dataclass
@@ -126,68 +162,117 @@ def _read(source) -> nir.NIRGraph:
     return nir.read(path)
 
 
+def _leak_coefficients(tau: np.ndarray, r: np.ndarray, disc: Discretisation) -> tuple[np.ndarray, np.ndarray]:
+    """``(decay, gain)`` of one step of ``tau dv/dt = -v + r x`` (the reference's ``_leak``, written as
+    ``v <- decay v + (1 - decay) v_leak + gain x``): euler ``1 - dt/tau, r dt/tau``; exp ``a = exp(-dt/tau), (1-a) r``."""
+    if disc.method == "euler":
+        return 1.0 - disc.dt / tau, r * disc.dt / tau
+    decay = np.exp(-disc.dt / tau)
+    return decay, (1.0 - decay) * r
+
+
+def _flat_nodes(graph: nir.NIRGraph, prefix: str = ""):
+    for key, node in graph.nodes.items():
+        if isinstance(node, nir.NIRGraph):
+            yield from _flat_nodes(node, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", node
+
+
 def load_program(source: str | os.PathLike | nir.NIRGraph, disc: Discretisation | None = None) -> Program:
     """A :class:`Program` from a NIR file or graph; ``disc`` defaults to the graph's metadata."""
     graph = _read(source)
+    if not isinstance(graph, nir.NIRGraph):
+        raise GraphError(f"expected a nir.NIRGraph, got {type(graph).__name__}")
     metadata = dict(graph.metadata or {})
     disc = disc or Discretisation.from_metadata(metadata)
     fixed = FixedPoint.from_metadata(metadata)
+    for name, node in _flat_nodes(graph):
+        if isinstance(node, nir.Delay):
+            raise GraphError(f"node {name!r} has type Delay, which the engines do not support: the reference "
+                             "interpreter (their ground truth) defines no rule for it yet; remove it or model the "
+                             "delay explicitly (a recurrent edge already delays by one step)")
+        if type(node) not in KINDS:
+            raise GraphError(f"node {name!r} has type {type(node).__name__}, which the engines do not support "
+                             f"(supported: {', '.join(sorted({t.__name__ for t in KINDS} | {'NIRGraph'}))})")
     ops, edges, back, incoming, top_inputs, top_outputs = _prepare(graph, disc, fixed)
-    if back:
-        raise GraphError(f"recurrent edges are not supported by the engines yet: {[edges[i] for i in back][:3]}")
+    if len(top_inputs) != 1:
+        raise GraphError(f"the engines run graphs with exactly one top-level Input node; this one has "
+                         f"{sorted(top_inputs)}")
     scale_tables = set(metadata.get("scale_tables", {}))
     kinds: dict[str, str] = {}
+    for op in ops:
+        kinds[op.name] = "input" if op.role == "input" else "output" if op.role == "output" else KINDS[type(op.node)]
     layers = []
     for op in ops:
         node = op.node
-        kind = KINDS.get(type(node))
-        if kind is None:
-            raise GraphError(f"node {op.name!r} has type {type(node).__name__}, which the engines do not support "
-                             f"(supported: {', '.join(sorted(t.__name__ for t in KINDS))})")
-        if op.role == "input":
-            kind = "input"
-        elif op.role == "output":
-            kind = "output"
-        kinds[op.name] = kind
+        kind = kinds[op.name]
         sources = [edges[i][0] for i in incoming[op.name]]
-        layer = Layer(op.name, kind, sources, tuple(op.in_shape), tuple(op.out_shape))
-        if len(sources) == 1 and kinds[sources[0]] == "if":
+        layer = Layer(op.name, kind, sources, tuple(op.in_shape), tuple(op.out_shape),
+                      back=[i in back for i in incoming[op.name]])
+        if len(sources) == 1 and kinds[sources[0]] in SPIKING:
             layer.input = "spikes"
         elif len(sources) == 1 and sources[0] in scale_tables and len(incoming[sources[0]]) == 1 \
-                and kinds[edges[incoming[sources[0]][0]][0]] == "if":
+                and kinds[edges[incoming[sources[0]][0]][0]] in SPIKING:
             layer.input = "graded"
         shape = op.in_shape
-        if kind == "conv":
+
+        def p(name, default=None):
+            value = getattr(node, name, None)
+            if value is None:
+                if default is None:  # (the reference's preparation has already refused a missing parameter)
+                    raise GraphError(f"node {op.name!r} ({type(node).__name__}) has no parameter {name!r}")
+                value = default
+            return np.broadcast_to(np.asarray(value, np.float64), shape).copy()
+
+        if kind in ("conv", "gconv"):
+            nd = 1 if isinstance(node, nir.Conv1d) else 2
             w = np.asarray(node.weight, np.float64)
-            if w.ndim != 4 or int(np.asarray(node.groups).reshape(-1)[0]) != 1:
-                raise GraphError(f"node {op.name!r}: the engines support Conv2d with groups=1")
-            dilation = _tuple(node.dilation, 2, "dilation", op.name)
-            if dilation != (1, 1):
-                raise GraphError(f"node {op.name!r}: the engines support Conv2d with dilation 1")
-            layer.stride = _tuple(node.stride, 2, "stride", op.name)
-            layer.padding = _padding(node.padding, w.shape[2:], dilation, layer.stride, op.name)
+            groups = int(np.asarray(node.groups).reshape(-1)[0])
+            stride = _tuple(node.stride, nd, "stride", op.name)
+            dilation = _tuple(node.dilation, nd, "dilation", op.name)
+            padding = _padding(node.padding, w.shape[2:], dilation, stride, op.name)
+            if nd == 1:  # a Conv1d runs as a height-1 Conv2d (as the reference does)
+                w, stride, dilation, padding = w[:, :, None, :], (1, *stride), (1, *dilation), ((0, 0), *padding)
+            if kind == "conv" and (groups != 1 or dilation != (1, 1)):
+                kind = layer.kind = "gconv"
+            layer.nd, layer.groups, layer.dilation = nd, groups, dilation
+            layer.stride, layer.padding = stride, padding
             layer.weight = w
             layer.bias = np.zeros(w.shape[0]) if node.bias is None else \
                 np.broadcast_to(np.asarray(node.bias, np.float64), (w.shape[0],)).copy()
             layer.rounded = fixed is not None and op.name in fixed.round_nodes
+        elif kind == "affine":
+            w = np.asarray(node.weight, np.float64)
+            b = getattr(node, "bias", None)
+            layer.weight = w
+            layer.bias = np.zeros(w.shape[:-1]) if b is None else \
+                np.broadcast_to(np.asarray(b, np.float64), w.shape[:-1]).copy()
+        elif kind == "pool":
+            layer.kernel = _tuple(node.kernel_size, 2, "kernel_size", op.name)
+            layer.stride = _tuple(node.stride if node.stride is not None else layer.kernel, 2, "stride", op.name)
+            ph, pw = _tuple(node.padding if node.padding is not None else 0, 2, "padding", op.name)
+            layer.padding = ((ph, ph), (pw, pw))
+            layer.pool_scale = 1.0 if isinstance(node, nir.SumPool2d) else 1.0 / (layer.kernel[0] * layer.kernel[1])
+        elif kind == "threshold":
+            layer.threshold = p("threshold")
         elif kind == "scale":
-            layer.scale = np.broadcast_to(np.asarray(node.scale, np.float64), shape).copy()
-        elif kind in ("if", "i", "li"):
-            r = np.broadcast_to(np.asarray(node.r, np.float64), shape)
-            if kind == "li":
-                tau = np.broadcast_to(np.asarray(node.tau, np.float64), shape)
-                layer.decay = 1.0 - disc.dt / tau if disc.method == "euler" else np.exp(-disc.dt / tau)
-                layer.gain = r * disc.dt / tau if disc.method == "euler" else (1.0 - layer.decay) * r
-                layer.v_leak = np.broadcast_to(np.asarray(node.v_leak, np.float64), shape).copy()
+            layer.scale = p("scale")
+        elif kind in NEURONS:
+            if kind in ("li", "lif"):
+                layer.decay, layer.gain = _leak_coefficients(p("tau"), p("r"), disc)
+                layer.v_leak = p("v_leak")
+            elif kind in ("cubali", "cubalif"):
+                layer.syn_decay, layer.syn_gain = _leak_coefficients(p("tau_syn"), p("w_in", 1.0), disc)
+                layer.decay, layer.gain = _leak_coefficients(p("tau_mem"), p("r"), disc)
+                layer.v_leak = p("v_leak")
             else:
-                layer.gain = r * disc.dt
+                layer.gain = p("r") * disc.dt
                 layer.decay = np.ones(shape)
                 layer.v_leak = np.zeros(shape)
-            if kind == "if":
-                layer.threshold = np.broadcast_to(np.asarray(node.v_threshold, np.float64), shape).copy()
-                v_reset = getattr(node, "v_reset", None)
-                layer.v_reset = np.zeros(shape) if v_reset is None else \
-                    np.broadcast_to(np.asarray(v_reset, np.float64), shape).copy()
+            if kind in SPIKING:
+                layer.threshold = p("v_threshold")
+                layer.v_reset = p("v_reset", 0.0)
             if fixed is not None:
                 q = np.unique(np.rint(np.asarray(layer.decay) * 4096))
                 if q.size != 1 or not np.allclose(layer.gain, 1.0):

@@ -15,12 +15,26 @@ conv
                     of weight x payload)
     ``macs``        analog input (the image, a residual stream): dense, every input position whatever its value,
                     times its nonzero fan-out
+gconv (Conv1d; Conv2d with dilation or groups; torch engine only)
+    as conv (the fan-out respects dilation and groups; a Conv1d is a height-1 Conv2d)
+affine (Affine, Linear; torch engine only)
+    ``events_in``, and ``synops`` / ``graded_ops`` / ``macs`` as conv, with the fan-out of input element ``j``
+    = the nonzero weights of column ``j`` (``macs`` = batch x nonzero weights)
+pool (SumPool2d, AvgPool2d; torch engine only)
+    ``events_in``   nonzero input elements
+    ``pool_adds``   additions into the pooling windows: spike / graded input, for every nonzero input element the
+                    number of windows (inside the output map) that contain it; analog input, the same for every
+                    input element (dense). AvgPool2d's division by the window size is not counted.
+flatten
+    none (a reshape)
 scale
     ``events_in``   nonzero input elements (a TSM scale on spikes: the spikes that get a payload)
-if / li / i
-    ``neuron_updates``  every neuron, every step (clocked update)
+if / li / i / lif / cubali / cubalif (LIF and the Cuba types: torch engine only)
+    ``neuron_updates``  every neuron, every step (clocked update; a Cuba neuron's current and membrane: one)
     ``active_neurons``  neurons whose summed input is nonzero at that step
-    ``spikes_out``      spikes emitted (IF)
+    ``spikes_out``      spikes emitted (IF, LIF, CubaLIF)
+threshold (torch engine only)
+    ``neuron_updates``, ``active_neurons``, ``spikes_out`` as a neuron without state
     ``saturations``     fixed point only: neurons whose state was clipped
 any layer with several sources
     ``fanin_adds``  ``(sources - 1) * input size`` additions that sum the incoming edges
@@ -43,7 +57,7 @@ from neurosdm.io import atomic_path
 __all__ = ["COUNTERS", "HOST_COUNTERS", "RunStats", "add_counts"]
 
 COUNTERS = ("events_in", "synops", "graded_ops", "macs", "fanin_adds", "neuron_updates", "active_neurons",
-            "spikes_out", "saturations")
+            "spikes_out", "saturations", "pool_adds")
 HOST_COUNTERS = ("host_macs", "host_elementwise")
 
 

@@ -36,22 +36,27 @@ import torch.nn.functional as F
 
 from neurosdm.errors import ConfigError, GraphError
 from neurosdm.quantize import fixed_point_step_torch, state_limit
-from neurosdm.simulators.program import Layer, Program
+from neurosdm.simulators.program import NEURONS, Layer, Program
 
 __all__ = ["TorchEngine"]
 
-_NEURONS = ("if", "li", "i")
+_NEURONS = NEURONS
+_CONVS = ("conv", "gconv")
 
 
-def _fanout(weight: np.ndarray, in_shape: tuple[int, ...], stride, padding) -> torch.Tensor:
+def _fanout(weight: np.ndarray, in_shape: tuple[int, ...], stride, padding, dilation=(1, 1),
+            groups: int = 1) -> torch.Tensor:
     """``F [Ci, H, W]`` int64: per input position, the nonzero weights connecting it to output positions inside
-    the output map (the gradient of ``sum(conv2d(x, W != 0))`` with respect to ``x``; exact in float64)."""
+    the output map (the gradient of ``sum(conv2d(x, W != 0))`` with respect to ``x``; exact in float64).
+    ``in_shape`` is ``(Ci, H, W)``, or ``(Ci, W)`` for a Conv1d stored as a height-1 Conv2d (the result then has
+    the input's shape too)."""
     mask = torch.as_tensor(weight != 0, dtype=torch.float64)
-    x = torch.zeros((1, *in_shape), dtype=torch.float64, requires_grad=True)
+    shape4 = tuple(in_shape) if len(in_shape) == 3 else (in_shape[0], 1, *in_shape[1:])
+    x = torch.zeros((1, *shape4), dtype=torch.float64, requires_grad=True)
     (pt, pb), (pl, pr) = padding
-    y = F.conv2d(F.pad(x, (pl, pr, pt, pb)), mask, stride=tuple(stride))
+    y = F.conv2d(F.pad(x, (pl, pr, pt, pb)), mask, stride=tuple(stride), dilation=tuple(dilation), groups=groups)
     (grad,) = torch.autograd.grad(y.sum(), x)
-    return torch.round(grad[0]).to(torch.int64)
+    return torch.round(grad[0]).to(torch.int64).reshape(in_shape)
 
 
 class _Compiled:
@@ -71,24 +76,48 @@ class _Compiled:
         def t(a, dtype=dt):
             return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=dev)
 
-        if self.kind == "conv":
-            self.weight = t(layer.weight)
-            self.bias = t(layer.bias)
+        self.back = list(layer.back) if layer.back else [False] * len(self.sources)
+        self.op_counter = {"spikes": "synops", "graded": "graded_ops"}.get(layer.input, "macs")
+        if self.kind in _CONVS or self.kind == "pool":
+            if self.kind == "pool":
+                weight = np.ones((self.in_shape[0], 1, *layer.kernel))
+                groups, dilation = self.in_shape[0], (1, 1)
+                self.pool_scale = None if layer.pool_scale == 1.0 else float(layer.pool_scale)
+                self.op_counter = "pool_adds"
+            else:
+                weight, groups, dilation = layer.weight, int(layer.groups), tuple(int(d) for d in layer.dilation)
+                self.bias = t(layer.bias)
+                self.rounded = bool(layer.rounded) and engine.fixed is not None
+            self.weight = t(weight)
+            self.groups, self.dilation = groups, dilation
+            self.conv1d = self.kind == "gconv" and int(layer.nd) == 1
             self.stride = tuple(int(s) for s in layer.stride)
             (pt, pb), (pl, pr) = layer.padding
             if pt == pb and pl == pr:
                 self.pad, self.conv_padding = None, (int(pt), int(pl))
             else:
                 self.pad, self.conv_padding = (int(pl), int(pr), int(pt), int(pb)), (0, 0)
-            self.rounded = bool(layer.rounded) and engine.fixed is not None
-            fan = _fanout(layer.weight, self.in_shape, self.stride, layer.padding)
+            fan = _fanout(weight, self.in_shape, self.stride, layer.padding, dilation, groups)
             self.fanout = fan.to(dev)
             self.fanout_total = int(fan.sum())
-            self.op_counter = {"spikes": "synops", "graded": "graded_ops"}.get(layer.input, "macs")
+        elif self.kind == "affine":
+            self.weight = t(layer.weight)
+            self.bias = t(layer.bias)
+            fan = torch.as_tensor((np.asarray(layer.weight) != 0).sum(axis=-2), dtype=torch.int64)
+            self.fanout = fan.to(dev)  # [..., in]: the nonzero weights leaving each input element
+            self.fanout_total = int(fan.sum())
+        elif self.kind == "threshold":
+            self.threshold = t(layer.threshold)
+            self.ge = engine.program.disc.comparison == ">="
         elif self.kind == "scale":
             self.scale = self._scalar_or_tensor(layer.scale, t)
         elif self.kind in _NEURONS:
-            self.spiking = self.kind == "if"
+            self.spiking = layer.spiking
+            self.cuba = self.kind in ("cubali", "cubalif")
+            if self.cuba:
+                syn_decay = np.asarray(layer.syn_decay, np.float64)
+                self.syn_decay = None if np.all(syn_decay == 1.0) else self._scalar_or_tensor(syn_decay, t)
+                self.syn_gain = self._scalar_or_tensor(layer.syn_gain, t)
             if engine.fixed is not None:
                 if self.spiking:
                     thr = np.asarray(layer.threshold, np.float64)
@@ -180,16 +209,32 @@ class TorchEngine:
 
     # ------------------------------------------------------------------------------------------------ layers
 
-    def _conv(self, c: _Compiled, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _conv(self, c: _Compiled, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Conv2d / Conv1d (as a height-1 Conv2d) / pool (a grouped conv with a ones kernel, ``bias`` None)."""
+        if c.conv1d:
+            x = x.unsqueeze(-2)
         if c.pad is not None:
             x = F.pad(x, c.pad)
-        if self.dtype == torch.float32 and self.fixed is None:
-            return F.conv2d(x, c.weight, bias, stride=c.stride, padding=c.conv_padding)
-        # float64: the sum first, then the bias (the reference's order)
-        y = F.conv2d(x, c.weight, None, stride=c.stride, padding=c.conv_padding) + bias.view(-1, 1, 1)
-        return torch.round(y) if c.rounded else y
+        kw = dict(stride=c.stride, padding=c.conv_padding, dilation=c.dilation, groups=c.groups)
+        if bias is not None and self.dtype == torch.float32 and self.fixed is None:
+            y = F.conv2d(x, c.weight, bias, **kw)
+        else:  # float64: the sum first, then the bias (the reference's order)
+            y = F.conv2d(x, c.weight, None, **kw)
+            if bias is not None:
+                y = y + bias.view(-1, 1, 1)
+                if c.rounded:
+                    y = torch.round(y)
+        return y.squeeze(-2) if c.conv1d else y
 
-    def _neuron_float(self, c: _Compiled, x: torch.Tensor, v: torch.Tensor):
+    def _neuron_float(self, c: _Compiled, x: torch.Tensor, state):
+        if c.cuba:  # the synaptic current first, the membrane sees the updated current (the reference's order)
+            i, v = state
+            i = (i if c.syn_decay is None else c.syn_decay * i) + c.syn_gain * x
+            y, v, s = self._membrane(c, i, v)
+            return y, (i, v), s
+        return self._membrane(c, x, state)
+
+    def _membrane(self, c: _Compiled, x: torch.Tensor, v: torch.Tensor):
         drive = x if c.gain is None else c.gain * x
         if c.decay is not None:
             v = c.decay * v
@@ -207,12 +252,14 @@ class TorchEngine:
 
     # ------------------------------------------------------------------------------------------------ run
 
-    def run(self, x, t: int, record: bool = False, count: bool = True) -> dict:
-        """One network call: ``program.num_steps`` spiking steps from a zero state.
+    def run(self, x, t: int = 0, record: bool = False, count: bool = True) -> dict:
+        """One network call from a zero state.
 
-        x: numpy array or tensor ``[B, *input_shape]``, the (already encoded) input of the Input layer, the same
-           at every spiking step; t: diffusion step (selects ``program.step_params(t)``); record: also return every
-           layer's output; count: compute the counters (``counts`` is empty otherwise).
+        x: numpy array or tensor, the (already encoded) input of the Input layer: ``[B, *input_shape]``, the same
+           at each of ``program.num_steps`` spiking steps (the denoiser path), or a time-varying sequence
+           ``[T, B, *input_shape]`` (foreign graphs), which runs ``T`` steps; t: diffusion step (selects
+           ``program.step_params(t)``); record: also return every layer's output; count: compute the counters
+           (``counts`` is empty otherwise).
 
         Returns ``{"outputs": {output layer: float64 numpy [K, B, *shape]}, "counts": {layer: {counter: int64
         numpy [K]}}, "records": {layer: float64 numpy [K, B, *shape]}}`` (records empty unless ``record``; a
@@ -231,19 +278,27 @@ class TorchEngine:
 
     def _run(self, x, t: int, record: bool, count: bool) -> dict:
         xt = torch.as_tensor(x).to(device=self.device, dtype=self.dtype)
-        if xt.ndim != 1 + len(self.input_shape) or tuple(xt.shape[1:]) != self.input_shape:
+        n = len(self.input_shape)
+        if xt.ndim == 1 + n and tuple(xt.shape[1:]) == self.input_shape:
+            sequence, K = False, self.program.num_steps
+        elif xt.ndim == 2 + n and tuple(xt.shape[2:]) == self.input_shape and xt.shape[0] >= 1:
+            sequence, K = True, int(xt.shape[0])
+        else:
             raise GraphError(f"input for Input node {self.input_name!r} has shape {tuple(xt.shape)}; expected "
-                             f"[batch, *{self.input_shape}]")
-        B = int(xt.shape[0])
-        K = self.program.num_steps
+                             f"[batch, *{self.input_shape}] (constant) or [steps, batch, *{self.input_shape}]")
+        B = int(xt.shape[1] if sequence else xt.shape[0])
         params = self._params(t)
         fixed = self.fixed
-        state: dict[str, torch.Tensor] = {}
+        state: dict[str, object] = {}
         for c in self.layers:
             if c.kind in _NEURONS:
                 shape = (B, *c.in_shape)
-                state[c.name] = torch.zeros(shape, dtype=torch.int64 if fixed is not None else self.dtype,
-                                            device=self.device)
+                zeros = torch.zeros(shape, dtype=torch.int64 if fixed is not None else self.dtype, device=self.device)
+                state[c.name] = (zeros, zeros.clone()) if getattr(c, "cuba", False) else zeros
+        recurrent = {src for c in self.layers for src, b in zip(c.sources, c.back) if b}
+        prev: dict[str, torch.Tensor] = {name: torch.zeros((B, *self.program.by_name[name].out_shape),
+                                                           dtype=self.dtype, device=self.device)
+                                          for name in recurrent}
         wanted = set(self.program.outputs) | ({c.name for c in self.layers} if record else set())
         traces: dict[str, list[torch.Tensor]] = {n: [] for n in wanted}
         counts: dict[str, dict[str, list]] = {}
@@ -252,32 +307,58 @@ class TorchEngine:
         def add(layer, counter, value):
             counts.setdefault(layer, {}).setdefault(counter, []).append(value)
 
+        def dense_or_events(c, xin):
+            """``sum_i [x_i != 0] F[i]`` (spike / graded input) or ``B sum_i F[i]`` (analog input)."""
+            if c.op_counter == "macs" or (c.op_counter == "pool_adds" and c.layer.input == "analog"):
+                add(c.name, c.op_counter, B * c.fanout_total)
+            else:
+                add(c.name, c.op_counter, torch.where(xin != 0, c.fanout, 0).sum())
+
         for k in range(K):
             p = params[min(k, len(params) - 1)]
             out: dict[str, torch.Tensor] = {}
             for c in self.layers:
                 if c.name == self.input_name:  # (a nested graph's Input node is an identity, below)
-                    y = xt
+                    y = xt[k] if sequence else xt
                     out[c.name] = y
                     if c.name in traces:
                         traces[c.name].append(y)
                     continue
                 if c.sources:
-                    xin = out[c.sources[0]]
-                    for src in c.sources[1:]:
-                        xin = xin + out[src]
+                    vals = [prev[src] if b else out[src] for src, b in zip(c.sources, c.back)]
+                    xin = vals[0]
+                    for v in vals[1:]:
+                        xin = xin + v
                 else:
                     xin = torch.zeros((B, *c.in_shape), dtype=self.dtype, device=self.device)
                 if count and len(c.sources) > 1:
                     add(c.name, "fanin_adds", (len(c.sources) - 1) * c.in_size * B)
-                if c.kind == "conv":
+                if c.kind in _CONVS:
                     y = self._conv(c, xin, p.get(c.name, c.bias))
                     if count:
                         add(c.name, "events_in", torch.count_nonzero(xin))
-                        if c.op_counter == "macs":
-                            add(c.name, "macs", B * c.fanout_total)
-                        else:  # sum(conv2d(x != 0, W != 0)) = sum_i [x_i != 0] fanout_i
-                            add(c.name, c.op_counter, torch.where(xin != 0, c.fanout, 0).sum())
+                        dense_or_events(c, xin)
+                elif c.kind == "pool":
+                    y = self._conv(c, xin, None)
+                    if c.pool_scale is not None:
+                        y = y * c.pool_scale
+                    if count:
+                        add(c.name, "events_in", torch.count_nonzero(xin))
+                        dense_or_events(c, xin)
+                elif c.kind == "affine":
+                    y = torch.matmul(c.weight, xin.unsqueeze(-1)).squeeze(-1) + c.bias
+                    if count:
+                        add(c.name, "events_in", torch.count_nonzero(xin))
+                        dense_or_events(c, xin)
+                elif c.kind == "flatten":
+                    y = xin.reshape(B, *c.out_shape)
+                elif c.kind == "threshold":
+                    s = xin >= c.threshold if c.ge else xin > c.threshold
+                    y = s.to(self.dtype)
+                    if count:
+                        add(c.name, "neuron_updates", B * c.in_size)
+                        add(c.name, "active_neurons", torch.count_nonzero(xin))
+                        add(c.name, "spikes_out", s.sum())
                 elif c.kind == "scale":
                     y = xin * p.get(c.name, c.scale)
                     if count:
@@ -303,6 +384,8 @@ class TorchEngine:
                 out[c.name] = y
                 if c.name in traces:
                     traces[c.name].append(y)
+            for name in recurrent:
+                prev[name] = out[name]
 
         for name, flags in not_integer.items():
             if bool(torch.stack(flags).any()):
