@@ -268,6 +268,8 @@ def simulate(
     device: str = typer.Option("cpu", help="torch engine only: cpu | cuda"),
     save_spikes: bool = typer.Option(False, "--save-spikes", help="also write every IF layer's spikes as NIR data "
                                      "(DIR/spikes.nird)"),
+    threshold_scale: Optional[float] = typer.Option(None, help="threshold guidance at simulation time: IF layers "
+                                                    "fire at threshold x this (default: as exported)"),
     out: Path = typer.Option(..., "--out", help="output directory"),
 ):
     """Generate images by running an exported graph on an engine inside the sampler; exact per-layer counts."""
@@ -279,7 +281,8 @@ def simulate(
     program = load_program(file)
     images, stats, den = run_simulation(program, engine.value, num_images, sampler.value, steps, seed, eta,
                                         batch_size, device, record=save_spikes,
-                                        progress=progress_bar(f"{engine.value} engine"))
+                                        progress=progress_bar(f"{engine.value} engine"),
+                                        threshold_scale=threshold_scale)
     save_npy(images.numpy(), out / "images.npy")
     save_png(image_grid(images.numpy()), out / "images.png")
     stats.save(out / "stats.json")
@@ -518,6 +521,8 @@ def evaluate(
                                                "~/.cache/neurosdm/fid_stats or $NEUROSDM_STATS_CACHE)"),
     batch_size: int = typer.Option(64),
     device: str = typer.Option("cpu"),
+    threshold_scale: Optional[float] = typer.Option(None, help="threshold guidance: every IF neuron fires at "
+                                                    "threshold x this (default: as trained/exported)"),
     out: Optional[Path] = typer.Option(None, "--out", help="write the results as JSON"),
 ):
     """FID (and IS) of generated images against real ones; the sample counts are printed beside the figures."""
@@ -525,7 +530,8 @@ def evaluate(
     from neurosdm.metrics import evaluate as run_evaluate
 
     r = run_evaluate(source, dataset, num_images, features.value, inception, classifier, steps, seed, ref_images,
-                     split, data_dir, stats_cache, batch_size, device, progress=progress_bar("sampling"))
+                     split, data_dir, stats_cache, batch_size, device, progress=progress_bar("sampling"),
+                     threshold_scale=threshold_scale)
     what = f"{r['features']} features, {r['feature_dim']}-d"
     console.print(f"FID {r['fid']:.3f} ({what}; {r['num_images']:,} generated vs {r['ref_images']:,} real "
                   f"{r['dataset']} {r['split']} images; {r['generated']})", highlight=False, soft_wrap=True)
@@ -541,6 +547,36 @@ def evaluate(
         with atomic_path(out) as tmp:
             tmp.write_text(json.dumps(r, indent=1))
         console.print(f"wrote {out}", highlight=False)
+
+
+@app.command()
+def sweep(
+    source: Path = typer.Argument(..., help="checkpoint (GPU path) or .nir file (torch engine)"),
+    dataset: str = typer.Option(..., help="real data to compare with: builtin | fashion-mnist | mnist | ..."),
+    scales: str = typer.Option("0.8,0.9,1.0,1.1,1.2", help="comma-separated threshold scales"),
+    num_images: int = typer.Option(256, help="images per scale"),
+    features: Features = typer.Option(Features.classifier),
+    steps: int = typer.Option(20, help="DDIM steps"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(..., "--out", help="output directory (sweep.json, sweep.png)"),
+):
+    """Threshold guidance sweep: FID (and IS) against the threshold scale, same seeds at every scale."""
+    from neurosdm.errors import ConfigError
+    from neurosdm.metrics import sweep as run_sweep
+
+    try:
+        values = [float(v) for v in scales.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--scales must be comma-separated numbers, got {scales!r}") from None
+    r = run_sweep(source, dataset, values, out, num_images, features.value, steps, seed,
+                  progress=progress_bar("sampling"))
+    table = Table(title=f"threshold guidance: {source.name}, {num_images} samples per scale, {features.value} features")
+    for col in ("scale", "FID", "IS"):
+        table.add_column(col, justify="right")
+    for s, f, i in zip(r["scales"], r["fid"], r["is"]):
+        table.add_row(f"{s:g}", f"{f:.3f}", "-" if i is None else f"{i:.3f}")
+    console.print(table)
+    console.print(f"-> {out}/sweep.json, {out}/sweep.png", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

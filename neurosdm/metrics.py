@@ -291,31 +291,37 @@ def _check_source(source, num_images: int, steps: int) -> Path:
 
 def generate_images(source: str | os.PathLike, num_images: int, steps: int = 20, seed: int = 0,
                     sampler: str = "ddim", batch_size: int = 64, device: str = "cpu",
-                    progress: Callable | None = None) -> tuple[torch.Tensor, str]:
+                    progress: Callable | None = None, threshold_scale: float | None = None) -> tuple[torch.Tensor, str]:
     """Images ``[N, C, H, W]`` in [-1, 1] from a checkpoint (GPU path: the float torch model) or a ``.nir`` file
-    (the torch engine). Returns ``(images, how)``."""
+    (the torch engine), with threshold guidance ``threshold_scale`` if given. Returns ``(images, how)``."""
     source = _check_source(source, num_images, steps)
+    guided = "" if threshold_scale is None else f", threshold scale {float(threshold_scale):g}"
     if source.suffix == ".nir":
         from neurosdm.simulators.program import load_program
         from neurosdm.simulators.run import simulate
 
         images, _, _ = simulate(load_program(source), "torch", num_images, sampler, steps, seed,
-                                batch_size=batch_size, device=device, progress=progress)
-        return images, f"{source.name} on the torch engine, {sampler} {steps}"
+                                batch_size=batch_size, device=device, progress=progress,
+                                threshold_scale=threshold_scale)
+        return images, f"{source.name} on the torch engine, {sampler} {steps}{guided}"
     from neurosdm.checkpoint import load_model
     from neurosdm.sample import generate
 
     model, config = load_model(source, device=device)
+    if threshold_scale is not None:
+        if not float(threshold_scale) > 0:
+            raise ConfigError(f"--threshold-scale must be a positive number, got {threshold_scale}")
+        model.set_threshold_scale(float(threshold_scale))
     images = generate(model, config, num_images, seed, sampler, steps, batch_size=batch_size, progress=progress,
                       device=device)
-    return images, f"{source.name} (torch model), {sampler} {steps}"
+    return images, f"{source.name} (torch model), {sampler} {steps}{guided}"
 
 
 def evaluate(source: str | os.PathLike, dataset: str, num_images: int = 1000, features: str = "classifier",
              inception: str | os.PathLike | None = None, classifier: str | os.PathLike | None = None,
              steps: int = 20, seed: int = 0, ref_images: int | None = None, split: str = "test",
              data_dir: str | None = None, cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
-             device: str = "cpu", progress: Callable | None = None) -> dict:
+             device: str = "cpu", progress: Callable | None = None, threshold_scale: float | None = None) -> dict:
     """Generate ``num_images`` images from ``source``, compute FID against ``dataset``/``split`` (``ref_images``
     real images; default all of the split for classifier features, ``num_images`` for Inception) and IS.
 
@@ -330,7 +336,7 @@ def evaluate(source: str | os.PathLike, dataset: str, num_images: int = 1000, fe
         ref_images = num_images
     ref = reference_stats(dataset, extractor, ref_images, split, data_dir, cache_dir)
     images, how = generate_images(source, num_images, steps, seed, batch_size=batch_size, device=device,
-                                  progress=progress)
+                                  progress=progress, threshold_scale=threshold_scale)
     feats, logits = extractor(images)
     mu, sigma = gaussian_stats(feats)
     result = {
@@ -343,7 +349,48 @@ def evaluate(source: str | os.PathLike, dataset: str, num_images: int = 1000, fe
         "features": features, "feature_key": extractor.key, "feature_file": str(extractor.path),
         "feature_dim": int(feats.shape[1]),
         "generated": how, "source": str(source), "steps": int(steps), "seed": int(seed),
+        "threshold_scale": None if threshold_scale is None else float(threshold_scale),
         "image_size": int(images.shape[-1]), "resized_to": int(extractor.image_size),
         "reference_stats": ref["path"], "reference_cached": ref["cached"],
     }
+    return result
+
+
+def sweep(source: str | os.PathLike, dataset: str, scales: list[float], out_dir: str | os.PathLike,
+          num_images: int = 256, features: str = "classifier", steps: int = 20, seed: int = 0,
+          progress: Callable | None = None, **kwargs) -> dict:
+    """Threshold guidance sweep: :func:`evaluate` at every threshold scale (same seeds, same reference
+    statistics), written to ``out_dir/sweep.json`` and ``out_dir/sweep.png`` (FID and IS against the scale)."""
+    import json
+
+    from neurosdm.io import atomic_path
+
+    if not scales:
+        raise ConfigError("--scales needs at least one value, e.g. 0.9,1.0,1.1")
+    rows = [evaluate(source, dataset, num_images, features, steps=steps, seed=seed, progress=progress,
+                     threshold_scale=float(s), **kwargs) for s in scales]
+    result = {"source": str(source), "dataset": dataset, "features": features, "num_images": int(num_images),
+              "steps": int(steps), "seed": int(seed), "scales": [float(s) for s in scales],
+              "fid": [r["fid"] for r in rows], "is": [r["is"] for r in rows], "runs": rows}
+    out = Path(out_dir)
+    with atomic_path(out / "sweep.json") as tmp:
+        Path(tmp).write_text(json.dumps(result, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(result["scales"], result["fid"], marker="o", label="FID")
+    ax.set_xlabel("threshold scale")
+    ax.set_ylabel(f"FID ({features} features, {num_images} samples)")
+    if all(v is not None for v in result["is"]):
+        ax2 = ax.twinx()
+        ax2.plot(result["scales"], result["is"], marker="s", color="tab:orange", label="IS")
+        ax2.set_ylabel("IS")
+    ax.set_title(f"threshold guidance: {Path(source).name}")
+    fig.tight_layout()
+    with atomic_path(out / "sweep.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
     return result

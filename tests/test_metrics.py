@@ -229,3 +229,20 @@ def test_evaluate_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, args, n
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+
+
+def test_sweep_cli(tmp_path, monkeypatch):
+    """`neurosdm sweep`: one evaluation per threshold scale, same seeds; the scale changes the images."""
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    args = ["sweep", str(ckpt), "--dataset", "builtin", "--scales", "0.6,1.4", "--num-images", "8", "--steps", "2",
+            "--out", str(tmp_path / "sw")]
+    monkeypatch.setenv("NEUROSDM_STATS_CACHE", str(tmp_path / "cache"))
+    r = CliRunner().invoke(cli.app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert res["scales"] == [0.6, 1.4] and len(res["fid"]) == 2 and all(np.isfinite(res["fid"]))
+    assert res["runs"][0]["threshold_scale"] == 0.6 and res["fid"][0] != res["fid"][1]
+    assert (tmp_path / "sw" / "sweep.png").stat().st_size > 1000
+    r = CliRunner().invoke(cli.app, ["sweep", str(ckpt), "--dataset", "builtin", "--scales", "a,b", "--out",
+                                     str(tmp_path / "x")])
+    assert r.exit_code != 0

@@ -129,3 +129,27 @@ def test_bad_inputs_are_one_line_errors(exported, tmp_path):
     p = subprocess.run([sys.executable, "-m", "neurosdm", "simulate", str(exported["spiking"]["int8"]), "--engine",
                         "spinnaker", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert p.returncode == 2
+
+
+def test_threshold_guidance_at_simulation_time(exported):
+    """apply_threshold_scale sets every IF threshold by the exporter's rule; the spikes follow it."""
+    import math
+
+    from neurosdm.simulators.run import apply_threshold_scale
+
+    for kind in ("float", "int8"):
+        program = load_program(exported["spiking"][kind])
+        md = program.metadata
+        apply_threshold_scale(program, 1.3)
+        ifs = [layer for layer in program.layers if layer.kind == "if"]
+        expect = 1.3 * float(md["threshold"])
+        if kind == "int8":
+            expect = math.ceil(expect / 2.0 ** int(md["quant"]["state_exponent"]))
+        assert all(np.all(layer.threshold == expect) for layer in ifs)
+    kw = dict(num_images=2, steps=3, seed=0)
+    _, low, _ = simulate(load_program(exported["spiking"]["int8"]), "torch", threshold_scale=0.7, **kw)
+    _, high, _ = simulate(load_program(exported["spiking"]["int8"]), "torch", threshold_scale=1.5, **kw)
+    assert low.total("spikes_out") > high.total("spikes_out") > 0
+    assert low.meta["threshold_scale"] == 0.7
+    with pytest.raises(Exception, match="positive"):
+        apply_threshold_scale(load_program(exported["spiking"]["int8"]), -1.0)

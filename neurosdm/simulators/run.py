@@ -19,7 +19,8 @@ from neurosdm.errors import ConfigError
 from neurosdm.simulators.program import Program
 from neurosdm.simulators.stats import RunStats, add_counts
 
-__all__ = ["ENGINES", "make_engine", "GraphDenoiser", "simulate", "host_counts", "config_of"]
+__all__ = ["ENGINES", "make_engine", "GraphDenoiser", "simulate", "host_counts", "config_of",
+           "apply_threshold_scale"]
 
 ENGINES = ("event", "torch")
 
@@ -60,6 +61,30 @@ def config_of(program: Program) -> Config:
                                 beta_start=float(_meta(d, "beta_start")), beta_end=float(_meta(d, "beta_end")))
     return Config(ModelConfig(img_ch=c, image_size=h, num_steps=program.num_steps,
                               num_diffusion_steps=diffusion.num_diffusion_steps), diffusion)
+
+
+def apply_threshold_scale(program: Program, scale: float) -> Program:
+    """Threshold guidance at simulation time (SDM): every IF layer fires at ``threshold * scale`` instead of the
+    exported ``threshold * metadata["threshold_scale"]``; in place, returns ``program``. A float graph gets
+    ``threshold * scale``; an int8 graph ``ceil(threshold * scale / 2**state_exponent)`` (the exporter's rule).
+    Only for neurosdm exports (``metadata["threshold"]``), whose IF layers share one threshold."""
+    scale = float(scale)
+    if not np.isfinite(scale) or scale <= 0:
+        raise ConfigError(f"--threshold-scale must be a positive number, got {scale}")
+    md = program.metadata
+    if "threshold" not in md:
+        raise ConfigError("threshold guidance needs a neurosdm export (its metadata records the base threshold)")
+    theta = float(np.asarray(md["threshold"])) * scale
+    quant = md.get("quant")
+    if isinstance(quant, dict):
+        value = float(np.ceil(theta / 2.0 ** int(np.asarray(quant["state_exponent"]))))
+    else:
+        value = theta
+    for layer in program.layers:
+        if layer.kind == "if":
+            layer.threshold = np.full_like(layer.threshold, value)
+    program.metadata = dict(md, threshold_scale=scale, v_threshold=theta)
+    return program
 
 
 def host_counts(program: Program, batch: int) -> dict[str, int]:
@@ -148,14 +173,17 @@ class GraphDenoiser:
 
 def simulate(program: Program, engine: str = "event", num_images: int = 4, sampler: str = "ddim",
              steps: int = 20, seed: int = 0, eta: float = 0.0, batch_size: int = 16, device: str = "cpu",
-             record: bool = False, progress=None, on_result=None):
+             record: bool = False, progress=None, on_result=None, threshold_scale: float | None = None):
     """Generate ``num_images`` images on ``engine``. Returns ``(images [N, C, H, W] float32 in [-1, 1], RunStats,
-    denoiser)`` (the denoiser holds the spike records when ``record``)."""
+    denoiser)`` (the denoiser holds the spike records when ``record``). ``threshold_scale``: threshold guidance
+    (:func:`apply_threshold_scale`; changes ``program``)."""
     from neurosdm.sample import generate
 
     if num_images < 1:
         raise ConfigError(f"--num-images must be at least 1, got {num_images}")
     config = config_of(program)
+    if threshold_scale is not None:
+        apply_threshold_scale(program, threshold_scale)
     eng = make_engine(engine, program, device=device)
     den = GraphDenoiser(program, eng, record=record, on_result=on_result)
     images = generate(den, config, num_images, seed=seed, sampler=sampler, num_sample_steps=steps, eta=eta,
@@ -163,6 +191,7 @@ def simulate(program: Program, engine: str = "event", num_images: int = 4, sampl
     stats = den.stats(sampler, eta, num_images)
     stats.meta.update(engine=engine, sampler=sampler, steps=int(steps), seed=int(seed), eta=float(eta),
                       batch_size=int(batch_size), quantized=str(_meta(program.metadata, "quantized", "none")),
+                      threshold_scale=float(np.asarray(program.metadata.get("threshold_scale", 1.0))),
                       source_checkpoint=str(_meta(program.metadata, "source_checkpoint", "")))
     return images, stats, den
 
