@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 from neurosdm.errors import ConfigError, GraphError
-from neurosdm.simulators.program import Layer, Program
+from neurosdm.simulators.program import EVENT_KINDS, Layer, Program
 
 __all__ = ["EventEngine", "HAVE_NUMBA", "ConvPlan"]
 
@@ -356,6 +356,11 @@ class EventEngine:
             raise GraphError(f"the engines run graphs with one Input node; this one has {sorted(program.inputs)}")
         if use_numba and not HAVE_NUMBA:
             raise ConfigError("use_numba=True but numba is not installed (pip install numba)")
+        for layer in program.layers:
+            recurrent = any(getattr(layer, "back", ()) or ())
+            if layer.kind not in EVENT_KINDS or recurrent:
+                raise GraphError(f"node {layer.name!r} ({layer.kind}{', recurrent' if recurrent else ''}): the "
+                                 "event engine runs neurosdm's own exports only; use --engine torch")
         self.program = program
         self.use_numba = HAVE_NUMBA if use_numba is None else bool(use_numba)
         self.plans = {layer.name: ConvPlan(layer) for layer in program.layers if layer.kind == "conv"}
@@ -473,7 +478,7 @@ class EventEngine:
             return y
         if kind in ("if", "li", "i"):
             return self._neuron(layer, x, k, counter, batch, state)
-        raise GraphError(f"node {name!r}: the event engine cannot run layers of kind {kind!r}")
+        raise GraphError(f"node {name!r}: the event engine cannot run layers of kind {kind!r}; use --engine torch")
 
     def _neuron(self, layer: Layer, x: np.ndarray, k: int, counter, batch: int, state: dict) -> np.ndarray:
         name, kind = layer.name, layer.kind

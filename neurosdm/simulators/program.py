@@ -5,13 +5,18 @@ interpreter's preparation (flattening, ordering, shape inference; so every engin
 rejects the same mistakes) and returns a :class:`Program`. The engines (``neurosdm.simulators.torch_engine``,
 ``neurosdm.simulators.event``) read only the program, i.e. only the .nir file.
 
-Supported node types: Input, Output, Conv2d, Scale, IF, LI, I (everything neurosdm's exporter writes); others
-raise :class:`GraphError` naming the node. Recurrent edges are not supported yet.
+Supported node types: the reference interpreter's whole set (Input, Output, Affine, Linear, Scale, Conv1d, Conv2d,
+SumPool2d, AvgPool2d, Flatten, Threshold, I, IF, LI, LIF, CubaLI, CubaLIF, nested NIRGraphs), one rule each
+(:class:`Layer`, and the reference module's docstring). Delay and other types raise :class:`GraphError` naming the
+node; so do graphs with more than one top-level Input. Recurrent edges (``Layer.back``) deliver the source's output
+of the previous step. The event engine runs the kinds in ``EVENT_KINDS`` (neurosdm's own exports) and refuses the
+others; the torch engine runs every kind.
 
 Layer kinds and what a layer's input is (``Layer.input``), which decides how it is computed and counted:
 
-- ``"spikes"``: the layer has exactly one source and it is an IF layer (0/1 values);
-- ``"graded"``: one source, a TSM Scale node (``metadata["scale_tables"]``) whose own source is an IF layer:
+- ``"spikes"``: the layer has exactly one source and it is a spiking layer (``SPIKING``: IF, LIF, CubaLIF,
+  Threshold; 0/1 values);
+- ``"graded"``: one source, a TSM Scale node (``metadata["scale_tables"]``) whose own source is a spiking layer:
   spikes with a payload ``p[k]``;
 - ``"analog"``: anything else (the image, a residual stream, a sum of several sources).
 

@@ -1,0 +1,335 @@
+"""Foreign NIR graphs (the whole core node set) on the engines.
+
+Part 1: the torch engine against the reference interpreter (``run_graph``), float64, per node type, nested graphs,
+recurrent edges; the counters of the new kinds; one-line errors.
+Part 2: graphs exported by snnTorch, Norse and spikingjelly themselves, run by the exporting framework and by the
+torch engine on the same inputs (skipped where the framework is absent). docs/foreign-graphs.md has the rules and
+the differences found.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import nir
+import pytest
+import torch
+
+from neurosdm.errors import GraphError
+from neurosdm.simulators.program import load_program
+from neurosdm.simulators.reference import Discretisation, run_graph
+from neurosdm.simulators.torch_engine import TorchEngine
+
+TOL = 1e-9
+
+
+def _graph(nodes: dict, edges: list, metadata=None) -> nir.NIRGraph:
+    return nir.NIRGraph(nodes=nodes, edges=edges, metadata=metadata or {}, type_check=False)
+
+
+def _chain(*named, in_shape, metadata=None) -> nir.NIRGraph:
+    """``input -> named[0] -> ... -> output``."""
+    nodes = {"input": nir.Input(input_type={"input": np.array(in_shape)})}
+    names = ["input"]
+    for name, node in named:
+        nodes[name] = node
+        names.append(name)
+    edges = list(zip(names[:-1], names[1:]))
+    try:  # the Output's shape: the last node's, as the reference infers it
+        out_shape = load_program(_graph(nodes, edges)).by_name[names[-1]].out_shape
+    except GraphError:
+        out_shape = (1,)  # (a graph built to fail)
+    nodes["output"] = nir.Output(output_type={"output": np.array(out_shape)})
+    return _graph(nodes, edges + [(names[-1], "output")], metadata)
+
+
+def _parity(graph, x, disc=None, spikes=False):
+    """Torch engine vs reference on ``x [T, B, ...]``: every node's output within TOL. Returns the engine result."""
+    ref = run_graph(graph, x, disc=disc, record=True)
+    eng = TorchEngine(load_program(graph, disc=disc)).run(x, record=True)
+    assert set(eng["records"]) == set(ref["records"])
+    for name, want in ref["records"].items():
+        got = eng["records"][name]
+        assert got.shape == want.shape, name
+        np.testing.assert_allclose(got, want, rtol=0, atol=TOL, err_msg=name)
+    for name in ref["outputs"]:
+        np.testing.assert_allclose(eng["outputs"][name], ref["outputs"][name], rtol=0, atol=TOL)
+    return eng
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+DISCS = [Discretisation(), Discretisation(dt=0.5, method="exp", reset="subtract", comparison=">")]
+
+
+@pytest.mark.parametrize("disc", DISCS, ids=["euler-zero-ge", "exp-subtract-gt"])
+def test_affine_linear_lif_threshold(disc):
+    r = _rng(1)
+    g = _chain(("fc", nir.Affine(weight=r.normal(size=(5, 4)), bias=r.normal(size=5))),
+               ("lif", nir.LIF(tau=np.full(5, 3.0), r=np.full(5, 2.0), v_leak=np.full(5, 0.1),
+                               v_threshold=np.full(5, 0.6), v_reset=np.full(5, -0.1))),
+               ("lin", nir.Linear(weight=r.normal(size=(3, 5)) * (r.random((3, 5)) > 0.3))),
+               ("thr", nir.Threshold(threshold=np.full(3, 0.2))),
+               in_shape=(4,))
+    x = r.normal(size=(12, 3, 4))
+    eng = _parity(g, x, disc)
+    assert eng["records"]["lif"].any() and eng["records"]["thr"].any()
+    c = eng["counts"]
+    spikes = eng["records"]["lif"]
+    nnz_per_in = (g.nodes["lin"].weight != 0).sum(0)
+    np.testing.assert_array_equal(c["lin"]["synops"], (spikes * nnz_per_in).sum(axis=(1, 2)))
+    assert c["fc"]["macs"].tolist() == [3 * 20] * 12
+    np.testing.assert_array_equal(c["thr"]["spikes_out"], eng["records"]["thr"].sum(axis=(1, 2)))
+    np.testing.assert_array_equal(c["lif"]["spikes_out"], spikes.sum(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("disc", DISCS, ids=["euler-zero-ge", "exp-subtract-gt"])
+def test_cuba_li_lif_scale_i_if(disc):
+    r = _rng(2)
+    n = 6
+    g = _chain(("cuba", nir.CubaLIF(tau_syn=np.full(n, 2.0), tau_mem=r.uniform(2, 5, n), r=np.ones(n),
+                                    v_leak=np.zeros(n), v_threshold=np.full(n, 0.3), w_in=np.full(n, 1.5))),
+               ("sc", nir.Scale(scale=r.normal(size=n))),
+               ("cubali", nir.CubaLI(tau_syn=np.full(n, 3.0), tau_mem=np.full(n, 4.0), r=np.ones(n),
+                                     v_leak=np.full(n, 0.05))),
+               ("li", nir.LI(tau=np.full(n, 2.0), r=np.ones(n), v_leak=np.zeros(n))),
+               ("i", nir.I(r=np.full(n, 0.5))),
+               ("if", nir.IF(r=np.ones(n), v_threshold=np.full(n, 0.2))),
+               in_shape=(n,))
+    x = r.normal(size=(15, 2, n)) + 0.5
+    eng = _parity(g, x, disc)
+    assert eng["records"]["cuba"].any() and eng["records"]["if"].any()
+
+
+def test_convs_pools_flatten():
+    r = _rng(3)
+    g = _chain(("c1", nir.Conv2d(input_shape=(6, 6), weight=r.normal(size=(4, 2, 3, 3)), stride=1, padding="same",
+                                 dilation=1, groups=1, bias=r.normal(size=4))),
+               ("if1", nir.IF(r=np.ones((4, 6, 6)), v_threshold=np.ones((4, 6, 6)))),
+               ("c2", nir.Conv2d(input_shape=(6, 6), weight=r.normal(size=(4, 2, 3, 3)), stride=1, padding=2,
+                                 dilation=2, groups=2, bias=r.normal(size=4))),
+               ("if2", nir.IF(r=np.ones((4, 6, 6)), v_threshold=np.full((4, 6, 6), 0.5))),
+               ("sum", nir.SumPool2d(kernel_size=np.array([2, 2]), stride=np.array([2, 2]),
+                                     padding=np.array([0, 0]))),
+               ("avg", nir.AvgPool2d(kernel_size=np.array([2, 2]), stride=np.array([1, 1]),
+                                     padding=np.array([1, 1]))),
+               ("c3", nir.Conv2d(input_shape=None, weight=r.normal(size=(3, 4, 2, 2)), stride=(2, 1),
+                                 padding="valid", dilation=1, groups=1, bias=None)),
+               ("flat", nir.Flatten(input_type=None, start_dim=0, end_dim=-1)),
+               ("fc", nir.Affine(weight=r.normal(size=(5, 3 * 2 * 3)), bias=np.zeros(5))),
+               in_shape=(2, 6, 6))
+    x = (r.random((6, 2, 2, 6, 6)) < 0.5).astype(float) * 2
+    eng = _parity(g, x)
+    rec, c = eng["records"], eng["counts"]
+    # pool_adds of a 2x2/2 SumPool on spikes: every spike falls in exactly one window
+    np.testing.assert_array_equal(c["sum"]["pool_adds"], rec["if2"].sum(axis=(1, 2, 3, 4)))
+    assert (c["c2"]["synops"] > 0).any() and "macs" in c["c1"]
+    assert rec["flat"].shape == (6, 2, 18)
+
+
+def test_conv1d():
+    r = _rng(4)
+    g = _chain(("c", nir.Conv1d(input_shape=9, weight=r.normal(size=(4, 2, 3)), stride=2, padding=1, dilation=1,
+                                groups=1, bias=r.normal(size=4))),
+               ("lif", nir.LIF(tau=np.full((4, 5), 2.0), r=np.ones((4, 5)), v_leak=np.zeros((4, 5)),
+                               v_threshold=np.full((4, 5), 0.5))),
+               ("c2", nir.Conv1d(input_shape=5, weight=r.normal(size=(2, 2, 2)), stride=1, padding="same",
+                                 dilation=2, groups=2, bias=None)),
+               in_shape=(2, 9))
+    x = r.normal(size=(8, 3, 2, 9))
+    eng = _parity(g, x)
+    spikes = eng["records"]["lif"]
+    assert spikes.any()
+    # synops of the second conv: its fan-out per input position, summed over the spikes (brute force here)
+    w = g.nodes["c2"].weight != 0
+    fan = np.zeros((4, 5))
+    for ci in range(4):
+        g_ = ci // 2
+        for co in range(g_, g_ + 1):
+            for pos in range(5):
+                for k in range(2):
+                    o = pos + 1 - 2 * k  # 'same' with dilation 2, kernel 2: 1 zero before, 1 after
+                    if 0 <= o < 5 and w[co, ci % 2, k]:
+                        fan[ci, pos] += 1
+    np.testing.assert_array_equal(eng["counts"]["c2"]["synops"], (spikes * fan).sum(axis=(1, 2, 3)))
+
+
+def test_recurrent_lif_loop():
+    r = _rng(5)
+    n = 4
+    nodes = {"input": nir.Input(input_type={"input": np.array([3])}),
+             "w_in": nir.Linear(weight=r.normal(size=(n, 3))),
+             "lif": nir.LIF(tau=np.full(n, 2.0), r=np.full(n, 2.0), v_leak=np.zeros(n),
+                            v_threshold=np.full(n, 0.5)),
+             "w_rec": nir.Affine(weight=r.normal(size=(n, n)), bias=np.full(n, 0.1)),
+             "output": nir.Output(output_type={"output": np.array([n])})}
+    edges = [("input", "w_in"), ("w_in", "lif"), ("lif", "w_rec"), ("w_rec", "lif"), ("lif", "output")]
+    g = _graph(nodes, edges)
+    prog = load_program(g)
+    assert prog.by_name["lif"].back == [False, True]
+    x = r.normal(size=(20, 2, 3))
+    eng = _parity(g, x)
+    assert eng["records"]["lif"].any()
+    # the recurrent edge reads the previous step: step 0 sees only w_in's drive
+    eng0 = TorchEngine(load_program(_graph({k: v for k, v in nodes.items()},
+                                           [e for e in edges if e != ("w_rec", "lif")]))).run(x[:1], record=True)
+    np.testing.assert_allclose(eng0["records"]["lif"][0], eng["records"]["lif"][0])
+
+
+def test_self_loop_and_nested_graph():
+    r = _rng(6)
+    inner = _graph({"in": nir.Input(input_type={"input": np.array([3])}),
+                    "fc": nir.Affine(weight=r.normal(size=(3, 3)), bias=r.normal(size=3)),
+                    "lif": nir.LIF(tau=np.full(3, 4.0), r=np.ones(3), v_leak=np.zeros(3),
+                                   v_threshold=np.full(3, 0.4)),
+                    "out": nir.Output(output_type={"output": np.array([3])})},
+                   [("in", "fc"), ("fc", "lif"), ("lif", "lif"), ("lif", "out")])
+    g = _graph({"input": nir.Input(input_type={"input": np.array([3])}), "sub": inner,
+                "scale": nir.Scale(scale=np.array([1.0, -1.0, 2.0])),
+                "output": nir.Output(output_type={"output": np.array([3])})},
+               [("input", "sub"), ("sub", "scale"), ("scale", "output"), ("input", "output")])
+    x = r.normal(size=(10, 2, 3))
+    eng = _parity(g, x)
+    assert "sub.lif" in eng["records"] and eng["records"]["sub.lif"].any()
+    assert eng["counts"]["output"]["fanin_adds"].tolist() == [2 * 3] * 10
+
+
+def test_constant_input_still_works_and_steps_from_metadata():
+    r = _rng(7)
+    g = _chain(("fc", nir.Affine(weight=r.normal(size=(3, 2)), bias=np.zeros(3))),
+               ("lif", nir.LIF(tau=np.full(3, 2.0), r=np.ones(3), v_leak=np.zeros(3), v_threshold=np.full(3, .3))),
+               in_shape=(2,), metadata={"num_steps": 5})
+    x = r.normal(size=(4, 2))
+    eng = TorchEngine(load_program(g)).run(x)
+    ref = run_graph(g, x[None], num_steps=5)
+    np.testing.assert_allclose(eng["outputs"]["output"], ref["outputs"]["output"], atol=TOL)
+
+
+def test_file_roundtrip(tmp_path):
+    r = _rng(8)
+    g = _chain(("c", nir.Conv2d(input_shape=(4, 4), weight=r.normal(size=(2, 1, 3, 3)), stride=1, padding=1,
+                                dilation=1, groups=1, bias=np.zeros(2))),
+               ("lif", nir.LIF(tau=np.full((2, 4, 4), 2.0), r=np.ones((2, 4, 4)), v_leak=np.zeros((2, 4, 4)),
+                               v_threshold=np.ones((2, 4, 4)))),
+               in_shape=(1, 4, 4))
+    nir.write(tmp_path / "g.nir", g)
+    x = r.normal(size=(5, 2, 1, 4, 4))
+    eng = TorchEngine(load_program(tmp_path / "g.nir")).run(x)
+    np.testing.assert_allclose(eng["outputs"]["output"], run_graph(g, x)["outputs"]["output"], atol=TOL)
+
+
+# --------------------------------------------------------------------------------------------------- errors
+
+
+def test_errors_name_the_node():
+    r = _rng(9)
+    g = _chain(("d", nir.Delay(delay=np.ones(3))), in_shape=(3,))
+    with pytest.raises(GraphError, match=r"node 'd' has type Delay"):
+        load_program(g)
+    g = _chain(("fc", nir.Affine(weight=r.normal(size=(3, 4)), bias=np.zeros(3))), in_shape=(5,))
+    with pytest.raises(GraphError, match=r"'fc'"):
+        load_program(g)
+    lif = nir.LIF(tau=np.ones(3), r=np.ones(3), v_leak=np.zeros(3), v_threshold=np.ones(3))
+    g = _chain(("lif", lif), in_shape=(3,))
+    lif.v_threshold = None  # (nir refuses it at construction; a file from elsewhere may still lack it)
+    with pytest.raises(GraphError, match=r"'lif'.*v_threshold"):
+        load_program(g)
+    two = _graph({"a": nir.Input(input_type={"input": np.array([2])}),
+                  "b": nir.Input(input_type={"input": np.array([2])}),
+                  "output": nir.Output(output_type={"output": np.array([2])})}, [("a", "output"), ("b", "output")])
+    with pytest.raises(GraphError, match=r"one top-level Input"):
+        load_program(two)
+    g = _chain(("fc", nir.Affine(weight=np.eye(2), bias=np.zeros(2))), in_shape=(2,))
+    with pytest.raises(GraphError, match=r"expected \[batch"):
+        TorchEngine(load_program(g)).run(np.zeros((1, 2, 3)))
+
+
+def test_event_engine_refuses_new_kinds():
+    from neurosdm.simulators.event import EventEngine
+
+    g = _chain(("fc", nir.Affine(weight=np.eye(2), bias=np.zeros(2))), in_shape=(2,))
+    with pytest.raises(GraphError, match=r"'fc'"):
+        EventEngine(load_program(g), use_numba=False).run(np.zeros((1, 2)), 0)
+
+
+# ------------------------------------------------------------------------------------ frameworks' own exports
+
+
+def _output(graph):
+    return next(k for k, v in graph.nodes.items() if isinstance(v, nir.Output))
+
+
+def _snntorch_run(net, x):
+    from snntorch import utils as snn_utils
+
+    snn_utils.reset(net)
+    outs = []
+    with torch.no_grad():
+        for k in range(x.shape[0]):
+            spk, _ = net(x[k])
+            outs.append(spk)
+    return torch.stack(outs).numpy()
+
+
+# snnTorch exports Leaky/RLeaky with dt = 1e-4, tau = dt / (1 - beta), r = tau / dt: euler then gives
+# v <- beta v + x. Its spike is [mem - threshold > 0] (">"). Exact parity needs reset_delay=False (immediate
+# reset, the reference's rule) and reset_mechanism="zero" (see docs/foreign-graphs.md for "subtract").
+SNNTORCH_DISC = Discretisation(dt=1e-4, method="euler", reset="zero", comparison=">")
+
+
+def test_snntorch_conv_leaky_exact():
+    snn = pytest.importorskip("snntorch")
+    from snntorch.export_nir import export_to_nir
+
+    torch.manual_seed(0)
+
+    def leaky(shape, beta, **kw):  # per-neuron parameters: nir 1.0.8 cannot infer the types of scalar ones
+        return snn.Leaky(beta=torch.full(shape, beta), threshold=torch.ones(shape), init_hidden=True,
+                         reset_delay=False, reset_mechanism="zero", **kw)
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), leaky((4, 6, 6), 0.8), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 6 * 6, 5), leaky((5,), 0.9, output=True))
+    with torch.no_grad():
+        net[3].weight.mul_(4.0)
+    graph = export_to_nir(net, torch.zeros(2, 1, 6, 6), ignore_dims=[0])
+    x = torch.rand(20, 3, 1, 6, 6) * 2
+    want = _snntorch_run(net, x)
+    eng = TorchEngine(load_program(graph, disc=SNNTORCH_DISC))
+    got = eng.run(x.numpy())["outputs"][_output(graph)]
+    assert want.sum() > 5
+    np.testing.assert_array_equal(got, want)
+
+
+def test_snntorch_rleaky_exact():
+    snn = pytest.importorskip("snntorch")
+    from snntorch.export_nir import export_to_nir
+
+    torch.manual_seed(1)
+    n = 6
+    net = torch.nn.Sequential(torch.nn.Linear(3, n), snn.RLeaky(
+        beta=torch.full((n,), 0.85), threshold=torch.ones(n), linear_features=n, all_to_all=True, init_hidden=True,
+        reset_delay=False, reset_mechanism="zero", output=True))
+    with torch.no_grad():  # snnTorch adds the recurrent bias at step 0 (recurrent(0) = b); NIR's back edge does not
+        net[1].recurrent.bias.zero_()
+    graph = export_to_nir(net, torch.zeros(2, 3), ignore_dims=[0])
+    prog = load_program(graph, disc=SNNTORCH_DISC)
+    assert any(any(layer.back) for layer in prog.layers)
+    x = torch.rand(25, 4, 3) * 2
+    want = _snntorch_run(net, x)
+    got = TorchEngine(prog).run(x.numpy())["outputs"][_output(graph)]
+    assert want.sum() > 20
+    np.testing.assert_array_equal(got, want)
+
+
+def test_event_engine_refuses_foreign_kinds_with_a_hint():
+    """The event engine runs neurosdm's own exports; a foreign kind or a recurrent edge is a one-line error that
+    points to the torch engine."""
+    from neurosdm.simulators.event import EventEngine
+
+    g = nir.NIRGraph(nodes={"input": nir.Input(input_type={"input": np.array([3])}),
+                            "fc": nir.Affine(weight=np.ones((2, 3)), bias=np.zeros(2)),
+                            "output": nir.Output(output_type={"output": np.array([2])})},
+                     edges=[("input", "fc"), ("fc", "output")])
+    with pytest.raises(GraphError, match="fc.*--engine torch"):
+        EventEngine(load_program(g))
