@@ -333,3 +333,188 @@ def test_event_engine_refuses_foreign_kinds_with_a_hint():
                      edges=[("input", "fc"), ("fc", "output")])
     with pytest.raises(GraphError, match="fc.*--engine torch"):
         EventEngine(load_program(g))
+
+
+# ------------------------------------------------------------------------------------ Norse 1.1.0
+# Norse's cells integrate with forward Euler, a = cell.dt * tau_mem_inv (lif_box.py, lif.py), fire on
+# [v - v_th > 0] (heaviside: torch.gt) and reset to v_reset. norse.torch.to_nir(..., dt=d) writes tau = d / tau_mem_inv
+# (not 1 / tau_mem_inv) and r = 1, so the engine's euler dt / tau equals a when dt = cell.dt * d (1e-6 with the
+# defaults). LIFCell (CubaLIF) adds the input to the current unscaled, i <- (1 - b) i + x with b = cell.dt *
+# tau_syn_inv; NIR's current is i <- (1 - b) i + b w_in x, and the export leaves w_in = 1: exact parity needs
+# w_in = 1 / b = tau_syn / dt. See docs/foreign-graphs.md.
+
+
+def _norse_run(net, x, state=None):
+    """Norse's own step-by-step run of a Sequential whose cells take ``(input, state)``; ``x [T, B, ...]``.
+    ``state``: one initial state per module (None: Norse's own, which starts the membrane at ``v_leak``)."""
+    state = list(state) if state is not None else [None] * len(net)
+    outs = []
+    with torch.no_grad():
+        for k in range(x.shape[0]):
+            h = x[k]
+            for j, m in enumerate(net):
+                if "Cell" in type(m).__name__:
+                    h, state[j] = m(h, state[j])
+                else:
+                    h = m(h)
+            outs.append(h)
+    return torch.stack(outs).numpy()
+
+
+def _norse_disc(cell_dt, export_dt):
+    return Discretisation(dt=cell_dt * export_dt, method="euler", reset="zero", comparison=">")
+
+
+def test_norse_linear_lifbox_exact():
+    norse = pytest.importorskip("norse.torch")
+    from norse.torch.functional.lif_box import LIFBoxFeedForwardState, LIFBoxParameters
+
+    torch.manual_seed(0)
+    cell_dt, export_dt = 0.002, 0.005  # non-default on purpose: the rule is dt = cell.dt * export dt
+    p = LIFBoxParameters(tau_mem_inv=torch.tensor(50.0), v_leak=torch.tensor(0.1), v_th=torch.tensor(0.8))
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), norse.LIFBoxCell(p, dt=cell_dt))
+    with torch.no_grad():
+        net[0].weight.mul_(10.0)
+    graph = norse.to_nir(net, torch.zeros(3), dt=export_dt)  # no batch dimension in the sample
+    assert type(graph.nodes["1"]).__name__ == "LIF"
+    x = torch.rand(40, 4, 3) * 2
+    got = TorchEngine(load_program(graph, disc=_norse_disc(cell_dt, export_dt))).run(x.numpy())["outputs"][
+        _output(graph)]
+    # Norse starts the membrane at v_leak, the engine at zero: exact when Norse is given v = 0 at the start
+    want = _norse_run(net, x, [None, LIFBoxFeedForwardState(v=torch.zeros(4, 8))])
+    assert want.sum() > 50
+    np.testing.assert_array_equal(got, want)
+    assert (_norse_run(net, x) != want).any()  # Norse's own start (v = v_leak = 0.1) fires earlier
+    # the documented failure: the export's dt alone gives decay 1 - dt / tau = 1 - 1/(cell.dt tau_mem_inv) < 0
+    bad = TorchEngine(load_program(graph, disc=Discretisation(dt=export_dt, method="euler", reset="zero",
+                                                              comparison=">"))).run(x.numpy())["outputs"][
+        _output(graph)]
+    assert (bad != want).sum() > want.size // 10
+
+
+def test_norse_conv_lifbox_exact():
+    norse = pytest.importorskip("norse.torch")
+
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), norse.LIFBoxCell())
+    with torch.no_grad():
+        net[0].weight.mul_(6.0)
+    graph = norse.to_nir(net, torch.zeros(1, 6, 6))
+    x = torch.rand(25, 2, 1, 6, 6) * 2
+    want = _norse_run(net, x)
+    got = TorchEngine(load_program(graph, disc=_norse_disc(0.001, 0.001))).run(x.numpy())["outputs"][
+        _output(graph)]
+    assert want.sum() > 50
+    np.testing.assert_array_equal(got, want)
+
+
+def test_norse_linear_lifcell_cubalif_needs_w_in():
+    norse = pytest.importorskip("norse.torch")
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), norse.LIFCell())  # tau_syn_inv 200, tau_mem_inv 100, dt 1e-3
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)
+    graph = norse.to_nir(net, torch.zeros(3))
+    node = graph.nodes["1"]
+    assert type(node).__name__ == "CubaLIF" and np.all(np.asarray(node.w_in) == 1.0)
+    disc = _norse_disc(0.001, 0.001)
+    x = torch.rand(40, 4, 3) * 2
+    want = _norse_run(net, x)
+    assert want.sum() > 50
+    # as exported (w_in = 1), the current is scaled by b = 0.2: far fewer spikes
+    got = TorchEngine(load_program(graph, disc=disc)).run(x.numpy())["outputs"][_output(graph)]
+    assert got.sum() < want.sum() / 4
+    # with w_in = tau_syn / dt = 1 / b the run is exact
+    node.w_in = np.asarray(node.tau_syn, dtype=np.float64) / disc.dt
+    got = TorchEngine(load_program(graph, disc=disc)).run(x.numpy())["outputs"][_output(graph)]
+    np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------------------------------------------ spikingjelly 2.0.0
+# spikingjelly's export_to_nir(net, example [T, B, ...] or [B, ...], dt=1e-4) writes IF r = 1/dt, LIF tau = tau dt with
+# r = 1 (decay_input=True) or r = tau (decay_input=False), v_leak = v_reset. Euler with the export's dt then gives
+# spikingjelly's v <- v + (x - (v - v_reset)) / tau (or v - (v - v_reset) / tau + x) and IF's v <- v + x. It fires on
+# [v - v_th >= 0] (heaviside: x >= 0) and hard-resets to v_reset; soft reset (v_reset=None) is refused by the export.
+SJ_DISC = Discretisation(dt=1e-4, method="euler", reset="zero", comparison=">=")
+
+
+def _sj_run(net, x, v0=None):
+    """spikingjelly's own multi-step run. Its neurons start at ``v = v_reset``; ``v0`` overrides that start."""
+    from spikingjelly.activation_based import functional
+
+    functional.set_step_mode(net, "m")
+    functional.reset_net(net)
+    if v0 is not None:
+        for m in net:
+            if hasattr(m, "v_threshold"):
+                m.v = v0
+    with torch.no_grad():
+        out = net(x).numpy()
+    functional.reset_net(net)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["if", "lif", "lif-no-decay-input"])
+def test_spikingjelly_linear_exact(kind):
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron
+    from spikingjelly.activation_based.nir_exchange import export_to_nir
+
+    torch.manual_seed(0)
+    cell = {"if": lambda: neuron.IFNode(),
+            "lif": lambda: neuron.LIFNode(tau=2.0),
+            "lif-no-decay-input": lambda: neuron.LIFNode(tau=3.0, decay_input=False, v_reset=-0.2,
+                                                         v_threshold=0.8)}[kind]()
+    net = torch.nn.Sequential(layer.Linear(3, 6), cell).double()  # float64: no float32 rounding at the threshold
+    functional.set_step_mode(net, "m")
+    graph = export_to_nir(net, torch.zeros(2, 4, 3, dtype=torch.float64))
+    x = torch.rand(30, 4, 3, dtype=torch.float64) * 2
+    want = _sj_run(net, x, v0=0.0)  # the engine starts at zero; spikingjelly at v_reset
+    got = TorchEngine(load_program(graph, disc=SJ_DISC)).run(x.numpy())["outputs"][_output(graph)]
+    assert want.sum() > 5
+    np.testing.assert_array_equal(got, want)
+    if kind == "lif-no-decay-input":  # v_reset = -0.2: spikingjelly's own start differs in the first steps
+        assert (_sj_run(net, x) != want).any()
+    else:
+        np.testing.assert_array_equal(_sj_run(net, x), want)
+
+
+def test_spikingjelly_conv_lif_flatten_if_exact():
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron
+    from spikingjelly.activation_based.nir_exchange import export_to_nir
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(layer.Conv2d(1, 4, 3, padding=1), neuron.LIFNode(tau=2.0), layer.Flatten(),
+                              layer.Linear(4 * 36, 5), neuron.IFNode())
+    functional.set_step_mode(net, "m")
+    with torch.no_grad():
+        net[3].weight.mul_(4.0)
+    graph = export_to_nir(net, torch.zeros(2, 3, 1, 6, 6))
+    x = torch.rand(20, 3, 1, 6, 6) * 2
+    want = _sj_run(net, x)
+    got = TorchEngine(load_program(graph, disc=SJ_DISC)).run(x.numpy())["outputs"][_output(graph)]
+    assert want.sum() > 5
+    np.testing.assert_array_equal(got, want)
+
+
+def test_spikingjelly_fires_at_equality():
+    """An IF membrane that reaches the threshold exactly (0.5 + 0.5 = 1) fires in spikingjelly: ">=", not ">"."""
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron
+    from spikingjelly.activation_based.nir_exchange import export_to_nir
+
+    net = torch.nn.Sequential(layer.Linear(1, 1, bias=False), neuron.IFNode()).double()
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+    functional.set_step_mode(net, "m")
+    graph = export_to_nir(net, torch.zeros(2, 1, 1, dtype=torch.float64))
+    x = torch.full((6, 1, 1), 0.5, dtype=torch.float64)
+    want = _sj_run(net, x)
+    np.testing.assert_array_equal(want.ravel(), [0, 1, 0, 1, 0, 1])
+    got = TorchEngine(load_program(graph, disc=SJ_DISC)).run(x.numpy())["outputs"][_output(graph)]
+    np.testing.assert_array_equal(got, want)
+    gt = Discretisation(dt=1e-4, method="euler", reset="zero", comparison=">")
+    got = TorchEngine(load_program(graph, disc=gt)).run(x.numpy())["outputs"][_output(graph)]
+    assert (got != want).any()
