@@ -255,10 +255,28 @@ def _layer_table(stats, title: str) -> Table:
     return table
 
 
+_DISC_HELP = {
+    "dt": "foreign graphs: step length (default: the graph's metadata 'dt', else 1)",
+    "method": "foreign graphs: euler | exp (default: metadata 'discretisation', else euler)",
+    "reset": "foreign graphs: zero | subtract (default: metadata 'reset', else zero)",
+    "comparison": "foreign graphs: '>=' | '>' (default: metadata 'comparison', else '>=')",
+}
+
+
+def _write_table(table, path: Path) -> None:
+    from neurosdm.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            Console(file=f, width=140).print(table)
+
+
 @app.command()
 def simulate(
-    file: Path = typer.Argument(..., help="NIR file written by `neurosdm export`"),
-    engine: Engine = typer.Option(Engine.event, help="event: event-driven (CPU) | torch: clocked, dense (CPU/CUDA)"),
+    file: Path = typer.Argument(..., help="NIR file: a denoiser written by `neurosdm export`, or any (foreign) NIR "
+                                "graph with --input"),
+    engine: Optional[Engine] = typer.Option(None, help="event: event-driven (CPU) | torch: clocked, dense (CPU/CUDA) "
+                                            "(default: event for a denoiser export, torch for a foreign graph)"),
     num_images: int = typer.Option(4, help="images to generate"),
     sampler: Sampler = typer.Option(Sampler.ddim),
     steps: int = typer.Option(20, help="denoising steps"),
@@ -266,19 +284,32 @@ def simulate(
     eta: float = typer.Option(0.0, help="DDIM stochasticity"),
     batch_size: int = typer.Option(16),
     device: str = typer.Option("cpu", help="torch engine only: cpu | cuda"),
-    save_spikes: bool = typer.Option(False, "--save-spikes", help="also write every IF layer's spikes as NIR data "
-                                     "(DIR/spikes.nird)"),
+    save_spikes: bool = typer.Option(False, "--save-spikes", help="also write the spikes as NIR data "
+                                     "(DIR/spikes.nird): every IF layer, or a foreign graph's spiking layers"),
     threshold_scale: Optional[float] = typer.Option(None, help="threshold guidance at simulation time: IF layers "
                                                     "fire at threshold x this (default: as exported)"),
+    input: Optional[Path] = typer.Option(None, "--input", help="foreign graphs: the input, .npy/.npz [T, B, *shape] "
+                                         "or [T, *shape], or NIR data (TimeGriddedData [samples, T, neurons])"),
+    dt: Optional[float] = typer.Option(None, help=_DISC_HELP["dt"]),
+    method: Optional[str] = typer.Option(None, help=_DISC_HELP["method"]),
+    reset: Optional[str] = typer.Option(None, help=_DISC_HELP["reset"]),
+    comparison: Optional[str] = typer.Option(None, help=_DISC_HELP["comparison"]),
     out: Path = typer.Option(..., "--out", help="output directory"),
 ):
-    """Generate images by running an exported graph on an engine inside the sampler; exact per-layer counts."""
+    """Run an exported graph on an engine: a denoiser inside the sampler (images), or a foreign graph on --input
+    (outputs.npz); exact per-layer counts."""
+    from neurosdm.errors import ConfigError
     from neurosdm.io import image_grid, save_npy, save_png
-    from neurosdm.simulators.program import load_program
-    from neurosdm.simulators.run import save_spikes_nird
+    from neurosdm.simulators.run import load_any, save_spikes_nird
     from neurosdm.simulators.run import simulate as run_simulation
 
-    program = load_program(file)
+    program, origin = load_any(file, dt, method, reset, comparison)
+    if origin is not None:
+        _simulate_foreign(file, program, origin, engine, input, device, save_spikes, threshold_scale, out)
+        return
+    if input is not None:
+        raise ConfigError("--input is for foreign graphs; a neurosdm denoiser export generates images from noise")
+    engine = engine or Engine.event
     images, stats, den = run_simulation(program, engine.value, num_images, sampler.value, steps, seed, eta,
                                         batch_size, device, record=save_spikes,
                                         progress=progress_bar(f"{engine.value} engine"),
@@ -290,16 +321,56 @@ def simulate(
         save_spikes_nird(den, program, out / "spikes.nird")
     table = _layer_table(stats, f"{file.name}: {engine.value} engine, {num_images} images, {sampler.value} {steps}")
     console.print(table)
-    from neurosdm.io import atomic_path
-
-    with atomic_path(out / "layers.txt") as tmp:
-        with open(tmp, "w") as f:
-            Console(file=f, width=140).print(table)
+    _write_table(table, out / "layers.txt")
     tot = stats.to_dict()["totals"]
     console.print(f"{tot['spikes_out']:,} spikes, {tot['synops']:,} synops, {tot['graded_ops']:,} graded ops, "
                   f"{tot['macs']:,} MACs on chip; host {int(stats.host['host_macs'].sum()):,} MACs, "
                   f"{int(stats.host['host_elementwise'].sum()):,} element-wise ops -> {out}/images.png, "
                   f"{out}/stats.json", highlight=False, soft_wrap=True)
+
+
+def _foreign_run(file: Path, program, origin: dict, engine, input: Optional[Path], device: str, record: bool,
+                 say):
+    """Read the input of a foreign graph, say the discretisation, run it: ``(engine name, result, stats)``."""
+    from neurosdm.errors import ConfigError
+    from neurosdm.simulators.run import describe_discretisation, load_foreign_input, simulate_foreign
+
+    if input is None:
+        inp = program.by_name[program.inputs[0]] if len(program.inputs) == 1 else None
+        shape = f" [T, B, {', '.join(map(str, inp.in_shape))}]" if inp is not None else ""
+        raise ConfigError(f"{file.name} is not a neurosdm denoiser export: give its input with --input FILE "
+                          f"(.npy/.npz{shape}, or NIR data)")
+    name = (engine or Engine.torch).value
+    x = load_foreign_input(input, program)
+    say(describe_discretisation(program, origin))
+    say(f"running {file.name} on the {name} engine: {x.shape[0]} steps x {x.shape[1]} sample(s) from {input.name}")
+    res, stats = simulate_foreign(program, x, name, device, record=record)
+    stats.meta.update(input=str(input), graph_file=str(file))
+    return name, res, stats
+
+
+def _simulate_foreign(file: Path, program, origin: dict, engine, input: Optional[Path], device: str,
+                      save_spikes: bool, threshold_scale: Optional[float], out: Path) -> None:
+    from neurosdm.errors import ConfigError
+    from neurosdm.simulators.run import save_foreign_outputs, save_foreign_spikes_nird
+
+    if threshold_scale is not None:
+        raise ConfigError("--threshold-scale needs a neurosdm denoiser export (its metadata records the threshold)")
+    name, res, stats = _foreign_run(file, program, origin, engine, input, device, save_spikes,
+                                    lambda m: console.print(m, highlight=False, soft_wrap=True))
+    save_foreign_outputs(res, out / "outputs.npz")
+    stats.save(out / "stats.json")
+    written = [f"{out}/outputs.npz", f"{out}/stats.json", f"{out}/layers.txt"]
+    if save_spikes:
+        layers = save_foreign_spikes_nird(res, program, out / "spikes.nird")
+        written.append(f"{out}/spikes.nird ({len(layers)} spiking layer(s))")
+    table = _layer_table(stats, f"{file.name}: {name} engine, {stats.images} sample(s) x {stats.num_steps} steps")
+    console.print(table)
+    _write_table(table, out / "layers.txt")
+    tot = stats.to_dict()["totals"]
+    console.print(f"{tot['spikes_out']:,} spikes, {tot['synops']:,} synops, {tot['graded_ops']:,} graded ops, "
+                  f"{tot['macs']:,} MACs, {tot['pool_adds']:,} pool adds -> " + ", ".join(written),
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -334,11 +405,14 @@ def compare(
 
 
 def _energy_report(file: Path, profile: str, baseline: str, host: Optional[str], graph: Optional[Path],
-                   num_images: int, steps: int, seed: int, say) -> dict:
-    """Stats (from stats.json, or by running the event engine on a .nir), priced; ANN baseline from the graph."""
+                   num_images: int, steps: int, seed: int, say, input: Optional[Path] = None,
+                   disc_options: Optional[dict] = None, engine=None) -> dict:
+    """Stats (from stats.json, or by running the event engine on a denoiser .nir, or the torch engine on a
+    foreign .nir with ``input``), priced; ANN baseline from the graph (denoiser exports only)."""
     from neurosdm.energy import ann_baseline, estimate
     from neurosdm.errors import ConfigError
     from neurosdm.simulators.program import load_program
+    from neurosdm.simulators.run import is_denoiser_export
     from neurosdm.simulators.stats import RunStats
 
     if not file.exists():
@@ -351,13 +425,24 @@ def _energy_report(file: Path, profile: str, baseline: str, host: Optional[str],
             raise ConfigError(f"{file} is not a RunStats file written by `neurosdm simulate`: {e}") from None
         if graph is not None:
             program = load_program(graph)
+            if not is_denoiser_export(program):
+                program = None  # a foreign graph: no ANN baseline
     else:
+        from neurosdm.simulators.run import load_any
         from neurosdm.simulators.run import simulate as run_simulation
 
-        program = load_program(file)
-        say(f"simulating {file.name} on the event engine: {num_images} image(s), DDIM {steps} steps, seed {seed}")
-        _, stats, _ = run_simulation(program, "event", num_images, "ddim", steps, seed)
+        program, origin = load_any(file, **(disc_options or {}))
+        if origin is not None:
+            _, _, stats = _foreign_run(file, program, origin, engine, input, "cpu", False, say)
+            program = None
+        else:
+            if input is not None:
+                raise ConfigError("--input is for foreign graphs; a neurosdm denoiser export generates from noise")
+            say(f"simulating {file.name} on the event engine: {num_images} image(s), DDIM {steps} steps, seed {seed}")
+            _, stats, _ = run_simulation(program, "event", num_images, "ddim", steps, seed)
     report = estimate(stats, profile, host)
+    if stats.meta.get("graph") == "foreign":
+        report["foreign"] = True
     if program is not None:
         base = ann_baseline(program, baseline)
         calls = report["denoising_steps"]
@@ -377,7 +462,8 @@ def _fmt_energy(pj: float) -> str:
 
 @app.command()
 def energy(
-    file: Path = typer.Argument(..., help="NIR file written by `neurosdm export`, or stats.json of `neurosdm simulate`"),
+    file: Path = typer.Argument(..., help="NIR file (a denoiser export, or a foreign graph with --input), or "
+                                "stats.json of `neurosdm simulate`"),
     profile: str = typer.Option("loihi2", help="hardware profile (see `neurosdm profiles`) or a .toml file"),
     baseline: str = typer.Option("cmos45-fp32", help="profile pricing the ANN baseline's MACs"),
     host: Optional[str] = typer.Option(None, help="profile pricing host work (default: the profile's own host)"),
@@ -385,6 +471,12 @@ def energy(
     num_images: int = typer.Option(1, help="from a .nir: images to simulate"),
     steps: int = typer.Option(10, help="from a .nir: DDIM steps"),
     seed: int = typer.Option(0, help="from a .nir: seed"),
+    input: Optional[Path] = typer.Option(None, "--input", help="from a foreign .nir: its input (as `simulate "
+                                         "--input`), run on the torch engine"),
+    dt: Optional[float] = typer.Option(None, help=_DISC_HELP["dt"]),
+    method: Optional[str] = typer.Option(None, help=_DISC_HELP["method"]),
+    reset: Optional[str] = typer.Option(None, help=_DISC_HELP["reset"]),
+    comparison: Optional[str] = typer.Option(None, help=_DISC_HELP["comparison"]),
     as_json: bool = typer.Option(False, "--json", help="print/write JSON"),
     as_csv: bool = typer.Option(False, "--csv", help="print/write CSV (layer, kind, term, count, pJ)"),
     out: Optional[Path] = typer.Option(None, "--out", help="write the report (JSON, CSV or the table) to FILE"),
@@ -402,8 +494,10 @@ def energy(
     quiet = as_json or as_csv
     err = Console(stderr=True)
     r = _energy_report(file, profile, baseline, host, graph, num_images, steps, seed,
-                       (lambda m: err.print(m, highlight=False)) if quiet else
-                       (lambda m: console.print(m, highlight=False)))
+                       (lambda m: err.print(m, highlight=False, soft_wrap=True)) if quiet else
+                       (lambda m: console.print(m, highlight=False, soft_wrap=True)),
+                       input=input, disc_options={"dt": dt, "method": method, "reset": reset,
+                                                  "comparison": comparison})
     if as_json:
         text = json.dumps(r, indent=1)
     elif as_csv:
@@ -429,8 +523,12 @@ def energy(
             typer.echo(text, nl=False)
         return
     terms = sorted({t for layer in r["layers"] for t in layer["terms"]})
-    table = Table(title=f"{file.name} on {r['profile']}: {r['images']} image(s), {r['denoising_steps']} denoising "
-                        f"steps x {r['num_steps']} spiking steps")
+    if r.get("foreign"):
+        title = f"{file.name} on {r['profile']}: {r['images']} sample(s) x {r['num_steps']} steps (foreign graph)"
+    else:
+        title = (f"{file.name} on {r['profile']}: {r['images']} image(s), {r['denoising_steps']} denoising steps x "
+                 f"{r['num_steps']} spiking steps")
+    table = Table(title=title)
     for col in ("layer", "kind", *terms, "total"):
         table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
     for layer in r["layers"]:
@@ -444,10 +542,13 @@ def energy(
     if r["static"]:
         table.add_row("static", f"{r['static']['power_mw']:g} mW", *[""] * len(terms), _fmt_energy(r["static"]["pj"]))
     tot = r["totals"]
-    lines = [f"total {_fmt_energy(tot['total_pj'])}; per image {_fmt_energy(tot['per_image_pj'])}; per network call "
-             f"per image {_fmt_energy(tot['per_call_per_image_pj'])}; per denoising step (all images) "
-             + ", ".join(_fmt_energy(v) for v in tot["per_denoising_step_pj"][:5])
-             + (" ..." if len(tot["per_denoising_step_pj"]) > 5 else "")]
+    if r.get("foreign"):
+        lines = [f"total {_fmt_energy(tot['total_pj'])}; per sample {_fmt_energy(tot['per_image_pj'])}"]
+    else:
+        lines = [f"total {_fmt_energy(tot['total_pj'])}; per image {_fmt_energy(tot['per_image_pj'])}; per network "
+                 f"call per image {_fmt_energy(tot['per_call_per_image_pj'])}; per denoising step (all images) "
+                 + ", ".join(_fmt_energy(v) for v in tot["per_denoising_step_pj"][:5])
+                 + (" ..." if len(tot["per_denoising_step_pj"]) > 5 else "")]
     if r["time"]:
         lines.append(f"estimated chip time per image {r['time']['per_image_s'] * 1e3:.3g} ms "
                      f"({r['time']['model']}); EDP per image {r['edp_per_image_js']:.3g} J s"
@@ -459,6 +560,8 @@ def energy(
     if b:
         lines.append(f"ANN baseline ({b['profile']}, {b['mac_pj']:g} pJ/MAC, {b['macs']:,} MACs per call): "
                      f"{_fmt_energy(b['pj_per_image'])} per image; SNN/ANN = {b['ratio_snn_to_ann']:.3g}")
+    elif r.get("foreign"):
+        lines.append("ANN baseline: none for a foreign graph")
     else:
         lines.append("ANN baseline: needs the graph (give a .nir, or --graph FILE.nir with stats.json)")
     if r["unpriced"]:

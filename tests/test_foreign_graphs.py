@@ -518,3 +518,21 @@ def test_spikingjelly_fires_at_equality():
     gt = Discretisation(dt=1e-4, method="euler", reset="zero", comparison=">")
     got = TorchEngine(load_program(graph, disc=gt)).run(x.numpy())["outputs"][_output(graph)]
     assert (got != want).any()
+
+
+def test_a_flatten_of_spikes_still_carries_spikes():
+    """Linear after Flatten after a spiking layer counts synaptic operations (a reshape changes no values)."""
+    n = 4
+    g = nir.NIRGraph(nodes={
+        "input": nir.Input(input_type={"input": np.array([1, 2, 2])}),
+        "lif": nir.IF(r=np.ones((1, 2, 2)), v_threshold=np.full((1, 2, 2), 0.5), v_reset=np.zeros((1, 2, 2))),
+        "flat": nir.Flatten(input_type={"input": np.array([1, 2, 2])}, start_dim=0, end_dim=-1),
+        "fc": nir.Affine(weight=np.array([[1.0, 0.0, 2.0, 3.0], [0.0, 0.0, 1.0, 0.0]]), bias=np.zeros(2)),
+        "output": nir.Output(output_type={"output": np.array([2])})},
+        edges=[("input", "lif"), ("lif", "flat"), ("flat", "fc"), ("fc", "output")])
+    program = load_program(g)
+    assert program.by_name["fc"].input == "spikes"
+    x = np.ones((1, 1, 1, 2, 2))  # every IF neuron fires at step 0: 4 spikes
+    res = TorchEngine(program).run(x, 0)
+    # nonzero fan-out per input element: columns [1, 0, 2, 1] -> 4 spikes give 1 + 0 + 2 + 1 = 4 synops
+    assert int(res["counts"]["fc"]["synops"].sum()) == n and "macs" not in res["counts"]["fc"]

@@ -15,7 +15,7 @@ others; the torch engine runs every kind.
 Layer kinds and what a layer's input is (``Layer.input``), which decides how it is computed and counted:
 
 - ``"spikes"``: the layer has exactly one source and it is a spiking layer (``SPIKING``: IF, LIF, CubaLIF,
-  Threshold; 0/1 values);
+  Threshold; 0/1 values) or a Flatten of one;
 - ``"graded"``: one source, a TSM Scale node (``metadata["scale_tables"]``) whose own source is a spiking layer:
   spikes with a payload ``p[k]``;
 - ``"analog"``: anything else (the image, a residual stream, a sum of several sources).
@@ -208,6 +208,12 @@ def load_program(source: str | os.PathLike | nir.NIRGraph, disc: Discretisation 
     kinds: dict[str, str] = {}
     for op in ops:
         kinds[op.name] = "input" if op.role == "input" else "output" if op.role == "output" else KINDS[type(op.node)]
+    def carries_spikes(name: str) -> bool:
+        """A spiking layer, or a Flatten (a reshape) of exactly one layer that carries spikes."""
+        if kinds[name] in SPIKING:
+            return True
+        return kinds[name] == "flatten" and len(incoming[name]) == 1 and carries_spikes(edges[incoming[name][0]][0])
+
     layers = []
     for op in ops:
         node = op.node
@@ -215,7 +221,7 @@ def load_program(source: str | os.PathLike | nir.NIRGraph, disc: Discretisation 
         sources = [edges[i][0] for i in incoming[op.name]]
         layer = Layer(op.name, kind, sources, tuple(op.in_shape), tuple(op.out_shape),
                       back=[i in back for i in incoming[op.name]])
-        if len(sources) == 1 and kinds[sources[0]] in SPIKING:
+        if len(sources) == 1 and carries_spikes(sources[0]):
             layer.input = "spikes"
         elif len(sources) == 1 and sources[0] in scale_tables and len(incoming[sources[0]]) == 1 \
                 and kinds[edges[incoming[sources[0]][0]][0]] in SPIKING:
