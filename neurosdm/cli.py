@@ -102,20 +102,36 @@ def sample(
     out: Path = typer.Option(..., "--out", help="output directory"),
     num_images: int = typer.Option(64, help="number of images"),
     sampler: str = typer.Option(
-        "ddim", help="ddpm | ddim | dpm-solver (order 3); analytic-ddpm | analytic-ddim need a Gamma table (Python API)"),
+        "ddim", help="ddpm | ddim | dpm-solver (--order) | analytic-ddpm | analytic-ddim (--gamma)"),
     steps: int = typer.Option(50, help="sampling steps (network calls)"),
     eta: float = typer.Option(0.0, help="DDIM eta"),
+    order: int = typer.Option(3, help="DPM-Solver order (1-3)"),
+    gamma: Optional[Path] = typer.Option(None, help="analytic samplers: the Gamma table written by `neurosdm gamma` "
+                                         "(for the same --steps)"),
     seed: int = typer.Option(0),
     threshold_scale: float = typer.Option(1.0, help="threshold guidance: inference threshold multiplier"),
     batch_size: int = typer.Option(64),
     device: str = typer.Option("cpu"),
 ):
     """Sample images on the GPU path (the float torch model): OUT/samples.png and OUT/samples.npy."""
+    from neurosdm.errors import ConfigError
     from neurosdm.sample import sample_to_dir
 
+    table = None
+    if gamma is not None:
+        from neurosdm.diffusion.analytic import load_gamma
+
+        if not gamma.is_file():
+            raise ConfigError(f"Gamma table not found: {gamma} (make one with `neurosdm gamma CKPT --dataset NAME`)")
+        table = load_gamma(gamma)
+    elif sampler.startswith("analytic"):
+        raise ConfigError(f"--sampler {sampler} needs --gamma FILE.npz: estimate it once with `neurosdm gamma "
+                          f"{ckpt} --dataset NAME --steps {steps} --out gamma.npz`")
+    if order not in (1, 2, 3):
+        raise ConfigError(f"--order must be 1, 2 or 3, got {order}")
     png = sample_to_dir(ckpt, out, num_images, seed=seed, sampler=sampler, num_sample_steps=steps, eta=eta,
                         threshold_scale=threshold_scale, batch_size=batch_size, device=device,
-                        progress=progress_bar("sampling"))
+                        progress=progress_bar("sampling"), order=order, gamma=table)
     console.print(f"wrote {png} and {png.with_suffix('.npy')}")
 
 
@@ -680,6 +696,39 @@ def sweep(
         table.add_row(f"{s:g}", f"{f:.3f}", "-" if i is None else f"{i:.3f}")
     console.print(table)
     console.print(f"-> {out}/sweep.json, {out}/sweep.png", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def gamma(
+    ckpt: Path = typer.Argument(..., help="checkpoint (GPU path)"),
+    dataset: str = typer.Option(..., help="training data: builtin | fashion-mnist | mnist | cifar10 | folder"),
+    steps: int = typer.Option(50, help="the sampler's steps: Gamma is estimated at their timesteps"),
+    num_samples: int = typer.Option(100, help="Monte Carlo samples per timestep"),
+    data_dir: Optional[str] = typer.Option(None),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(..., "--out", help="the Gamma table (.npz) for `neurosdm sample --gamma`"),
+):
+    """Estimate Analytic-DPM's Gamma_t = E||eps(x_t, t)||^2 / d on training data (Bao et al. 2022)."""
+    import torch
+
+    from neurosdm.checkpoint import load_model
+    from neurosdm.data import load_dataset
+    from neurosdm.diffusion import GaussianDiffusion
+    from neurosdm.diffusion.analytic import estimate_gamma, save_gamma
+    from neurosdm.io import atomic_path
+
+    model, config = load_model(ckpt)
+    model.eval()
+    data = load_dataset(dataset, data_dir, split="train", image_size=config.model.image_size)
+    diffusion = GaussianDiffusion(config.diffusion)
+    timesteps = diffusion.timesteps(steps)
+    with torch.no_grad():
+        values = estimate_gamma(model, data, diffusion, timesteps, num_samples,
+                                generator=torch.Generator().manual_seed(seed))
+    with atomic_path(out) as tmp:
+        save_gamma(tmp, timesteps, values, diffusion.num_diffusion_steps, num_samples)
+    console.print(f"Gamma at {len(timesteps)} timesteps ({num_samples} samples each; mean {float(values.mean()):.4f}) "
+                  f"-> {out}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -341,3 +341,34 @@ def test_host_ops(linear):
     # DPM-Solver-1 costs what DDIM (eta 0) costs with clipping
     assert host_ops_schedule("dpm-solver", 20, order=1) == host_ops_schedule("ddim", 20)
     assert len(host_ops_schedule("ddpm", 20)) == 20
+
+
+def test_cli_dpm_solver_order_and_analytic_with_gamma(tmp_path):
+    """`neurosdm sample --sampler dpm-solver --order`, `neurosdm gamma` then `--sampler analytic-ddpm --gamma`."""
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from neurosdm import cli
+    from test_export_cli import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "t.pt")
+    run = CliRunner().invoke
+    r1 = run(cli.app, ["sample", str(ckpt), "--out", str(tmp_path / "o1"), "--num-images", "2", "--steps", "4",
+                       "--sampler", "dpm-solver", "--order", "1"])
+    r2 = run(cli.app, ["sample", str(ckpt), "--out", str(tmp_path / "o2"), "--num-images", "2", "--steps", "4",
+                       "--sampler", "dpm-solver", "--order", "3"])
+    assert r1.exit_code == 0 and r2.exit_code == 0, (r1.output, r2.output)
+    assert not np.array_equal(np.load(tmp_path / "o1" / "samples.npy"), np.load(tmp_path / "o2" / "samples.npy"))
+    r = run(cli.app, ["gamma", str(ckpt), "--dataset", "builtin", "--steps", "4", "--num-samples", "8", "--out",
+                      str(tmp_path / "g.npz")])
+    assert r.exit_code == 0, r.output
+    with np.load(tmp_path / "g.npz") as z:
+        assert z["gamma"].shape == (4,) and np.all(np.isfinite(z["gamma"]))
+    r = run(cli.app, ["sample", str(ckpt), "--out", str(tmp_path / "o3"), "--num-images", "2", "--steps", "4",
+                      "--sampler", "analytic-ddpm", "--gamma", str(tmp_path / "g.npz")])
+    assert r.exit_code == 0, r.output
+    p = subprocess.run([sys.executable, "-m", "neurosdm", "sample", str(ckpt), "--out", str(tmp_path / "o4"),
+                        "--sampler", "analytic-ddim", "--steps", "4"], capture_output=True, text=True)
+    assert p.returncode == 1 and "--gamma" in p.stderr and "Traceback" not in p.stderr
