@@ -155,20 +155,9 @@ def test_event_engine_refuses_foreign_kinds(tmp_path):
 
 
 def test_snntorch_conv_net_simulate_and_energy(tmp_path):
-    snn = pytest.importorskip("snntorch", reason="snntorch is not installed")
-    from snntorch.export_nir import export_to_nir
+    from test_foreign_graphs import snntorch_conv_net
 
-    torch.manual_seed(0)
-
-    def leaky(shape, beta, **kw):  # per-neuron parameters (nir 1.0.8 cannot type scalar ones)
-        return snn.Leaky(beta=torch.full(shape, beta), threshold=torch.ones(shape), init_hidden=True,
-                         reset_delay=False, reset_mechanism="zero", **kw)
-
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), leaky((4, 6, 6), 0.8), torch.nn.Flatten(),
-                              torch.nn.Linear(4 * 6 * 6, 5), leaky((5,), 0.9, output=True))
-    with torch.no_grad():
-        net[3].weight.mul_(4.0)
-    graph = export_to_nir(net, torch.zeros(2, 1, 6, 6), ignore_dims=[0])
+    _, graph = snntorch_conv_net()
     nir.write(tmp_path / "snn.nir", graph)
     x = (torch.rand(12, 3, 1, 6, 6) * 2).numpy()
     np.save(tmp_path / "x.npy", x)

@@ -278,8 +278,9 @@ def _snntorch_run(net, x):
 SNNTORCH_DISC = Discretisation(dt=1e-4, method="euler", reset="zero", comparison=">")
 
 
-def test_snntorch_conv_leaky_exact():
-    snn = pytest.importorskip("snntorch")
+def snntorch_conv_net():
+    """snnTorch conv -> Leaky -> Flatten -> Linear -> Leaky (seed 0) and its own NIR export."""
+    snn = pytest.importorskip("snntorch", reason="snntorch is not installed")
     from snntorch.export_nir import export_to_nir
 
     torch.manual_seed(0)
@@ -292,7 +293,11 @@ def test_snntorch_conv_leaky_exact():
                               torch.nn.Linear(4 * 6 * 6, 5), leaky((5,), 0.9, output=True))
     with torch.no_grad():
         net[3].weight.mul_(4.0)
-    graph = export_to_nir(net, torch.zeros(2, 1, 6, 6), ignore_dims=[0])
+    return net, export_to_nir(net, torch.zeros(2, 1, 6, 6), ignore_dims=[0])
+
+
+def test_snntorch_conv_leaky_exact():
+    net, graph = snntorch_conv_net()
     x = torch.rand(20, 3, 1, 6, 6) * 2
     want = _snntorch_run(net, x)
     eng = TorchEngine(load_program(graph, disc=SNNTORCH_DISC))
