@@ -133,6 +133,18 @@ def _round_to_grid(x, exponent: int):
     return (x * 2.0 ** (-int(exponent))).round() + 0.0
 
 
+def threshold_units(theta, exponent: int):
+    """``ceil(theta / 2**exponent)``: the integer threshold of a fixed-point neuron whose state counts units of
+    ``2**exponent`` (the one threshold rule; see the module docstring for why ``ceil``). Numpy in, numpy out."""
+    return np.ceil(np.asarray(theta, np.float64) * 2.0 ** -int(exponent))
+
+
+def bias_units(b, exponent: int):
+    """``round_half_even(b / 2**exponent)`` (float64): a bias in units of ``2**exponent`` (the weight rounding,
+    unclipped)."""
+    return _round_to_grid(np.asarray(b, np.float64), exponent)
+
+
 def _clip_mantissa(k, bits: int):
     lo, hi = mantissa_range(bits)
     return k.clip(lo, hi)
@@ -248,10 +260,10 @@ class FixedPointNeuron:
         spec = spec or QuantSpec()
         e = int(weight_exponent)
         vmax = spec.state_max
-        threshold_int = math.ceil(float(threshold) * 2.0 ** -e)
+        threshold_int = int(threshold_units(float(threshold), e))
         if not 1 <= threshold_int <= vmax:
             raise QuantizationError(f"threshold {threshold} is {threshold_int} units of 2**{e}, outside 1..{vmax}")
-        b = np.zeros((), np.int64) if bias is None else _round_to_grid(_np(bias), e)
+        b = np.zeros((), np.int64) if bias is None else bias_units(_np(bias), e)
         if np.abs(b).max(initial=0) > vmax:
             raise QuantizationError(f"bias of up to {np.abs(_np(bias)).max():.6g} does not fit {spec.state_bits}-bit "
                                     f"state in units of 2**{e}")

@@ -30,6 +30,7 @@ import nir
 import numpy as np
 
 import neurosdm
+from neurosdm.exporters.nir import meta_value as _meta
 from neurosdm.exporters.rewrite import inline_junctions
 from neurosdm.simulators.reference import Discretisation, run_graph
 
@@ -42,15 +43,6 @@ BATCH = 2
 def _err(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}".rstrip(": ")
-
-
-def _meta(md: dict, key: str, default=None):
-    v = md.get(key, default)
-    if isinstance(v, np.generic) or (isinstance(v, np.ndarray) and v.ndim == 0):
-        v = v.item()
-    if isinstance(v, bytes):
-        v = v.decode()
-    return v
 
 
 # ------------------------------------------------------------------------------------------------ graph variants

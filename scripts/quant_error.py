@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from neurosdm.checkpoint import load_checkpoint, load_model
+from neurosdm.compare import psnr
 from neurosdm.data import load_dataset
 from neurosdm.diffusion import GaussianDiffusion, sample
 from neurosdm.exporters.fixed_point import calibrate, calibration_inputs, quantize_graph
@@ -57,11 +58,6 @@ class GraphDenoiser:
 
     def train(self, mode=True):
         return self
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a - b) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from neurosdm.errors import ConfigError, QuantizationError
-from neurosdm.quantize import QuantSpec, choose_exponent, quantize_weight
+from neurosdm.quantize import QuantSpec, bias_units, choose_exponent, quantize_weight, threshold_units
 
 __all__ = ["calibration_inputs", "calibrate", "quantize_graph", "quantize_input", "UNITS_RULE"]
 
@@ -162,10 +162,9 @@ def quantize_graph(graph: nir.NIRGraph, metadata: dict, calibration: dict, spec:
                                 "bits; widen the state or check the calibration data")
     for c in rerounded:
         w_exp[c] = e_state
-    unit = 2.0 ** e_state
 
     def to_units(b):
-        return np.round(np.asarray(b, np.float64) / unit) + 0.0
+        return bias_units(b, e_state)
 
     round_nodes = {}
     for c in convs:
@@ -187,7 +186,7 @@ def quantize_graph(graph: nir.NIRGraph, metadata: dict, calibration: dict, spec:
     vmax = spec.state_max
     for name, node in list(nodes.items()):
         if isinstance(node, nir.IF):
-            th = np.ceil(np.asarray(node.v_threshold, np.float64) / unit)
+            th = threshold_units(node.v_threshold, e_state)
             if th.max() > vmax or th.min() < 1:
                 raise QuantizationError(f"node {name!r}: threshold is {th.max():g} units of 2**{e_state}, outside "
                                         f"1..{vmax}")

@@ -469,8 +469,9 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
     return graph, metadata
 
 
-def _meta(metadata: dict, key: str):
-    v = metadata[key]
+def meta_value(metadata: dict, key: str, default=None):
+    """A metadata value as written (``nir.read`` returns 0-d arrays and bytes for numbers and strings)."""
+    v = metadata.get(key, default)
     if isinstance(v, np.ndarray) and v.ndim == 0:
         v = v.item()
     if isinstance(v, bytes):
@@ -487,7 +488,7 @@ def graph_at(graph: nir.NIRGraph, metadata: dict | None, t: int, k: int = 0) -> 
     ``bias_tables`` gets its bias, every Scale node in ``scale_tables`` its scale (``BIAS_TABLE_RULE``,
     ``SCALE_TABLE_RULE``)."""
     metadata = dict(graph.metadata if metadata is None else metadata)
-    n = int(_meta(metadata, "num_diffusion_steps"))
+    n = int(meta_value(metadata, "num_diffusion_steps"))
     t, k = int(t), int(k)
     if not 0 <= t < n:
         raise ConfigError(f"diffusion step must lie in 0..{n - 1}, got {t}")
@@ -512,7 +513,7 @@ def step_graphs(graph: nir.NIRGraph, metadata: dict | None, t: int) -> list[nir.
     metadata = dict(graph.metadata if metadata is None else metadata)
     varying = any(np.asarray(v).shape[1] > 1 for v in metadata.get("bias_tables", {}).values()) or \
         any(np.asarray(v).size > 1 for v in metadata.get("scale_tables", {}).values())
-    k_steps = int(_meta(metadata, "num_steps")) if varying else 1
+    k_steps = int(meta_value(metadata, "num_steps")) if varying else 1
     return [graph_at(graph, metadata, t, k) for k in range(k_steps)]
 
 
@@ -541,7 +542,7 @@ def host_head(per_step_values: np.ndarray, metadata: dict) -> np.ndarray:
     output at every spiking step, packed as the graph stores it) -> eps ``[B, img_ch, H, W]`` (float64)."""
     hh = metadata["host_head"]
     a = {k: np.asarray(v, dtype=np.float64) for k, v in hh.items() if k != "formula"}
-    levels = int(_meta(metadata, "packed_levels"))
+    levels = int(meta_value(metadata, "packed_levels"))
     x = np.asarray(per_step_values, dtype=np.float64)
     if levels:
         x = depth_to_space(x, levels=levels)
@@ -561,9 +562,9 @@ def eps_from_outputs(outputs: np.ndarray, metadata: dict) -> np.ndarray:
     quant = metadata.get("quant")
     if isinstance(quant, dict):
         out = out * 2.0 ** int(np.asarray(quant["output_exponent"]))
-    if _meta(metadata, "head") == "sdm":
+    if meta_value(metadata, "head") == "sdm":
         return host_head(out, metadata)
-    levels = int(_meta(metadata, "packed_levels"))
+    levels = int(meta_value(metadata, "packed_levels"))
     return depth_to_space(out[-1], levels=levels) if levels else out[-1]
 
 
@@ -580,7 +581,7 @@ def run_reference(graph: nir.NIRGraph, metadata: dict | None, x_t, t: int, recor
     x = np.asarray(x_t, np.float64)
     if isinstance(md.get("quant"), dict):
         x, _ = quantize_input(x, md)
-    res = run_graph(graph, x[None], num_steps=int(_meta(md, "num_steps")), record=record,
+    res = run_graph(graph, x[None], num_steps=int(meta_value(md, "num_steps")), record=record,
                     step_graphs=step_graphs(graph, md, t), fixed=fixed)
     return eps_from_outputs(res["outputs"]["output"], md), res
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from neurosdm.config import Config, DiffusionConfig, ModelConfig
+from neurosdm.exporters.nir import meta_value as _meta
 from neurosdm.errors import ConfigError
 from neurosdm.simulators.program import Program
 from neurosdm.simulators.stats import RunStats, add_counts
@@ -40,15 +41,6 @@ def make_engine(name: str, program: Program, device: str = "cpu", dtype: torch.d
 
         return TorchEngine(program, device=device, dtype=dtype)
     raise ConfigError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}")
-
-
-def _meta(md: dict, key: str, default=None):
-    v = md.get(key, default)
-    if isinstance(v, np.ndarray) and v.ndim == 0:
-        v = v.item()
-    if isinstance(v, bytes):
-        v = v.decode("utf8")
-    return v
 
 
 def config_of(program: Program) -> Config:
@@ -79,7 +71,9 @@ def apply_threshold_scale(program: Program, scale: float) -> Program:
     theta = float(np.asarray(md["threshold"])) * scale
     quant = md.get("quant")
     if isinstance(quant, dict):
-        value = float(np.ceil(theta / 2.0 ** int(np.asarray(quant["state_exponent"]))))
+        from neurosdm.quantize import threshold_units
+
+        value = float(threshold_units(theta, int(np.asarray(quant["state_exponent"]))))
     else:
         value = theta
     for layer in program.layers:
