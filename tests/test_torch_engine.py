@@ -9,27 +9,21 @@ import torch
 import torch.nn.functional as F
 
 from neurosdm.errors import ConfigError, GraphError
-from neurosdm.exporters.fixed_point import calibrate, calibration_inputs, quantize_graph, quantize_input
-from neurosdm.exporters.nir import step_graphs, to_nir_graph
+from neurosdm.exporters.fixed_point import quantize_input
+from neurosdm.exporters.nir import step_graphs
 from neurosdm.exporters.rewrite import inline_junctions
-from neurosdm.quantize import QuantSpec
 from neurosdm.simulators.program import load_program
 from neurosdm.simulators.reference import run_graph
 from neurosdm.simulators.torch_engine import TorchEngine
-from test_export_nir import _model
-from test_fixed_point import DIFF
+from test_fixed_point import _quantized
 
 STEPS = (0, 31)
 
 
 @functools.lru_cache(maxsize=None)
 def _graphs(head, ch_mult, tsm):
-    """(float64 graph, int8 graph) of a small random model; the int8 one calibrated as test_fixed_point does."""
-    model = _model(head, ch_mult, tsm=tsm)
-    graph, md = to_nir_graph(model, dtype=np.float64)
-    images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
-    cal = calibrate(graph, md, calibration_inputs(images, DIFF, steps=4))
-    qg, _ = quantize_graph(graph, md, cal, QuantSpec())
+    """(float64 graph, int8 graph) of a small random model (test_fixed_point._quantized)."""
+    _, graph, _, qg, _ = _quantized(head, tsm, ch_mult=ch_mult)
     return graph, qg
 
 
