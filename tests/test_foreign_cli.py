@@ -147,11 +147,19 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     assert not (tmp_path / "o" / "stats.json").exists()
 
 
-def test_event_engine_refuses_foreign_kinds(tmp_path):
+def test_event_engine_on_a_foreign_graph(tmp_path):
+    """`--engine event` runs a foreign graph too: the same outputs and the same stats as the torch engine."""
     graph = _hand_graph(tmp_path / "g.nir")
-    np.save(tmp_path / "x.npy", np.zeros((3, 1, 1, 4, 4)))
-    r = invoke("simulate", graph, "--input", tmp_path / "x.npy", "--engine", "event", "--out", tmp_path / "o")
-    _one_line_error(r, "--engine torch")
+    x = np.random.default_rng(3).random((5, 2, 1, 4, 4)) * 2
+    np.save(tmp_path / "x.npy", x)
+    for engine in ("event", "torch"):
+        r = invoke("simulate", graph, "--input", tmp_path / "x.npy", "--engine", engine, "--out", tmp_path / engine)
+        assert r.exit_code == 0, r.output
+        assert f"on the {engine} engine" in r.output
+    np.testing.assert_allclose(np.load(tmp_path / "event" / "outputs.npz")["output"],
+                               np.load(tmp_path / "torch" / "outputs.npz")["output"], rtol=0, atol=1e-9)
+    event, torch_ = (RunStats.load(tmp_path / e / "stats.json") for e in ("event", "torch"))
+    assert event.totals() == torch_.totals() and event.total("spikes_out") > 0
 
 
 def test_snntorch_conv_net_simulate_and_energy(tmp_path):

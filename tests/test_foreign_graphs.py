@@ -1,9 +1,10 @@
 """Foreign NIR graphs (the whole core node set) on the engines.
 
-Part 1: the torch engine against the reference interpreter (``run_graph``), float64, per node type, nested graphs,
-recurrent edges; the counters of the new kinds; one-line errors.
-Part 2: graphs exported by snnTorch, Norse and spikingjelly themselves, run by the exporting framework and by the
-torch engine on the same inputs (skipped where the framework is absent). docs/foreign-graphs.md has the rules and
+Part 1: both engines against the reference interpreter (``run_graph``), float64, per node type, nested graphs,
+recurrent edges, delays; the event engine's counts equal the torch engine's (two independent countings: dense
+fan-out sums vs per-event work); one-line errors.
+Part 2: graphs exported by snnTorch, Norse and spikingjelly themselves, run by the exporting framework and by both
+engines on the same inputs (skipped where the framework is absent). docs/foreign-graphs.md has the rules and
 the differences found.
 """
 
@@ -17,6 +18,7 @@ import torch
 from neurosdm.errors import GraphError
 from neurosdm.simulators.program import load_program
 from neurosdm.simulators.reference import Discretisation, run_graph
+from neurosdm.simulators.event import EventEngine
 from neurosdm.simulators.torch_engine import TorchEngine
 
 TOL = 1e-9
@@ -43,16 +45,24 @@ def _chain(*named, in_shape, metadata=None) -> nir.NIRGraph:
 
 
 def _parity(graph, x, disc=None, spikes=False):
-    """Torch engine vs reference on ``x [T, B, ...]``: every node's output within TOL. Returns the engine result."""
+    """Both engines (the event engine with and without numba) vs the reference on ``x [T, B, ...]``: every node's
+    output within TOL; the event engine's counts equal the torch engine's. Returns the torch engine's result."""
     ref = run_graph(graph, x, disc=disc, record=True)
-    eng = TorchEngine(load_program(graph, disc=disc)).run(x, record=True)
-    assert set(eng["records"]) == set(ref["records"])
-    for name, want in ref["records"].items():
-        got = eng["records"][name]
-        assert got.shape == want.shape, name
-        np.testing.assert_allclose(got, want, rtol=0, atol=TOL, err_msg=name)
-    for name in ref["outputs"]:
-        np.testing.assert_allclose(eng["outputs"][name], ref["outputs"][name], rtol=0, atol=TOL)
+    prog = load_program(graph, disc=disc)
+    eng = TorchEngine(prog).run(x, record=True)
+    for res in (eng, EventEngine(prog).run(x, record=True), EventEngine(prog, use_numba=False).run(x, record=True)):
+        assert set(res["records"]) == set(ref["records"])
+        for name, want in ref["records"].items():
+            got = res["records"][name]
+            assert got.shape == want.shape, name
+            np.testing.assert_allclose(got, want, rtol=0, atol=TOL, err_msg=name)
+        for name in ref["outputs"]:
+            np.testing.assert_allclose(res["outputs"][name], ref["outputs"][name], rtol=0, atol=TOL)
+        assert res["counts"].keys() == eng["counts"].keys()
+        for name, cs in eng["counts"].items():
+            assert cs.keys() == res["counts"][name].keys(), name
+            for c, v in cs.items():
+                np.testing.assert_array_equal(res["counts"][name][c], v, err_msg=f"{name} {c}")
     return eng
 
 
@@ -219,14 +229,85 @@ def test_file_roundtrip(tmp_path):
     np.testing.assert_allclose(eng["outputs"]["output"], run_graph(g, x)["outputs"]["output"], atol=TOL)
 
 
+# --------------------------------------------------------------------------------------------------- delays
+
+
+def test_delay_per_element_by_hand():
+    """``y[k] = x[k - d]`` per element, d = delay / dt; a zero element makes it an ordinary node, all >= 1 a late one
+    (evaluated before its source); both engines as the reference, and the values by hand."""
+    x = _rng(3).normal(size=(7, 2, 4))
+    for delay, dt in (([0.0, 1.0, 2.0, 3.0], 1.0), ([0.5, 1.0, 0.5, 1.5], 0.5)):
+        g = _graph({"input": nir.Input(input_type={"input": np.array([4])}), "d": nir.Delay(delay=np.array(delay)),
+                    "output": nir.Output(output_type={"output": np.array([4])})}, [("input", "d"), ("d", "output")])
+        disc = Discretisation(dt=dt)
+        steps = np.rint(np.array(delay) / dt).astype(int)
+        want = np.zeros_like(x)
+        for e, d in enumerate(steps):
+            want[d:, :, e] = x[:x.shape[0] - d, :, e]
+        assert load_program(g, disc=disc).by_name["d"].late == bool(steps.min() >= 1)
+        eng = _parity(g, x, disc=disc)
+        np.testing.assert_array_equal(eng["outputs"]["output"], want)
+
+
+def test_delay_in_a_cycle_has_exactly_its_latency():
+    """``s = x + delay_d(s)``: with a Delay of d >= 1 steps in the loop the cycle's latency is d (no extra step of
+    the back-edge rule), so s[k] = x[k] + s[k - d]; a loop without a Delay gets one step (s[k] = x[k] + s[k - 1])."""
+    x = _rng(4).normal(size=(9, 3, 2))
+    for d in (1, 2, 3):
+        g = _graph({"input": nir.Input(input_type={"input": np.array([2])}), "s": nir.Scale(scale=np.ones(2)),
+                    "d": nir.Delay(delay=np.full(2, float(d))),
+                    "output": nir.Output(output_type={"output": np.array([2])})},
+                   [("input", "s"), ("s", "d"), ("d", "s"), ("s", "output")])
+        prog = load_program(g)
+        assert not any(any(layer.back) for layer in prog.layers)  # broken by the Delay, not by a back edge
+        want = x.copy()
+        for k in range(d, x.shape[0]):
+            want[k] = x[k] + want[k - d]
+        eng = _parity(g, x)
+        np.testing.assert_allclose(eng["outputs"]["output"], want, rtol=0, atol=1e-12)
+
+
+def test_delayed_recurrent_lif_spikes():
+    """A LIF layer whose spikes come back through a 2-step Delay and an Affine (a delayed recurrent SNN): both engines
+    as the reference, spikes exactly; the Delay of spikes keeps the Affine on the spike (synops) path."""
+    r = _rng(5)
+    n = 5
+    nodes = {"input": nir.Input(input_type={"input": np.array([3])}),
+             "fc": nir.Affine(weight=r.normal(size=(n, 3)) * 1.5, bias=np.zeros(n)),
+             "lif": nir.LIF(tau=np.full(n, 4.0), r=np.ones(n) * 4, v_leak=np.zeros(n), v_threshold=np.ones(n)),
+             "d": nir.Delay(delay=np.full(n, 2.0)),
+             "rec": nir.Linear(weight=r.normal(size=(n, n))),
+             "output": nir.Output(output_type={"output": np.array([n])})}
+    edges = [("input", "fc"), ("fc", "lif"), ("lif", "d"), ("d", "rec"), ("rec", "lif"), ("lif", "output")]
+    g = _graph(nodes, edges)
+    x = r.random((30, 4, 3)) * 2
+    eng = _parity(g, x)
+    assert load_program(g).by_name["rec"].input == "spikes"
+    assert 10 < eng["outputs"]["output"].sum() < eng["outputs"]["output"].size - 10
+    assert eng["counts"]["rec"]["synops"].sum() > 0
+
+
 # --------------------------------------------------------------------------------------------------- errors
 
 
 def test_errors_name_the_node():
     r = _rng(9)
-    g = _chain(("d", nir.Delay(delay=np.ones(3))), in_shape=(3,))
-    with pytest.raises(GraphError, match=r"node 'd' has type Delay"):
+    def delayed(delay):
+        return _graph({"input": nir.Input(input_type={"input": np.array([3])}), "d": nir.Delay(delay=np.array(delay)),
+                       "output": nir.Output(output_type={"output": np.array([3])})}, [("input", "d"), ("d", "output")])
+
+    g = delayed([1.0, 0.5, 2.0])
+    with pytest.raises(GraphError, match=r"node 'd' \(Delay\).*whole number of steps.*\[0.5\]"):
         load_program(g)
+    with pytest.raises(GraphError, match=r"node 'd' \(Delay\)"):  # -1 step
+        load_program(delayed([1.0, -1.0, 2.0]))
+    load_program(g, disc=Discretisation(dt=0.5))  # 2, 1, 4 steps: fine
+    scalar = nir.Delay(delay=np.array(2.0))
+    scalar.input_type = scalar.output_type = {}  # what a file with a scalar delay and no types reads back as
+    with pytest.raises(GraphError, match=r"'d' \(Delay\).*scalar delay.*input_type"):
+        load_program(_graph({"input": nir.Input(input_type={"input": np.array([3])}), "d": scalar,
+                             "output": nir.Output(output_type={"output": np.array([3])})},
+                            [("input", "d"), ("d", "output")]))
     g = _chain(("fc", nir.Affine(weight=r.normal(size=(3, 4)), bias=np.zeros(3))), in_shape=(5,))
     with pytest.raises(GraphError, match=r"'fc'"):
         load_program(g)
@@ -245,15 +326,26 @@ def test_errors_name_the_node():
         TorchEngine(load_program(g)).run(np.zeros((1, 2, 3)))
 
 
-def test_event_engine_refuses_new_kinds():
-    from neurosdm.simulators.event import EventEngine
-
-    g = _chain(("fc", nir.Affine(weight=np.eye(2), bias=np.zeros(2))), in_shape=(2,))
-    with pytest.raises(GraphError, match=r"'fc'"):
-        EventEngine(load_program(g), use_numba=False).run(np.zeros((1, 2)), 0)
-
-
 # ------------------------------------------------------------------------------------ frameworks' own exports
+
+
+class _Both:
+    """Both engines on one program: ``run`` returns the torch engine's result after checking the event engine's
+    against it (outputs within TOL, every count equal)."""
+
+    def __init__(self, program):
+        self.program = program
+
+    def run(self, x, t=0, record=False):
+        want = TorchEngine(self.program).run(x, t, record)
+        got = EventEngine(self.program).run(x, t, record)
+        for name, v in want["outputs"].items():
+            np.testing.assert_allclose(got["outputs"][name], v, rtol=0, atol=TOL, err_msg=name)
+        assert got["counts"].keys() == want["counts"].keys()
+        for name, cs in want["counts"].items():
+            for c, v in cs.items():
+                np.testing.assert_array_equal(got["counts"][name][c], v, err_msg=f"{name} {c}")
+        return want
 
 
 def _output(graph):
@@ -300,7 +392,7 @@ def test_snntorch_conv_leaky_exact():
     net, graph = snntorch_conv_net()
     x = torch.rand(20, 3, 1, 6, 6) * 2
     want = _snntorch_run(net, x)
-    eng = TorchEngine(load_program(graph, disc=SNNTORCH_DISC))
+    eng = _Both(load_program(graph, disc=SNNTORCH_DISC))
     got = eng.run(x.numpy())["outputs"][_output(graph)]
     assert want.sum() > 5
     np.testing.assert_array_equal(got, want)
@@ -322,22 +414,9 @@ def test_snntorch_rleaky_exact():
     assert any(any(layer.back) for layer in prog.layers)
     x = torch.rand(25, 4, 3) * 2
     want = _snntorch_run(net, x)
-    got = TorchEngine(prog).run(x.numpy())["outputs"][_output(graph)]
+    got = _Both(prog).run(x.numpy())["outputs"][_output(graph)]
     assert want.sum() > 20
     np.testing.assert_array_equal(got, want)
-
-
-def test_event_engine_refuses_foreign_kinds_with_a_hint():
-    """The event engine runs neurosdm's own exports; a foreign kind or a recurrent edge is a one-line error that
-    points to the torch engine."""
-    from neurosdm.simulators.event import EventEngine
-
-    g = nir.NIRGraph(nodes={"input": nir.Input(input_type={"input": np.array([3])}),
-                            "fc": nir.Affine(weight=np.ones((2, 3)), bias=np.zeros(2)),
-                            "output": nir.Output(output_type={"output": np.array([2])})},
-                     edges=[("input", "fc"), ("fc", "output")])
-    with pytest.raises(GraphError, match="fc.*--engine torch"):
-        EventEngine(load_program(g))
 
 
 # ------------------------------------------------------------------------------------ Norse 1.1.0
@@ -383,7 +462,7 @@ def test_norse_linear_lifbox_exact():
     graph = norse.to_nir(net, torch.zeros(3), dt=export_dt)  # no batch dimension in the sample
     assert type(graph.nodes["1"]).__name__ == "LIF"
     x = torch.rand(40, 4, 3) * 2
-    got = TorchEngine(load_program(graph, disc=_norse_disc(cell_dt, export_dt))).run(x.numpy())["outputs"][
+    got = _Both(load_program(graph, disc=_norse_disc(cell_dt, export_dt))).run(x.numpy())["outputs"][
         _output(graph)]
     # Norse starts the membrane at v_leak, the engine at zero: exact when Norse is given v = 0 at the start
     want = _norse_run(net, x, [None, LIFBoxFeedForwardState(v=torch.zeros(4, 8))])
@@ -391,7 +470,7 @@ def test_norse_linear_lifbox_exact():
     np.testing.assert_array_equal(got, want)
     assert (_norse_run(net, x) != want).any()  # Norse's own start (v = v_leak = 0.1) fires earlier
     # the documented failure: the export's dt alone gives decay 1 - dt / tau = 1 - 1/(cell.dt tau_mem_inv) < 0
-    bad = TorchEngine(load_program(graph, disc=Discretisation(dt=export_dt, method="euler", reset="zero",
+    bad = _Both(load_program(graph, disc=Discretisation(dt=export_dt, method="euler", reset="zero",
                                                               comparison=">"))).run(x.numpy())["outputs"][
         _output(graph)]
     assert (bad != want).sum() > want.size // 10
@@ -407,7 +486,7 @@ def test_norse_conv_lifbox_exact():
     graph = norse.to_nir(net, torch.zeros(1, 6, 6))
     x = torch.rand(25, 2, 1, 6, 6) * 2
     want = _norse_run(net, x)
-    got = TorchEngine(load_program(graph, disc=_norse_disc(0.001, 0.001))).run(x.numpy())["outputs"][
+    got = _Both(load_program(graph, disc=_norse_disc(0.001, 0.001))).run(x.numpy())["outputs"][
         _output(graph)]
     assert want.sum() > 50
     np.testing.assert_array_equal(got, want)
@@ -428,11 +507,11 @@ def test_norse_linear_lifcell_cubalif_needs_w_in():
     want = _norse_run(net, x)
     assert want.sum() > 50
     # as exported (w_in = 1), the current is scaled by b = 0.2: far fewer spikes
-    got = TorchEngine(load_program(graph, disc=disc)).run(x.numpy())["outputs"][_output(graph)]
+    got = _Both(load_program(graph, disc=disc)).run(x.numpy())["outputs"][_output(graph)]
     assert got.sum() < want.sum() / 4
     # with w_in = tau_syn / dt = 1 / b the run is exact
     node.w_in = np.asarray(node.tau_syn, dtype=np.float64) / disc.dt
-    got = TorchEngine(load_program(graph, disc=disc)).run(x.numpy())["outputs"][_output(graph)]
+    got = _Both(load_program(graph, disc=disc)).run(x.numpy())["outputs"][_output(graph)]
     np.testing.assert_array_equal(got, want)
 
 
@@ -476,7 +555,7 @@ def test_spikingjelly_linear_exact(kind):
     graph = export_to_nir(net, torch.zeros(2, 4, 3, dtype=torch.float64))
     x = torch.rand(30, 4, 3, dtype=torch.float64) * 2
     want = _sj_run(net, x, v0=0.0)  # the engine starts at zero; spikingjelly at v_reset
-    got = TorchEngine(load_program(graph, disc=SJ_DISC)).run(x.numpy())["outputs"][_output(graph)]
+    got = _Both(load_program(graph, disc=SJ_DISC)).run(x.numpy())["outputs"][_output(graph)]
     assert want.sum() > 5
     np.testing.assert_array_equal(got, want)
     if kind == "lif-no-decay-input":  # v_reset = -0.2: spikingjelly's own start differs in the first steps
@@ -499,7 +578,7 @@ def test_spikingjelly_conv_lif_flatten_if_exact():
     graph = export_to_nir(net, torch.zeros(2, 3, 1, 6, 6))
     x = torch.rand(20, 3, 1, 6, 6) * 2
     want = _sj_run(net, x)
-    got = TorchEngine(load_program(graph, disc=SJ_DISC)).run(x.numpy())["outputs"][_output(graph)]
+    got = _Both(load_program(graph, disc=SJ_DISC)).run(x.numpy())["outputs"][_output(graph)]
     assert want.sum() > 5
     np.testing.assert_array_equal(got, want)
 
@@ -518,10 +597,10 @@ def test_spikingjelly_fires_at_equality():
     x = torch.full((6, 1, 1), 0.5, dtype=torch.float64)
     want = _sj_run(net, x)
     np.testing.assert_array_equal(want.ravel(), [0, 1, 0, 1, 0, 1])
-    got = TorchEngine(load_program(graph, disc=SJ_DISC)).run(x.numpy())["outputs"][_output(graph)]
+    got = _Both(load_program(graph, disc=SJ_DISC)).run(x.numpy())["outputs"][_output(graph)]
     np.testing.assert_array_equal(got, want)
     gt = Discretisation(dt=1e-4, method="euler", reset="zero", comparison=">")
-    got = TorchEngine(load_program(graph, disc=gt)).run(x.numpy())["outputs"][_output(graph)]
+    got = _Both(load_program(graph, disc=gt)).run(x.numpy())["outputs"][_output(graph)]
     assert (got != want).any()
 
 
@@ -538,6 +617,6 @@ def test_a_flatten_of_spikes_still_carries_spikes():
     program = load_program(g)
     assert program.by_name["fc"].input == "spikes"
     x = np.ones((1, 1, 1, 2, 2))  # every IF neuron fires at step 0: 4 spikes
-    res = TorchEngine(program).run(x, 0)
+    res = _Both(program).run(x, 0)
     # nonzero fan-out per input element: columns [1, 0, 2, 1] -> 4 spikes give 1 + 0 + 2 + 1 = 4 synops
     assert int(res["counts"]["fc"]["synops"].sum()) == n and "macs" not in res["counts"]["fc"]

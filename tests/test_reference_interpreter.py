@@ -449,8 +449,8 @@ def test_errors_are_typed():
 
 
 def test_unsupported_node_names_node_and_type():
-    g = seq(nir.Delay(np.ones(2)), in_shape=[2])
-    with pytest.raises(GraphError, match=r"'n0'.*Delay"):
+    g = seq(nir.Delay(np.array([1.0, 0.25])), in_shape=[2])  # a quarter step: no discrete rule
+    with pytest.raises(GraphError, match=r"'n0'.*Delay.*whole number"):
         run_graph(g, np.zeros((1, 1, 2)))
 
     @dataclass(eq=False)

@@ -1,8 +1,10 @@
 """Event-driven engine: spike-input convs computed by scattering the input events through their nonzero synapses.
 
 ``EventEngine(program).run(x, t)`` runs one network call of a :class:`~neurosdm.simulators.program.Program`
-(``program.num_steps`` spiking steps from a zero state) and returns the outputs, the exact counts of
-:mod:`neurosdm.simulators.stats` and, optionally, every layer's output. It reproduces the reference interpreter
+(``program.num_steps`` spiking steps from a zero state for a constant input ``[B, ...]``, or ``T`` steps of a
+sequence ``[T, B, ...]``) and returns the outputs, the exact counts of :mod:`neurosdm.simulators.stats` and,
+optionally, every layer's output. It runs every layer kind of the program (the whole core NIR node set, nested
+graphs, recurrent edges, delays) and reproduces the reference interpreter
 (:func:`neurosdm.simulators.reference.run_graph`): in float to rounding, in fixed point bit for bit.
 
 How each layer is computed (numpy float64 throughout; integer-valued in fixed point, exact below 2**53):
@@ -23,16 +25,24 @@ How each layer is computed (numpy float64 throughout; integer-valued in fixed po
   (:func:`_scatter_numpy`) does the same additions and counts.
 - **conv, input "analog"** (the image, residual streams, sums of several sources): dense, im2col + one float64
   matmul; ``macs`` = every input position times its nonzero fan-out inside the map (precomputed per layer).
+- **gconv** (Conv1d, groups, dilation): as conv, on the equivalent plain kernel (:func:`_plain_conv`).
 - **rounded conv** (fixed point, ``Layer.rounded``): the output, bias included, is rounded half to even.
-- **neurons**: vectorised numpy; float ``v <- decay v + (1 - decay) v_leak + gain x`` then (IF) compare and reset
-  per ``program.disc``; fixed point :func:`neurosdm.quantize.fixed_point_step` (int64 state).
+- **affine**: spike / graded input: per image, the weight columns of the nonzero inputs times their values
+  (event-driven); analog: one matmul. **pool**: window sums (dense, :func:`~neurosdm.simulators.reference.
+  sum_pool2d`), counted per event. **flatten**: a reshape. **threshold**: a comparison. **delay**: a history
+  buffer (the reference's ``delay_push`` / ``delay_read``; a late Delay is read before its sources run and stores
+  their sum after the step).
+- **neurons**: vectorised numpy; float :func:`_neuron_float` (the rules of :class:`~neurosdm.simulators.program.
+  Layer`); fixed point (I, IF, LI) :func:`neurosdm.quantize.fixed_point_step` (int64 state).
 - **scale**: ``x * scale`` (the per-step scale of a TSM node from ``program.step_params``); **input/output**:
-  identity. A layer's input is the sum of its sources' outputs at the same step.
+  identity. A layer's input is the sum of its sources' outputs at the same step (the previous step's for a
+  recurrent edge, zero at step 0).
 
-Counters (per layer, per spiking step, summed over the batch; see :mod:`neurosdm.simulators.stats`): conv
-``events_in`` and one of ``synops`` / ``graded_ops`` / ``macs``; scale ``events_in``; neurons ``neuron_updates``,
-``active_neurons``, ``spikes_out`` (IF), ``saturations`` (fixed point); ``fanin_adds`` on every layer with several
-sources. Input layers and single-source outputs have no counters (no entry in ``counts``).
+Counters (per layer, per spiking step, summed over the batch; see :mod:`neurosdm.simulators.stats`), the same
+as the torch engine's (a test compares them on every foreign graph): conv / affine ``events_in`` and one of
+``synops`` / ``graded_ops`` / ``macs``; pool ``events_in``, ``pool_adds``; scale ``events_in``; neurons and
+thresholds ``neuron_updates``, ``active_neurons``, ``spikes_out`` (spiking kinds), ``saturations`` (fixed point);
+``fanin_adds`` on every layer with several sources. Input, Output, Flatten and Delay layers have no counters.
 """
 
 from __future__ import annotations
@@ -40,7 +50,8 @@ from __future__ import annotations
 import numpy as np
 
 from neurosdm.errors import ConfigError, GraphError
-from neurosdm.simulators.program import EVENT_KINDS, Layer, Program
+from neurosdm.simulators.program import NEURONS, Layer, Program
+from neurosdm.simulators.reference import delay_push, delay_read, sum_pool2d
 
 __all__ = ["EventEngine", "HAVE_NUMBA", "ConvPlan"]
 
@@ -337,6 +348,53 @@ class ConvPlan:
         return np.ascontiguousarray(y)
 
 
+def _plain_conv(layer: Layer) -> Layer:
+    """A ``gconv`` layer (Conv1d, groups > 1 or dilation > 1) as an equivalent plain conv (groups 1, dilation 1,
+    ``(C, H, W)`` shapes) for :class:`ConvPlan`: the grouped weight placed block-diagonally in a full
+    ``[Co, Ci, kh, kw]`` weight and the dilated kernel spread out with zeros between its taps. Exact: the zeros are
+    never stored as runs, never multiplied where they would matter and never counted (the counters see only the
+    nonzero synapses, as for any conv)."""
+    w = np.asarray(layer.weight, np.float64)  # [Co, Ci / groups, kh, kw] (a Conv1d: kh = 1)
+    co, cg, kh, kw = w.shape
+    g = int(layer.groups)
+    dh, dw = layer.dilation
+    full = np.zeros((co, cg * g, (kh - 1) * dh + 1, (kw - 1) * dw + 1))
+    per = co // g
+    for j in range(g):
+        full[j * per:(j + 1) * per, j * cg:(j + 1) * cg, ::dh, ::dw] = w[j * per:(j + 1) * per]
+    shape3 = (lambda s: tuple(s) if len(s) == 3 else (s[0], 1, *s[1:]))
+    return Layer(layer.name, "conv", layer.sources, shape3(layer.in_shape), shape3(layer.out_shape),
+                 input=layer.input, weight=full, bias=layer.bias, stride=layer.stride, padding=layer.padding,
+                 rounded=layer.rounded)
+
+
+def _neuron_float(layer: Layer, x: np.ndarray, state, comparison: str, reset: str):
+    """One float step of a neuron layer (``Layer``'s docstring): CubaLI/CubaLIF update the current first and the
+    membrane sees the updated current; IF adds ``gain x`` (decay 1, no leak, as the reference's ``v + r dt x``);
+    the others ``v <- decay v + (1 - decay) v_leak + gain x``; spiking kinds compare and reset. Returns
+    ``(output, state, spikes or None)``."""
+    kind = layer.kind
+    if kind in ("cubali", "cubalif"):
+        i, v = state
+        i = layer.syn_decay * i + layer.syn_gain * x
+        drive = i
+    else:
+        v, drive = state, x
+    if kind == "if":
+        v = v + layer.gain * drive
+    else:
+        v = layer.decay * v + (1.0 - layer.decay) * layer.v_leak + layer.gain * drive
+    new = (lambda v: (i, v)) if kind in ("cubali", "cubalif") else (lambda v: v)
+    if not layer.spiking:
+        return v, new(v), None
+    s = (v >= layer.threshold) if comparison == ">=" else (v > layer.threshold)
+    if reset == "zero":
+        v = np.where(s, layer.v_reset, v)
+    else:
+        v = v - (layer.threshold - layer.v_reset) * s
+    return s.astype(np.float64), new(v), s
+
+
 class EventEngine:
     """Event-driven simulator of a :class:`Program` (numpy + a numba kernel; module docstring).
 
@@ -356,25 +414,39 @@ class EventEngine:
             raise GraphError(f"the engines run graphs with one Input node; this one has {sorted(program.inputs)}")
         if use_numba and not HAVE_NUMBA:
             raise ConfigError("use_numba=True but numba is not installed (pip install numba)")
-        for layer in program.layers:
-            recurrent = any(getattr(layer, "back", ()) or ())
-            if layer.kind not in EVENT_KINDS or recurrent:
-                raise GraphError(f"node {layer.name!r} ({layer.kind}{', recurrent' if recurrent else ''}): the "
-                                 "event engine runs neurosdm's own exports only; use --engine torch")
         self.program = program
         self.use_numba = HAVE_NUMBA if use_numba is None else bool(use_numba)
-        self.plans = {layer.name: ConvPlan(layer) for layer in program.layers if layer.kind == "conv"}
+        self.plans = {layer.name: ConvPlan(layer if layer.kind == "conv" else _plain_conv(layer))
+                      for layer in program.layers if layer.kind in ("conv", "gconv")}
+        from neurosdm.simulators.torch_engine import _fanout  # one definition of a layer's fan-out
+
+        self._fanout = {}  # pool / affine: per input element, its nonzero synapses (the counters' weights)
+        for layer in program.layers:
+            if layer.kind == "pool":
+                c = layer.in_shape[0]
+                self._fanout[layer.name] = _fanout(np.ones((c, 1, *layer.kernel)), layer.in_shape, layer.stride,
+                                                   layer.padding, (1, 1), c).numpy()
+            elif layer.kind == "affine":
+                self._fanout[layer.name] = (np.asarray(layer.weight) != 0).sum(axis=-2).astype(np.int64)
         self._buf_per_image = max([p.buffer_size for p in self.plans.values()] + [0])
         self._buf = np.zeros(0)  # the kernels' output buffer, shared by the layers and kept between calls
-        # the step at which each layer's output is last read (freed after it unless it is an output or recorded)
+        # the position after which each layer's output is last read within a step (then freed, unless it is an
+        # output or recorded); the sources of recurrent edges and of late Delays are kept to the end of the step
         order = {layer.name: i for i, layer in enumerate(program.layers)}
-        self._last_use = {layer.name: order[layer.name] for layer in program.layers}
+        last_use = {layer.name: order[layer.name] for layer in program.layers}
+        kept = set()
         for layer in program.layers:
-            for src in layer.sources:
-                self._last_use[src] = max(self._last_use[src], order[layer.name])
+            for src, back in zip(layer.sources, layer.back or [False] * len(layer.sources)):
+                if back or layer.late:
+                    kept.add(src)
+                else:
+                    last_use[src] = max(last_use[src], order[layer.name])
+        self._recurrent = sorted({src for layer in program.layers
+                                  for src, back in zip(layer.sources, layer.back or []) if back})
         self._free_after = [[] for _ in program.layers]
-        for name, i in self._last_use.items():
-            self._free_after[i].append(name)
+        for name, i in last_use.items():
+            if name not in kept:
+                self._free_after[i].append(name)
         # benchmark hook (benchmarks/event_engine.py): when a rate in (0, 1], every IF layer outputs random spikes
         # at that rate (drawn from _force_rng) instead of its own; the state evolves as usual. Not for results.
         self._force_rate: float | None = None
@@ -394,19 +466,24 @@ class EventEngine:
 
     # ----------------------------------------------------------------------------------------------- one call
 
-    def run(self, x: np.ndarray, t: int, record: bool = False) -> dict:
-        """Run ``program.num_steps`` spiking steps on ``x [B, *input_shape]`` (the encoded input, the same at every
-        step) at diffusion step ``t``. Returns ``{"outputs": {output: [K, B, *shape]}, "counts": {layer:
-        {counter: int64 [K]}}, "records": {layer: [K, B, *shape]}}`` (``records`` empty unless ``record``)."""
+    def run(self, x: np.ndarray, t: int = 0, record: bool = False) -> dict:
+        """One network call from a zero state at diffusion step ``t``: ``x [B, *input_shape]`` (the encoded input,
+        the same at each of ``program.num_steps`` spiking steps: the denoiser path) or a time-varying sequence
+        ``[T, B, *input_shape]`` (foreign graphs), which runs ``T`` steps. Returns ``{"outputs": {output: [K, B,
+        *shape]}, "counts": {layer: {counter: int64 [K]}}, "records": {layer: [K, B, *shape]}}`` (``records``
+        empty unless ``record``)."""
         prog = self.program
         inp = prog.by_name[prog.inputs[0]]
         x = np.asarray(x, np.float64)
-        if x.ndim != 1 + len(inp.in_shape) or tuple(x.shape[1:]) != tuple(inp.in_shape):
-            raise GraphError(f"input for Input node {inp.name!r} has shape {x.shape}; expected [batch, *{inp.in_shape}]")
-        batch = x.shape[0]
-        K = prog.num_steps
+        n = len(inp.in_shape)
+        if x.ndim == 1 + n and tuple(x.shape[1:]) == tuple(inp.in_shape):
+            sequence, K, batch = False, prog.num_steps, x.shape[0]
+        elif x.ndim == 2 + n and tuple(x.shape[2:]) == tuple(inp.in_shape) and x.shape[0] >= 1:
+            sequence, K, batch = True, x.shape[0], x.shape[1]
+        else:
+            raise GraphError(f"input for Input node {inp.name!r} has shape {x.shape}; expected [batch, "
+                             f"*{inp.in_shape}] (constant) or [steps, batch, *{inp.in_shape}]")
         params = prog.step_params(t)
-        fixed = self.fixed
         counts: dict[str, dict[str, np.ndarray]] = {}
 
         def counter(layer: str, name: str) -> np.ndarray:
@@ -414,8 +491,12 @@ class EventEngine:
 
         state = {}
         for layer in prog.layers:
-            if layer.kind in ("if", "li", "i"):
-                state[layer.name] = np.zeros((batch, *layer.in_shape), np.int64 if fixed is not None else np.float64)
+            if layer.kind in NEURONS:
+                zeros = np.zeros((batch, *layer.in_shape), np.int64 if self.fixed is not None else np.float64)
+                state[layer.name] = (zeros, zeros.copy()) if layer.kind in ("cubali", "cubalif") else zeros
+            elif layer.kind == "delay":
+                state[layer.name] = np.zeros((int(layer.delay.max(initial=0)) + 1, batch, *layer.in_shape))
+        prev = {name: np.zeros((batch, *prog.by_name[name].out_shape)) for name in self._recurrent}
         outs = {name: [] for name in prog.outputs}
         recs = {layer.name: [] for layer in prog.layers} if record else {}
         if self.use_numba and self._buf.size < batch * self._buf_per_image:
@@ -426,18 +507,18 @@ class EventEngine:
             cur: dict[str, np.ndarray] = {}
             for li, layer in enumerate(prog.layers):
                 name = layer.name
-                if layer.kind == "input":
-                    y = x
+                if name == inp.name:
+                    y = x[k] if sequence else x
+                elif layer.late:  # a Delay of >= 1 step: from its history, its input stored after the step
+                    y = delay_read(state[name], layer.delay - 1)
                 else:
-                    if len(layer.sources) == 0:
-                        xin = np.zeros((batch, *layer.in_shape))
-                    else:
-                        xin = cur[layer.sources[0]]
-                        for src in layer.sources[1:]:
-                            xin = xin + cur[src]
-                        if len(layer.sources) > 1:
-                            counter(name, "fanin_adds")[k] = (len(layer.sources) - 1) * batch * \
-                                int(np.prod(layer.in_shape))
+                    vals = [prev[src] if back else cur[src]
+                            for src, back in zip(layer.sources, layer.back or [False] * len(layer.sources))]
+                    xin = vals[0] if vals else np.zeros((batch, *layer.in_shape))
+                    for v in vals[1:]:
+                        xin = xin + v
+                    if len(vals) > 1:
+                        counter(name, "fanin_adds")[k] = (len(vals) - 1) * batch * int(np.prod(layer.in_shape))
                     y = self._layer(layer, xin, k, p.get(name, {}), counter, batch, state)
                 cur[name] = y
                 if record:
@@ -446,6 +527,13 @@ class EventEngine:
                     outs[name].append(y)
                 for done in self._free_after[li]:
                     del cur[done]  # its last reader has run (outputs and records keep their own reference)
+            for layer in prog.layers:  # late Delays store this step's input, now that every source has run
+                if layer.late:
+                    xin = np.zeros((batch, *layer.in_shape))
+                    for src in layer.sources:
+                        xin = xin + cur[src]
+                    state[layer.name] = delay_push(state[layer.name], xin)
+            prev = {name: cur[name] for name in self._recurrent}
 
         def stack(lst, layer):
             return np.stack(lst) if lst else np.zeros((0, batch, *layer.out_shape))
@@ -456,35 +544,73 @@ class EventEngine:
 
     def _layer(self, layer: Layer, x: np.ndarray, k: int, over: dict, counter, batch: int, state: dict) -> np.ndarray:
         kind, name = layer.kind, layer.name
-        if kind == "output":
+        if kind in ("input", "output"):  # an Output, or a nested graph's Input / Output node: identity
             return x
+        if kind == "flatten":
+            return x.reshape(batch, *layer.out_shape)
+        if kind == "delay":  # some element delays by 0 steps: store, then read
+            state[name] = delay_push(state[name], x)
+            return delay_read(state[name], layer.delay)
         if kind == "scale":
             counter(name, "events_in")[k] = np.count_nonzero(x)
             return x * over.get("scale", layer.scale)
-        if kind == "conv":
+        if kind in ("conv", "gconv"):
             plan = self.plans[name]
+            x4 = x if layer.nd == 2 else x[:, :, None, :]
             if layer.input in ("spikes", "graded"):
-                y, events, ops = plan.scatter(x, self.use_numba, self._buf)
+                y, events, ops = plan.scatter(x4, self.use_numba, self._buf)
                 counter(name, "synops" if layer.input == "spikes" else "graded_ops")[k] = ops
                 counter(name, "events_in")[k] = events
             else:
-                y = plan.dense(x)
+                y = plan.dense(x4)
                 counter(name, "macs")[k] = plan.macs_per_image * batch
-                counter(name, "events_in")[k] = np.count_nonzero(x)
+                counter(name, "events_in")[k] = np.count_nonzero(x4)
             bias = over.get("bias", layer.bias)
             y += np.asarray(bias, np.float64).reshape(-1, 1, 1)
             if layer.rounded and self.fixed is not None:
                 y = np.round(y)  # half to even
-            return y
-        if kind in ("if", "li", "i"):
+            return y if layer.nd == 2 else y[:, :, 0, :]
+        if kind in ("pool", "affine"):
+            return self._pool_or_affine(layer, x, k, counter, batch)
+        if kind == "threshold":
+            s = (x >= layer.threshold) if self.program.disc.comparison == ">=" else (x > layer.threshold)
+            counter(name, "neuron_updates")[k] = batch * layer.size
+            counter(name, "active_neurons")[k] = np.count_nonzero(x)
+            counter(name, "spikes_out")[k] = np.count_nonzero(s)
+            return s.astype(np.float64)
+        if kind in NEURONS:
             return self._neuron(layer, x, k, counter, batch, state)
-        raise GraphError(f"node {name!r}: the event engine cannot run layers of kind {kind!r}; use --engine torch")
+        raise GraphError(f"node {name!r}: the event engine has no rule for layers of kind {kind!r}")
+
+    def _pool_or_affine(self, layer: Layer, x: np.ndarray, k: int, counter, batch: int) -> np.ndarray:
+        """SumPool2d / AvgPool2d (window sums, computed densely) and Affine / Linear. With spike or graded input an
+        Affine is event-driven: per image, the weight columns of the nonzero inputs times their values. Counts
+        (as the torch engine): ``events_in``; ``pool_adds`` / ``synops`` / ``graded_ops`` = the nonzero synapses
+        of the nonzero inputs, or with analog input every synapse of every input (``pool_adds`` / ``macs``)."""
+        name = layer.name
+        fan = self._fanout[name]
+        counter(name, "events_in")[k] = np.count_nonzero(x)
+        analog = layer.input == "analog"
+        op = "pool_adds" if layer.kind == "pool" else {"spikes": "synops", "graded": "graded_ops"}.get(layer.input,
+                                                                                                    "macs")
+        counter(name, op)[k] = batch * int(fan.sum()) if analog else int(np.where(x != 0, fan, 0).sum())
+        if layer.kind == "pool":
+            (ph, _), (pw, _) = layer.padding
+            y = sum_pool2d(x, layer.kernel, layer.stride, (ph, pw))
+            return y if layer.pool_scale == 1.0 else y * layer.pool_scale
+        w = layer.weight
+        if analog or w.ndim != 2:
+            return np.matmul(w, x[..., None])[..., 0] + layer.bias
+        y = np.empty((batch, w.shape[0]))
+        for b in range(batch):
+            idx = np.flatnonzero(x[b])
+            y[b] = w[:, idx] @ x[b, idx]
+        return y + layer.bias
 
     def _neuron(self, layer: Layer, x: np.ndarray, k: int, counter, batch: int, state: dict) -> np.ndarray:
         name, kind = layer.name, layer.kind
         counter(name, "neuron_updates")[k] = batch * layer.size
         counter(name, "active_neurons")[k] = np.count_nonzero(x)
-        v = state[name]
         if self.fixed is not None:
             from neurosdm.quantize import fixed_point_step
 
@@ -495,7 +621,8 @@ class EventEngine:
                 thr, reset = self._thr_int[name], "hard" if self.program.disc.reset == "zero" else "subtract"
             else:
                 thr, reset = self._never, "hard"
-            s, v, sat = fixed_point_step(v, xi.astype(np.int64), thr, layer.decay_q12, reset, self.fixed.state_bits)
+            s, v, sat = fixed_point_step(state[name], xi.astype(np.int64), thr, layer.decay_q12, reset,
+                                         self.fixed.state_bits)
             state[name] = v
             counter(name, "saturations")[k] = np.count_nonzero(sat)
             if kind == "if":
@@ -503,23 +630,15 @@ class EventEngine:
                 counter(name, "spikes_out")[k] = np.count_nonzero(s)
                 return s.astype(np.float64)
             return v.astype(np.float64)
-        if kind == "if":
-            v = v + layer.gain * x  # decay 1, no leak
-        else:
-            v = layer.decay * v + (1.0 - layer.decay) * layer.v_leak + layer.gain * x
-        if kind != "if":
-            state[name] = v
-            return v
         disc = self.program.disc
-        s = (v >= layer.threshold) if disc.comparison == ">=" else (v > layer.threshold)
-        if disc.reset == "zero":
-            v = np.where(s, layer.v_reset, v)
-        else:
-            v = v - (layer.threshold - layer.v_reset) * s
-        state[name] = v
-        s = self._forced(s)
+        y, state[name], s = _neuron_float(layer, x, state[name], disc.comparison, disc.reset)
+        if s is None:
+            return y
+        if kind == "if":
+            s = self._forced(s)
+            y = s.astype(np.float64)
         counter(name, "spikes_out")[k] = np.count_nonzero(s)
-        return s.astype(np.float64)
+        return y
 
     def _forced(self, s: np.ndarray) -> np.ndarray:
         """``s``, or random spikes of its shape at ``_force_rate`` (the benchmark hook; see ``__init__``)."""

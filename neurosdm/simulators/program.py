@@ -6,11 +6,11 @@ rejects the same mistakes) and returns a :class:`Program`. The engines (``neuros
 ``neurosdm.simulators.event``) read only the program, i.e. only the .nir file.
 
 Supported node types: the reference interpreter's whole set (Input, Output, Affine, Linear, Scale, Conv1d, Conv2d,
-SumPool2d, AvgPool2d, Flatten, Threshold, I, IF, LI, LIF, CubaLI, CubaLIF, nested NIRGraphs), one rule each
-(:class:`Layer`, and the reference module's docstring). Delay and other types raise :class:`GraphError` naming the
-node; so do graphs with more than one top-level Input. Recurrent edges (``Layer.back``) deliver the source's output
-of the previous step. The event engine runs the kinds in ``EVENT_KINDS`` (neurosdm's own exports) and refuses the
-others; the torch engine runs every kind.
+SumPool2d, AvgPool2d, Flatten, Delay, Threshold, I, IF, LI, LIF, CubaLI, CubaLIF, nested NIRGraphs), one rule each
+(:class:`Layer`, and the reference module's docstring). Other types raise :class:`GraphError` naming the node; so
+do graphs with more than one top-level Input. Recurrent edges (``Layer.back``) deliver the source's output of the
+previous step; a late Delay (``Layer.late``) is read from its history and stores its summed input after the step.
+Both engines run every kind.
 
 Layer kinds and what a layer's input is (``Layer.input``), which decides how it is computed and counted:
 
@@ -37,19 +37,17 @@ import numpy as np
 from neurosdm.errors import ConfigError, GraphError
 from neurosdm.simulators.reference import Discretisation, FixedPoint, _padding, _prepare, _tuple
 
-__all__ = ["Layer", "Program", "load_program", "KINDS"]
+__all__ = ["Layer", "Program", "load_program", "KINDS", "SPIKING", "NEURONS"]
 
 KINDS = {nir.Input: "input", nir.Output: "output", nir.Conv2d: "conv", nir.Conv1d: "gconv", nir.Scale: "scale",
          nir.IF: "if", nir.LI: "li", nir.I: "i", nir.LIF: "lif", nir.CubaLI: "cubali", nir.CubaLIF: "cubalif",
          nir.Affine: "affine", nir.Linear: "affine", nir.SumPool2d: "pool", nir.AvgPool2d: "pool",
-         nir.Flatten: "flatten", nir.Threshold: "threshold"}
+         nir.Flatten: "flatten", nir.Threshold: "threshold", nir.Delay: "delay"}
 
 #: kinds whose output is 0/1 spikes (a layer reading exactly one of them has ``input == "spikes"``)
 SPIKING = ("if", "lif", "cubalif", "threshold")
 #: kinds with a membrane (and, for cubali/cubalif, a synaptic current) that starts at 0 at every call
 NEURONS = ("if", "li", "i", "lif", "cubali", "cubalif")
-#: kinds the event engine runs (it refuses the others; the torch engine runs every kind)
-EVENT_KINDS = ("input", "output", "conv", "scale", "if", "li", "i")
 
 
 @dataclass
@@ -69,6 +67,9 @@ class Layer:
     window sum`` (``pool_scale`` 1, or ``1 / (kh kw)`` for AvgPool2d, padding zeros counted).
     flatten: a reshape to ``out_shape`` (NIR's batch-free ``start_dim`` / ``end_dim``, checked by the reference).
     threshold: ``y = [x >= threshold]`` (``disc.comparison``).
+    delay: ``y[k] = x[k - delay[e]]`` per element ``e`` (``delay``: int64 steps, input shape). ``late`` (every
+    element >= 1 step): the layer is evaluated from its history before its sources and its input (the sum of its
+    sources at this step) is stored after the whole step (reference: ``delay_push`` / ``delay_read``).
     scale: ``scale`` (element-wise factor, input shape).
     if / li / i / lif: one float step is ``v <- decay * v + (1 - decay) * v_leak + gain * x`` (then, for IF and
     LIF, compare and reset as the reference interpreter: ``disc.comparison``, ``disc.reset``): IF/I
@@ -107,6 +108,8 @@ class Layer:
     v_reset: np.ndarray | None = None
     v_leak: np.ndarray | None = None
     decay_q12: int = 4096
+    delay: np.ndarray | None = None
+    late: bool = False
 
     @property
     def size(self) -> int:
@@ -193,10 +196,6 @@ def load_program(source: str | os.PathLike | nir.NIRGraph, disc: Discretisation 
     disc = disc or Discretisation.from_metadata(metadata)
     fixed = FixedPoint.from_metadata(metadata)
     for name, node in _flat_nodes(graph):
-        if isinstance(node, nir.Delay):
-            raise GraphError(f"node {name!r} has type Delay, which the engines do not support: the reference "
-                             "interpreter (their ground truth) defines no rule for it yet; remove it or model the "
-                             "delay explicitly (a recurrent edge already delays by one step)")
         if type(node) not in KINDS:
             raise GraphError(f"node {name!r} has type {type(node).__name__}, which the engines do not support "
                              f"(supported: {', '.join(sorted({t.__name__ for t in KINDS} | {'NIRGraph'}))})")
@@ -208,11 +207,12 @@ def load_program(source: str | os.PathLike | nir.NIRGraph, disc: Discretisation 
     kinds: dict[str, str] = {}
     for op in ops:
         kinds[op.name] = "input" if op.role == "input" else "output" if op.role == "output" else KINDS[type(op.node)]
-    def carries_spikes(name: str) -> bool:
-        """A spiking layer, or a Flatten (a reshape) of exactly one layer that carries spikes."""
+    def carries_spikes(name: str, seen: frozenset = frozenset()) -> bool:
+        """A spiking layer, or a Flatten (a reshape) or Delay of exactly one layer that carries spikes."""
         if kinds[name] in SPIKING:
             return True
-        return kinds[name] == "flatten" and len(incoming[name]) == 1 and carries_spikes(edges[incoming[name][0]][0])
+        return kinds[name] in ("flatten", "delay") and len(incoming[name]) == 1 and name not in seen and \
+            carries_spikes(edges[incoming[name][0]][0], seen | {name})
 
     layers = []
     for op in ops:
@@ -220,7 +220,7 @@ def load_program(source: str | os.PathLike | nir.NIRGraph, disc: Discretisation 
         kind = kinds[op.name]
         sources = [edges[i][0] for i in incoming[op.name]]
         layer = Layer(op.name, kind, sources, tuple(op.in_shape), tuple(op.out_shape),
-                      back=[i in back for i in incoming[op.name]])
+                      back=[i in back for i in incoming[op.name]], late=op.late)
         if len(sources) == 1 and carries_spikes(sources[0]):
             layer.input = "spikes"
         elif len(sources) == 1 and sources[0] in scale_tables and len(incoming[sources[0]]) == 1 \
@@ -267,6 +267,8 @@ def load_program(source: str | os.PathLike | nir.NIRGraph, disc: Discretisation 
             layer.pool_scale = 1.0 if isinstance(node, nir.SumPool2d) else 1.0 / (layer.kernel[0] * layer.kernel[1])
         elif kind == "threshold":
             layer.threshold = p("threshold")
+        elif kind == "delay":
+            layer.delay = np.broadcast_to(op.delay, shape).copy()
         elif kind == "scale":
             layer.scale = p("scale")
         elif kind in NEURONS:

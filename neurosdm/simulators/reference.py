@@ -53,7 +53,14 @@ Node semantics (``x`` is the summed input at this step, ``y`` the output)
   ``(C*H*W,)``, and NIR's default ``start_dim=1`` gives ``(C, H*W)``. This differs from ``torch.nn.Flatten``,
   whose dims include the batch; the torch readers that pass the dims to ``torch.nn.Flatten`` unchanged are off by
   one for graphs written this way. The node's ``output_type``, where defined, is checked against this rule.
-- ``Delay``: not supported (raises :class:`GraphError`).
+- ``Delay(delay)``: ``y[k] = x[k - d]`` (0 for ``k < d``) per element, ``d = delay / dt`` steps, which must be
+  a whole number ``>= 0`` for every element (else :class:`GraphError`). A Delay whose every element delays by at
+  least one step does not need this step's input: its incoming edges do not constrain the evaluation order (the
+  node is evaluated from its buffer, and its input is summed and stored after every node of the step has run),
+  so a cycle through it has exactly the latency of its delays, with no extra step of the back-edge rule. A Delay
+  with a zero element is an ordinary node (a cycle through it gets the one step of delay of its back edge). A
+  scalar ``delay`` acts element-wise on whatever shape arrives; a scalar Delay of at least one step must then
+  declare its ``input_type``, since no edge brings its shape before it runs.
 - ``Threshold``: ``y = [x >= threshold]`` (or ``>``, see :class:`Discretisation`), as 0.0/1.0.
 
 Neurons (state starts at 0; ``dt``, the method, the reset rule and the comparison come from
@@ -296,6 +303,31 @@ def sum_pool2d(x: np.ndarray, kernel, stride, padding) -> np.ndarray:
     return out
 
 
+def delay_steps(delay, dt: float, name: str) -> np.ndarray:
+    """A Delay node's ``delay / dt`` as whole steps (int64, per element); :class:`GraphError` if any element is
+    negative or not a whole number of steps (to 1e-9 relative)."""
+    d = np.asarray(delay, np.float64) / dt
+    steps = np.rint(d)
+    if not np.all(np.isfinite(d)) or np.any(steps < 0) or \
+            not np.allclose(d, steps, rtol=0, atol=1e-9 * max(1.0, float(np.abs(d).max(initial=0)))):
+        bad = d[~np.isclose(d, steps, rtol=0, atol=1e-9) | (steps < 0)].reshape(-1)
+        raise GraphError(f"node {name!r} (Delay): delay / dt must be a whole number of steps >= 0 for every "
+                         f"element; got {bad[:3].tolist()} steps with dt={dt} (choose --dt to match the delays)")
+    return steps.astype(np.int64)
+
+
+def delay_push(history: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Shift a Delay's history ``[D + 1, B, *shape]`` (``history[j]`` = the input ``j`` steps ago) by one step
+    with ``x`` as the newest input."""
+    return np.concatenate([x[None], history[:-1]]) if history.shape[0] > 1 else x[None].copy()
+
+
+def delay_read(history: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``y[b, e] = history[index[e], b, e]``: the input ``index[e]`` steps before the newest one stored."""
+    idx = np.broadcast_to(index, history.shape[2:])[None, None]
+    return np.take_along_axis(history, np.broadcast_to(idx, (1, *history.shape[1:])), axis=0)[0]
+
+
 # -------------------------------------------------------------------------------------------- node compilation
 
 _Step = Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]
@@ -313,6 +345,8 @@ class _Op:
     init: Callable[[int], Any] | None = None
     step: _Step | None = None
     saturations: int = 0
+    late: bool = False  # a Delay of >= 1 step everywhere: evaluated from its buffer, input stored after the step
+    delay: np.ndarray | None = None  # Delay: steps per element (int64)
 
 
 def _shape(value) -> tuple[int, ...] | None:
@@ -334,6 +368,7 @@ _ELEMENTWISE_PARAMS = {
     "LI": ("tau", "r", "v_leak"), "LIF": ("tau", "r", "v_leak", "v_threshold", "v_reset"),
     "CubaLI": ("tau_syn", "tau_mem", "r", "v_leak", "w_in"),
     "CubaLIF": ("tau_syn", "tau_mem", "r", "v_leak", "v_threshold", "v_reset", "w_in"),
+    "Delay": ("delay",),
 }
 
 
@@ -576,8 +611,19 @@ def _compile(op: _Op, disc: Discretisation, fixed: FixedPoint | None = None) -> 
 
         op.init, op.step = (lambda batch: (np.zeros((batch, *shape)), np.zeros((batch, *shape)))), step
     elif isinstance(node, nir.Delay):
-        raise GraphError(f"node {name!r} has type Delay, which the reference interpreter does not support "
-                         "(no neurosdm export writes one); remove it or model the delay explicitly")
+        steps = np.broadcast_to(op.delay if op.delay is not None else delay_steps(p("delay"), disc.dt, name), shape)
+        op.delay = np.ascontiguousarray(steps)
+        op.out_shape = shape
+        depth = int(steps.max(initial=0)) + 1
+
+        def init(batch):
+            return np.zeros((depth, batch, *shape))
+
+        def step(x, history):  # an ordinary Delay (some element delays by 0 steps): store, then read
+            history = delay_push(history, x)
+            return delay_read(history, steps), history
+
+        op.init, op.step = init, step
     else:
         raise GraphError(f"node {name!r} has type {kind}, which the reference interpreter does not support")
 
@@ -586,7 +632,7 @@ def _compile(op: _Op, disc: Discretisation, fixed: FixedPoint | None = None) -> 
 
 _SUPPORTED = (nir.Input, nir.Output, nir.Affine, nir.Linear, nir.Scale, nir.Conv1d, nir.Conv2d,
               nir.SumPool2d, nir.AvgPool2d, nir.Flatten, nir.Threshold, nir.I, nir.IF, nir.LI, nir.LIF, nir.CubaLI,
-              nir.CubaLIF)
+              nir.CubaLIF, nir.Delay)
 
 
 def _flatten(graph: nir.NIRGraph, prefix: str = "") -> tuple[dict[str, Any], list[tuple[str, str]], dict, dict]:
@@ -628,12 +674,15 @@ def _flatten(graph: nir.NIRGraph, prefix: str = "") -> tuple[dict[str, Any], lis
     return nodes, edges, entry, exit_
 
 
-def _order(names: list[str], edges: list[tuple[str, str]], roots: list[str]) -> tuple[list[str], set[int]]:
-    """Depth-first search (see the module docstring). Returns the evaluation order (reverse post-order) and the
-    indices of the back edges."""
+def _order(names: list[str], edges: list[tuple[str, str]], roots: list[str],
+           skip: set[int] = frozenset()) -> tuple[list[str], set[int]]:
+    """Depth-first search (see the module docstring) over the edges not in ``skip`` (those into late Delays).
+    Returns the evaluation order (reverse post-order) and the indices of the back edges."""
     succ: dict[str, list[tuple[str, int]]] = {n: [] for n in names}
     has_pred = set()
     for idx, (src, dst) in enumerate(edges):
+        if idx in skip:
+            continue
         succ[src].append((dst, idx))
         has_pred.add(dst)
     for n in succ:
@@ -676,11 +725,19 @@ def _prepare(graph: nir.NIRGraph, disc: Discretisation, fixed: FixedPoint | None
     top_outputs = [k for k, n in graph.nodes.items() if isinstance(n, nir.Output)]
     if not top_inputs:
         raise GraphError("the graph has no Input node; add nir.Input nodes for the data it reads")
-    order, back = _order(list(nodes), edges, top_inputs)
+    late_nodes = {}  # Delays of >= 1 step everywhere (module docstring): their steps
+    for name, node in nodes.items():
+        if isinstance(node, nir.Delay):
+            steps = delay_steps(node.delay, disc.dt, name)
+            if steps.size and steps.min() >= 1:
+                late_nodes[name] = steps
+    late_edges = {i for i, (_, dst) in enumerate(edges) if dst in late_nodes}
+    order, back = _order(list(nodes), edges, top_inputs, late_edges)
     ops: dict[str, _Op] = {}
     for name in order:
         role = "input" if name in top_inputs else "output" if name in top_outputs else "node"
-        ops[name] = _Op(name=name, node=nodes[name], role=role)
+        ops[name] = _Op(name=name, node=nodes[name], role=role, late=name in late_nodes,
+                        delay=late_nodes.get(name))
     incoming: dict[str, list[int]] = {n: [] for n in nodes}
     for idx, (_, dst) in enumerate(edges):
         incoming[dst].append(idx)
@@ -693,7 +750,11 @@ def _prepare(graph: nir.NIRGraph, disc: Discretisation, fixed: FixedPoint | None
         declared = _declared_input_shape(op.node)
         if op.role == "input" and declared is None:
             raise GraphError(f"Input node {name!r} declares no shape")
-        arriving = [(edges[i][0], ops[edges[i][0]].out_shape) for i in incoming[name] if i not in back]
+        if op.late and declared is None:
+            raise GraphError(f"node {name!r} (Delay) has a scalar delay of at least one step and no input_type: "
+                             "it runs before its input is computed, so it must declare its shape (input_type)")
+        arriving = [(edges[i][0], ops[edges[i][0]].out_shape) for i in incoming[name]
+                    if i not in back and i not in late_edges]
         if declared is None:
             if arriving:
                 declared = arriving[0][1]
@@ -710,10 +771,11 @@ def _prepare(graph: nir.NIRGraph, disc: Discretisation, fixed: FixedPoint | None
                 raise GraphError(f"shape mismatch on edge {src!r} -> {name!r}: {src!r} outputs {shape}, "
                                  f"{name!r} ({type(op.node).__name__}) expects {declared}")
         _compile(op, disc, fixed)
-    for idx in back:  # recurrent edges, now that every shape is known
+    for idx in sorted(back | late_edges):  # recurrent edges and edges into late Delays, now that shapes are known
         src, dst = edges[idx]
         if ops[src].out_shape != ops[dst].in_shape:
-            raise GraphError(f"shape mismatch on recurrent edge {src!r} -> {dst!r}: {src!r} outputs "
+            kind = "recurrent edge" if idx in back else "edge"
+            raise GraphError(f"shape mismatch on {kind} {src!r} -> {dst!r}: {src!r} outputs "
                              f"{ops[src].out_shape}, {dst!r} ({type(ops[dst].node).__name__}) expects "
                              f"{ops[dst].in_shape}")
     return [ops[n] for n in order], edges, back, incoming, top_inputs, top_outputs
@@ -802,6 +864,11 @@ def run_graph(graph: nir.NIRGraph, inputs: dict[str, np.ndarray] | np.ndarray, n
     for t in range(num_steps):
         cur: dict[str, np.ndarray] = {}
         for op in per_step[min(t, len(per_step) - 1)]:
+            if op.late:  # a Delay of >= 1 step: from its history (the inputs of the steps before this one)
+                cur[op.name] = y = delay_read(states[op.name], op.delay - 1)
+                if op.name in traces:
+                    traces[op.name].append(y)
+                continue
             if op.role == "input":
                 arr = arrays[op.name]
                 x = arr[t if arr.shape[0] > 1 else 0]
@@ -814,6 +881,12 @@ def run_graph(graph: nir.NIRGraph, inputs: dict[str, np.ndarray] | np.ndarray, n
             cur[op.name] = y
             if op.name in traces:
                 traces[op.name].append(y)
+        for op in ops_list:  # late Delays store this step's input, now that all its sources have run
+            if op.late:
+                x = np.zeros((batch, *op.in_shape))
+                for i in incoming[op.name]:
+                    x = x + cur[edges[i][0]]
+                states[op.name] = delay_push(states[op.name], x)
         prev = cur
 
     def stack(name):

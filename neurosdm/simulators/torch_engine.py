@@ -109,6 +109,11 @@ class _Compiled:
         elif self.kind == "threshold":
             self.threshold = t(layer.threshold)
             self.ge = engine.program.disc.comparison == ">="
+        elif self.kind == "delay":
+            steps = np.asarray(layer.delay, np.int64) - (1 if layer.late else 0)
+            self.index = torch.as_tensor(steps, device=dev)  # into the history, see _delay_read
+            self.depth = int(np.asarray(layer.delay).max(initial=0)) + 1
+            self.late = bool(layer.late)
         elif self.kind == "scale":
             self.scale = self._scalar_or_tensor(layer.scale, t)
         elif self.kind in _NEURONS:
@@ -250,6 +255,18 @@ class TorchEngine:
             v = v - c.drop * s
         return s.to(self.dtype), v, s
 
+    @staticmethod
+    def _delay_push(history: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Torch twin of :func:`neurosdm.simulators.reference.delay_push`: ``history[j]`` = the input ``j`` steps
+        ago, ``x`` the newest."""
+        return torch.cat([x.unsqueeze(0), history[:-1]]) if history.shape[0] > 1 else x.unsqueeze(0)
+
+    @staticmethod
+    def _delay_read(history: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Torch twin of :func:`neurosdm.simulators.reference.delay_read`: ``y[b, e] = history[index[e], b, e]``."""
+        idx = index.expand(history.shape[2:]).unsqueeze(0).unsqueeze(0).expand(1, *history.shape[1:])
+        return torch.gather(history, 0, idx)[0]
+
     # ------------------------------------------------------------------------------------------------ run
 
     def run(self, x, t: int = 0, record: bool = False, count: bool = True) -> dict:
@@ -295,6 +312,8 @@ class TorchEngine:
                 shape = (B, *c.in_shape)
                 zeros = torch.zeros(shape, dtype=torch.int64 if fixed is not None else self.dtype, device=self.device)
                 state[c.name] = (zeros, zeros.clone()) if getattr(c, "cuba", False) else zeros
+            elif c.kind == "delay":
+                state[c.name] = torch.zeros((c.depth, B, *c.in_shape), dtype=self.dtype, device=self.device)
         recurrent = {src for c in self.layers for src, b in zip(c.sources, c.back) if b}
         prev: dict[str, torch.Tensor] = {name: torch.zeros((B, *self.program.by_name[name].out_shape),
                                                            dtype=self.dtype, device=self.device)
@@ -321,6 +340,11 @@ class TorchEngine:
                 if c.name == self.input_name:  # (a nested graph's Input node is an identity, below)
                     y = xt[k] if sequence else xt
                     out[c.name] = y
+                    if c.name in traces:
+                        traces[c.name].append(y)
+                    continue
+                if c.kind == "delay" and c.late:  # from its history; its input is stored after the step
+                    out[c.name] = y = self._delay_read(state[c.name], c.index)
                     if c.name in traces:
                         traces[c.name].append(y)
                     continue
@@ -352,6 +376,9 @@ class TorchEngine:
                         dense_or_events(c, xin)
                 elif c.kind == "flatten":
                     y = xin.reshape(B, *c.out_shape)
+                elif c.kind == "delay":  # some element delays by 0 steps: store, then read
+                    state[c.name] = self._delay_push(state[c.name], xin)
+                    y = self._delay_read(state[c.name], c.index)
                 elif c.kind == "threshold":
                     s = xin >= c.threshold if c.ge else xin > c.threshold
                     y = s.to(self.dtype)
@@ -384,6 +411,12 @@ class TorchEngine:
                 out[c.name] = y
                 if c.name in traces:
                     traces[c.name].append(y)
+            for c in self.layers:  # late Delays store this step's input (every source has run)
+                if c.kind == "delay" and c.late:
+                    xin = torch.zeros((B, *c.in_shape), dtype=self.dtype, device=self.device)
+                    for src in c.sources:
+                        xin = xin + out[src]
+                    state[c.name] = self._delay_push(state[c.name], xin)
             for name in recurrent:
                 prev[name] = out[name]
 
