@@ -29,13 +29,16 @@ import importlib.util
 import math
 import os
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from neurosdm.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from neurosdm.distributed import World
 
 __all__ = ["frechet_distance", "gaussian_stats", "fid_from_features", "inception_score", "ClassifierFeatures",
            "InceptionFeatures", "make_extractor", "default_inception_path", "reference_stats", "evaluate",
@@ -291,29 +294,34 @@ def _check_source(source, num_images: int, steps: int) -> Path:
 
 def generate_images(source: str | os.PathLike, num_images: int, steps: int = 20, seed: int = 0,
                     sampler: str = "ddim", batch_size: int = 64, device: str = "cpu",
-                    progress: Callable | None = None, threshold_scale: float | None = None) -> tuple[torch.Tensor, str]:
+                    progress: Callable | None = None, threshold_scale: float | None = None,
+                    world: World | None = None, shard_dir: str | os.PathLike = ".") -> tuple[torch.Tensor | None, str]:
     """Images ``[N, C, H, W]`` in [-1, 1] from a checkpoint (GPU path: the float torch model) or a ``.nir`` file
-    (the torch engine), with threshold guidance ``threshold_scale`` if given. Returns ``(images, how)``."""
+    (the torch engine), with threshold guidance ``threshold_scale`` if given. Returns ``(images, how)``.
+
+    Under torchrun (``world`` of size > 1, :mod:`neurosdm.distributed`) each rank generates its share and rank 0
+    gets all the images (the same as one process makes: per-image noise, same batches); the other ranks get
+    ``(None, how)``."""
     source = _check_source(source, num_images, steps)
     guided = "" if threshold_scale is None else f", threshold scale {float(threshold_scale):g}"
     if source.suffix == ".nir":
         from neurosdm.simulators.program import load_program
-        from neurosdm.simulators.run import simulate
+        from neurosdm.simulators.run import simulate_sharded
 
-        images, _, _ = simulate(load_program(source), "torch", num_images, sampler, steps, seed,
-                                batch_size=batch_size, device=device, progress=progress,
-                                threshold_scale=threshold_scale)
-        return images, f"{source.name} on the torch engine, {sampler} {steps}{guided}"
+        res = simulate_sharded(load_program(source), "torch", num_images, sampler, steps, seed,
+                               batch_size=batch_size, device=device, progress=progress,
+                               threshold_scale=threshold_scale, world=world, shard_dir=shard_dir)
+        return (None if res is None else res[0]), f"{source.name} on the torch engine, {sampler} {steps}{guided}"
     from neurosdm.checkpoint import load_model
-    from neurosdm.sample import generate
+    from neurosdm.sample import generate_sharded
 
     model, config = load_model(source, device=device)
     if threshold_scale is not None:
         if not float(threshold_scale) > 0:
             raise ConfigError(f"--threshold-scale must be a positive number, got {threshold_scale}")
         model.set_threshold_scale(float(threshold_scale))
-    images = generate(model, config, num_images, seed, sampler, steps, batch_size=batch_size, progress=progress,
-                      device=device)
+    images = generate_sharded(model, config, num_images, world, shard_dir, batch_size, seed=seed, sampler=sampler,
+                              num_sample_steps=steps, progress=progress, device=device)
     return images, f"{source.name} (torch model), {sampler} {steps}{guided}"
 
 
@@ -321,22 +329,34 @@ def evaluate(source: str | os.PathLike, dataset: str, num_images: int = 1000, fe
              inception: str | os.PathLike | None = None, classifier: str | os.PathLike | None = None,
              steps: int = 20, seed: int = 0, ref_images: int | None = None, split: str = "test",
              data_dir: str | None = None, cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
-             device: str = "cpu", progress: Callable | None = None, threshold_scale: float | None = None) -> dict:
+             device: str = "cpu", progress: Callable | None = None, threshold_scale: float | None = None,
+             world: World | None = None, shard_dir: str | os.PathLike = ".") -> dict | None:
     """Generate ``num_images`` images from ``source``, compute FID against ``dataset``/``split`` (``ref_images``
     real images; default all of the split for classifier features, ``num_images`` for Inception) and IS.
 
     Returns a JSON-ready dict: ``fid``, ``is`` (None without logits), ``is_real``, ``num_images``,
     ``ref_images``, ``features``, ``feature_key``, ``generated`` (how), ``image_size`` (generated side) and
-    ``resized_to`` (the extractor's input side)."""
+    ``resized_to`` (the extractor's input side).
+
+    Under torchrun (``world`` of size > 1, :mod:`neurosdm.distributed`) every rank generates its share of the
+    images (shard files in ``shard_dir``), rank 0 alone computes the reference statistics and the metrics on the
+    merged images and returns the dict (the figures of a one-process run); the other ranks return ``None``."""
+    from neurosdm.distributed import World
+
+    world = world or World()
     _check_source(source, num_images, steps)  # fail fast, before any heavy work
-    extractor = make_extractor(features, inception, classifier, device)
     if ref_images is not None and ref_images < 2:
         raise ConfigError(f"--ref-images must be at least 2, got {ref_images}")
-    if ref_images is None and features == "inception":
-        ref_images = num_images
-    ref = reference_stats(dataset, extractor, ref_images, split, data_dir, cache_dir)
+    if world.is_main:
+        extractor = make_extractor(features, inception, classifier, device)
+        if ref_images is None and features == "inception":
+            ref_images = num_images
+        ref = reference_stats(dataset, extractor, ref_images, split, data_dir, cache_dir)
     images, how = generate_images(source, num_images, steps, seed, batch_size=batch_size, device=device,
-                                  progress=progress, threshold_scale=threshold_scale)
+                                  progress=progress, threshold_scale=threshold_scale, world=world,
+                                  shard_dir=shard_dir)
+    if images is None:
+        return None
     feats, logits = extractor(images)
     mu, sigma = gaussian_stats(feats)
     result = {

@@ -2,51 +2,96 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from neurosdm.config import Config
-from neurosdm.diffusion import GaussianDiffusion, sample
+from neurosdm.diffusion import GaussianDiffusion, ImageNoise, sample
+from neurosdm.errors import ConfigError
 from neurosdm.io import image_grid, save_npy, save_png
+
+if TYPE_CHECKING:
+    from neurosdm.distributed import World
 
 
 @torch.no_grad()
 def generate(model, config: Config, num_images: int, seed: int = 0, sampler: str = "ddim",
              num_sample_steps: int = 50, eta: float = 0.0, batch_size: int = 64, progress=None,
-             device: str | torch.device = "cpu", order: int = 3, gamma=None) -> torch.Tensor:
-    """Sample ``num_images`` images ``[N, C, H, W]`` in [-1, 1] (float32, CPU).
+             device: str | torch.device = "cpu", order: int = 3, gamma=None, first_image: int = 0) -> torch.Tensor:
+    """Sample images ``first_image .. first_image + num_images - 1`` of the run with ``seed``: ``[num_images, C,
+    H, W]`` in [-1, 1] (float32, CPU).
 
-    ``x_T`` for all images comes from one generator seeded with ``seed``; batch ``b`` draws its per-step noise
-    from a generator seeded with ``(seed, b)``. The same seed, sampler, steps and batch size give the same images.
-    ``order`` (DPM-Solver) and ``gamma`` (the analytic samplers' table) go to
+    Image ``i`` draws its ``x_T`` and every per-step noise from its own stream, the ``i``-th child of
+    ``numpy.random.SeedSequence(seed)`` (:mod:`neurosdm.diffusion.noise` states the rule), so its noise does
+    not depend on the batch size, the number of processes or the device. Batches are cut at multiples of
+    ``batch_size`` of the image index (batch ``b`` = images ``[b B, (b + 1) B)``), so a shard that starts at a
+    batch boundary (:func:`neurosdm.distributed.shard_range`) runs every image in the same batch as one process
+    would. ``order`` (DPM-Solver) and ``gamma`` (the analytic samplers' table) go to
     :func:`neurosdm.diffusion.samplers.sample`.
     """
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if num_images < 0 or first_image < 0:
+        raise ConfigError(f"need num_images >= 0 and first_image >= 0, got {num_images} and {first_image}")
     m = config.model
+    shape = (m.img_ch, m.image_size, m.image_size)
     diffusion = GaussianDiffusion(config.diffusion)
     was_training = model.training
     model.eval()
-    x_T = torch.randn(num_images, m.img_ch, m.image_size, m.image_size, generator=torch.Generator().manual_seed(seed))
-    out = []
-    for b, start in enumerate(range(0, num_images, batch_size)):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + b + 1)
-        x = sample(model, x_T[start:start + batch_size].to(device), diffusion, sampler, num_sample_steps, eta, g,
-                   progress=progress, order=order, gamma=gamma)
+    out = [torch.empty(0, *shape)]
+    start, end = int(first_image), int(first_image) + int(num_images)
+    while start < end:
+        stop = min((start // batch_size + 1) * batch_size, end)
+        noise = ImageNoise(seed, range(start, stop))
+        x_T = noise(shape).to(device)
+        x = sample(model, x_T, diffusion, sampler, num_sample_steps, eta, progress=progress, order=order,
+                   gamma=gamma, noise=noise)
         out.append(x.float().cpu())
+        start = stop
     model.train(was_training)
     return torch.cat(out)
 
 
+def generate_sharded(model, config: Config, num_images: int, world: World | None = None,
+                     shard_dir: str | os.PathLike = ".", batch_size: int = 64, **kwargs) -> torch.Tensor | None:
+    """:func:`generate` of this rank's share of ``num_images`` (:meth:`neurosdm.distributed.World.shard`),
+    merged on rank 0 in image order (:func:`neurosdm.distributed.gather_shards`, shard files in ``shard_dir``).
+    Returns all ``num_images`` images on rank 0 (in a one-process world: just :func:`generate`) and ``None`` on
+    the other ranks. ``kwargs`` go to :func:`generate`."""
+    from neurosdm.distributed import World, gather_shards
+
+    world = world or World()
+    mine = world.shard(num_images, batch_size)
+    images = generate(model, config, len(mine), batch_size=batch_size, first_image=mine.start, **kwargs)
+    if world.size == 1:
+        return images
+    parts = gather_shards(world, shard_dir, {"images": images.numpy()})
+    if parts is None:
+        return None
+    return torch.from_numpy(np.concatenate([p["images"] for p, _ in parts]))
+
+
 def sample_to_dir(ckpt, out_dir, num_images: int, seed: int = 0, sampler: str = "ddim", num_sample_steps: int = 50,
                   eta: float = 0.0, threshold_scale: float = 1.0, batch_size: int = 64, device: str = "cpu",
-                  progress=None, order: int = 3, gamma=None) -> Path:
-    """Load any checkpoint, sample, write ``out_dir/samples.png`` (grid) and ``samples.npy``; return the PNG path."""
+                  progress=None, order: int = 3, gamma=None, world: World | None = None) -> Path | None:
+    """Load any checkpoint, sample, write ``out_dir/samples.png`` (grid) and ``samples.npy``; return the PNG path.
+
+    Under torchrun (``world``, a :class:`neurosdm.distributed.World` of size > 1) every rank samples its share,
+    rank 0 merges, writes and returns the path; the other ranks return ``None``. The images are those of a
+    one-process run."""
     from neurosdm.checkpoint import load_model
 
     model, config = load_model(ckpt, device=device)
     model.set_threshold_scale(threshold_scale)
-    images = generate(model, config, num_images, seed, sampler, num_sample_steps, eta, batch_size, progress, device,
-                      order, gamma)
+    images = generate_sharded(model, config, num_images, world, out_dir, batch_size, seed=seed, sampler=sampler,
+                              num_sample_steps=num_sample_steps, eta=eta, progress=progress, device=device,
+                              order=order, gamma=gamma)
+    if images is None:
+        return None
     out = Path(out_dir)
     save_npy(images.numpy(), out / "samples.npy")
     save_png(image_grid(images.numpy()), out / "samples.png")

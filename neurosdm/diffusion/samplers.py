@@ -123,10 +123,16 @@ def host_ops_schedule(sampler: str, num_sample_steps: int, eta: float = 0.0, cli
     return [host_ops_per_pixel(sampler, eta, clip_x0, i == k - 1) for i in range(k)]
 
 
-def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like ``x``: drawn on the CPU in float32 (reproducible for a given
-    ``generator`` whatever the device), then moved to ``x``'s device and dtype."""
-    z = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+def _noise(x: torch.Tensor, generator: torch.Generator | None, noise=None) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``: drawn on the CPU in float32 (reproducible whatever the device),
+    then moved to ``x``'s device and dtype. With ``noise`` (per-image streams, ``noise(shape) -> [B, *shape]``)
+    each image draws from its own stream; else the whole batch draws from ``generator``."""
+    if noise is not None:
+        z = noise(tuple(x.shape[1:]))
+        if tuple(z.shape) != tuple(x.shape):
+            raise ValueError(f"the noise source gave {tuple(z.shape)} for a batch of shape {tuple(x.shape)}")
+    else:
+        z = torch.randn(x.shape, generator=generator, dtype=torch.float32)
     return z.to(device=x.device, dtype=x.dtype)
 
 
@@ -211,6 +217,7 @@ def sample(
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
     order: int = 3,
     gamma=None,
+    noise: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``x_T`` and return ``x_0`` clamped to [-1, 1].
 
@@ -221,7 +228,8 @@ def sample(
         sampler: one of :data:`SAMPLERS` (see the module docstring).
         num_sample_steps: K network calls, over ``diffusion.timesteps(K)`` (for every sampler, DPM-Solver too).
         eta: DDIM stochasticity (0 deterministic, 1 DDPM-like) for ``"ddim"`` and ``"analytic-ddim"``.
-        generator: CPU ``torch.Generator`` for the per-step noise (drawn in float32, then moved).
+        generator: CPU ``torch.Generator`` for the per-step noise of the whole batch (drawn in float32, then
+            moved); the noise of an image then depends on its batch. Give ``noise`` instead for per-image streams.
         clip_x0: clamp each ``x_0`` prediction to [-1, 1] before it is used.
         progress: optional wrapper ``progress(iterable) -> iterable`` (e.g. ``tqdm``) over the K steps.
         callback: optional ``callback(i, t, x)`` called after network call ``i`` (0 .. K-1, in sampling order)
@@ -230,7 +238,13 @@ def sample(
         order: DPM-Solver order, 1, 2 or 3 (``"dpm-solver"`` only).
         gamma: ``Gamma_t`` for the analytic samplers, a ``{t: Gamma_t}`` mapping covering the sampler's steps
             or a sequence over all diffusion steps.
+        noise: per-image noise, ``noise(shape) -> [B, *shape]`` float32 (e.g.
+            :class:`~neurosdm.diffusion.noise.ImageNoise`): each noise-adding step draws ``noise(x_T.shape[1:])``
+            (one draw per image, in sampling order), so an image's chain does not depend on its batch. Exclusive
+            with ``generator``.
     """
+    if noise is not None and generator is not None:
+        raise ValueError("give either generator (one stream per batch) or noise (one stream per image), not both")
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     eta = float(eta)
@@ -289,7 +303,7 @@ def sample(
             sigma = math.sqrt(analytic_variance(ab, ab_prev, gammas[t], lam2))
 
         if stochastic and not last:
-            x = mean + sigma * _noise(x, generator)
+            x = mean + sigma * _noise(x, generator, noise)
         else:
             x = mean
         if callback is not None:

@@ -1,8 +1,11 @@
 """Whole generations on an exported graph: an engine inside the DDPM/DDIM sampler, counted.
 
 ``simulate(program, engine="event", num_images=4, sampler="ddim", steps=20, seed=0)`` returns the images and a
-:class:`~neurosdm.simulators.stats.RunStats`. The images use the same ``x_T`` and noise seeding as the GPU path
-(:func:`neurosdm.sample.generate`), so the same seed gives comparable images on every path.
+:class:`~neurosdm.simulators.stats.RunStats`. The images use the same noise as the GPU path: the sampler loop is
+:func:`neurosdm.sample.generate`, image ``i`` drawing ``x_T`` and its per-step noise from its own stream
+(:mod:`neurosdm.diffusion.noise`), so the same seed gives comparable images on every path and image ``i`` does
+not depend on the batch size or on how the images are split across processes. :func:`simulate_sharded` splits
+a run across torchrun processes (:mod:`neurosdm.distributed`) and sums their counts (:func:`merge_stats`).
 
 Host work (``RunStats.host``, per denoising step, all images): the input encoding of a quantised graph (1 op per
 pixel), the readout/host head (:func:`host_counts`) and the sampler's update
@@ -10,6 +13,8 @@ pixel), the readout/host head (:func:`host_counts`) and the sampler's update
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,7 +25,11 @@ from neurosdm.errors import ConfigError
 from neurosdm.simulators.program import Program
 from neurosdm.simulators.stats import RunStats, add_counts
 
-__all__ = ["ENGINES", "make_engine", "GraphDenoiser", "simulate", "host_counts", "config_of",
+if TYPE_CHECKING:
+    from neurosdm.distributed import World
+
+__all__ = ["ENGINES", "make_engine", "GraphDenoiser", "simulate", "simulate_sharded", "merge_stats", "host_counts",
+           "config_of",
            "apply_threshold_scale", "is_denoiser_export", "foreign_discretisation", "load_foreign_input",
            "simulate_foreign", "save_foreign_outputs", "save_foreign_spikes_nird",
            "load_any", "describe_discretisation", "FOREIGN_DEFAULTS"]
@@ -169,10 +178,12 @@ class GraphDenoiser:
 
 def simulate(program: Program, engine: str = "event", num_images: int = 4, sampler: str = "ddim",
              steps: int = 20, seed: int = 0, eta: float = 0.0, batch_size: int = 16, device: str = "cpu",
-             record: bool = False, progress=None, on_result=None, threshold_scale: float | None = None):
+             record: bool = False, progress=None, on_result=None, threshold_scale: float | None = None,
+             first_image: int = 0):
     """Generate ``num_images`` images on ``engine``. Returns ``(images [N, C, H, W] float32 in [-1, 1], RunStats,
     denoiser)`` (the denoiser holds the spike records when ``record``). ``threshold_scale``: threshold guidance
-    (:func:`apply_threshold_scale`; changes ``program``)."""
+    (:func:`apply_threshold_scale`; changes ``program``). ``first_image``: the index of the first image in the run
+    (images ``first_image ..``, see :func:`neurosdm.sample.generate`; a shard of a larger run)."""
     from neurosdm.sample import generate
 
     if num_images < 1:
@@ -183,13 +194,71 @@ def simulate(program: Program, engine: str = "event", num_images: int = 4, sampl
     eng = make_engine(engine, program, device=device)
     den = GraphDenoiser(program, eng, record=record, on_result=on_result)
     images = generate(den, config, num_images, seed=seed, sampler=sampler, num_sample_steps=steps, eta=eta,
-                      batch_size=batch_size, progress=progress)
+                      batch_size=batch_size, progress=progress, first_image=first_image)
     stats = den.stats(sampler, eta, num_images)
     stats.meta.update(engine=engine, sampler=sampler, steps=int(steps), seed=int(seed), eta=float(eta),
                       batch_size=int(batch_size), quantized=str(_meta(program.metadata, "quantized", "none")),
                       threshold_scale=float(np.asarray(program.metadata.get("threshold_scale", 1.0))),
                       source_checkpoint=str(_meta(program.metadata, "source_checkpoint", "")))
     return images, stats, den
+
+
+def merge_stats(parts: list[RunStats]) -> RunStats:
+    """The RunStats of one run made of ``parts`` (disjoint sets of images, same graph, sampler and steps): every
+    counter summed exactly, ``[denoising_steps, num_steps]`` per layer and ``[denoising_steps]`` per host counter
+    (all counts are sums over images, so the parts add up to the one-process run); ``images`` summed; timesteps,
+    layer kinds and ``meta`` from the first part. Parts without images are skipped."""
+    parts = [p for p in parts if p.images > 0]
+    if not parts:
+        raise ConfigError("no images to merge")
+    first = parts[0]
+    for p in parts[1:]:
+        if p.timesteps != first.timesteps or p.num_steps != first.num_steps:
+            raise ConfigError(f"cannot merge RunStats of different runs: timesteps {p.timesteps} vs "
+                              f"{first.timesteps}, num_steps {p.num_steps} vs {first.num_steps}")
+    layers: dict = {}
+    host: dict = {"host": {}}
+    for p in parts:
+        add_counts(layers, p.layers)
+        add_counts(host, {"host": p.host})
+    return RunStats(first.num_steps, sum(p.images for p in parts), list(first.timesteps), layers, host["host"],
+                    dict(first.layer_kinds), dict(first.meta))
+
+
+def simulate_sharded(program: Program, engine: str = "event", num_images: int = 4, sampler: str = "ddim",
+                     steps: int = 20, seed: int = 0, eta: float = 0.0, batch_size: int = 16, device: str = "cpu",
+                     record: bool = False, progress=None, threshold_scale: float | None = None,
+                     world: World | None = None, shard_dir=".", on_result=None):
+    """:func:`simulate` across torchrun processes: this rank runs its share of the images
+    (:meth:`neurosdm.distributed.World.shard`, whole batches), rank 0 gathers the shards (files in ``shard_dir``,
+    :func:`neurosdm.distributed.gather_shards`), concatenates the images in index order and sums the counts
+    (:func:`merge_stats`). Returns ``(images, RunStats, denoiser)`` on rank 0, images and counts equal to a
+    one-process run with the same ``batch_size``, and ``None`` on the other ranks. In a one-process world (no
+    torchrun) this is :func:`simulate`; sharded, there are no spike records (``record`` is refused) and the
+    denoiser is ``None``."""
+    from neurosdm.distributed import World, gather_shards
+
+    world = world or World()
+    if world.size == 1:
+        return simulate(program, engine, num_images, sampler, steps, seed, eta, batch_size, device, record=record,
+                        progress=progress, on_result=on_result, threshold_scale=threshold_scale)
+    if record:
+        raise ConfigError("--save-spikes is not sharded: run `neurosdm simulate --save-spikes` without torchrun")
+    if num_images < 1:
+        raise ConfigError(f"--num-images must be at least 1, got {num_images}")
+    mine = world.shard(num_images, batch_size)
+    if len(mine):
+        images, stats, _ = simulate(program, engine, len(mine), sampler, steps, seed, eta, batch_size, device,
+                                    progress=progress, on_result=on_result, threshold_scale=threshold_scale,
+                                    first_image=mine.start)
+    else:  # more ranks than batches: nothing to run here
+        m = config_of(program).model
+        images, stats = torch.empty(0, m.img_ch, m.image_size, m.image_size), RunStats(program.num_steps)
+    parts = gather_shards(world, shard_dir, {"images": images.numpy()}, stats.to_dict())
+    if parts is None:
+        return None
+    merged = merge_stats([RunStats.from_dict(meta) for _, meta in parts])
+    return torch.from_numpy(np.concatenate([p["images"] for p, _ in parts])), merged, None
 
 
 def save_spikes_nird(den: GraphDenoiser, program: Program, path) -> None:
@@ -355,8 +424,7 @@ def load_foreign_input(path, program: Program) -> np.ndarray:
 def simulate_foreign(program: Program, x, engine: str = "torch", device: str = "cpu", record: bool = False):
     """Run a foreign graph once on ``x [T, B, *input_shape]`` from a zero state. Returns ``(result, RunStats)``:
     the engine's result (``outputs``, ``counts``, ``records``) and its counts as one call (``timesteps [0]``,
-    ``num_steps T``, ``images B``, no host work). The event engine refuses the kinds it does not run (a
-    :class:`GraphError` naming the node) and time-varying inputs."""
+    ``num_steps T``, ``images B``, no host work). Both engines run every kind and give the same counts."""
     x = np.asarray(x, np.float64)
     inp = _input_layer(program)
     n = len(inp.in_shape)
@@ -364,9 +432,6 @@ def simulate_foreign(program: Program, x, engine: str = "torch", device: str = "
         raise ConfigError(f"input has shape {tuple(x.shape)}; expected [T, B, *{tuple(inp.in_shape)}] for Input node "
                           f"{inp.name!r}")
     eng = make_engine(engine, program, device=device)
-    if engine != "torch":
-        raise ConfigError("the event engine runs neurosdm denoiser exports (one input held for num_steps); a "
-                          "foreign graph with a time-varying input needs --engine torch")
     res = eng.run(x, 0, record=record)
     T, B = int(x.shape[0]), int(x.shape[1])
     kinds = {layer.name: layer.kind for layer in program.layers}
