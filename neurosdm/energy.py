@@ -9,6 +9,18 @@ a unit, a source and a kind of evidence. :func:`estimate` is a pure function of 
   (active_neurons) and ``neuron_update_idle`` (neuron_updates - active_neurons), both priced by ``neuron_update``
   when the profile has no active/idle split, ``spike`` (spikes_out) and ``hop`` (spikes_out x
   ``mapping.hops_per_spike``); ``sync``: one barrier per spiking step per image;
+- two refinements a profile may price: ``message`` (a spike packet sent to a destination core: spikes_out x packets
+  per spike, one unless a placement says otherwise; counted only when the profile prices it, since other profiles
+  include the message in ``spike``) and ``zero_synop`` (a spike through a zero-weight synapse: ``synapse_events -
+  synops``, counted only when the run has the ``synapse_events`` counter of :func:`add_synapse_events`, for
+  hardware that stores and processes every synapse of a layer, as SANA-FE does);
+- Loihi's update rule (SANA-FE): with the counter ``updated_neurons`` (:func:`add_state_updates`: any synaptic
+  event or a nonzero membrane) the active updates are those instead of ``active_neurons`` (nonzero summed input);
+- a placement (``estimate(..., placement=...)``, :func:`estimate`) refines the spike terms per layer: packets and
+  hops per spike from a mapping to cores, spike sources that stand for input neurons (only their packets and hops
+  are charged), updates charged after the input ends (``extra_updates``), and ``pipeline_steps``: a chip with
+  one step of latency per layer runs ``num_steps + pipeline_steps`` steps per call and every neuron pays the idle
+  update (the neuron access) in the extra ones;
 - host terms (``host_macs``, ``host_elementwise``) priced with the profile's host profile (``mac``, ``elementwise``);
 - static power x the estimated chip time: per spiking step ``sync`` plus the sum of count x latency over
   ``mapping.parallel_cores`` (host time is not modelled);
@@ -38,6 +50,7 @@ import numpy as np
 from neurosdm.errors import ConfigError
 
 __all__ = ["PROFILE_DIR", "TERMS", "Constant", "Profile", "list_profiles", "load_profile", "estimate",
+           "synapse_events", "add_synapse_events", "state_updates", "add_state_updates",
            "program_macs", "model_macs", "ann_baseline", "firing_rates", "paper_energy", "paper_check",
            "PAPER_ANN_MJ", "PAPER_SNN_MJ"]
 
@@ -54,6 +67,8 @@ TERMS = {
     "neuron_update_active": "update of a neuron with nonzero input (active_neurons)",
     "neuron_update_idle": "update of a neuron without input (neuron_updates - active_neurons)",
     "spike": "spike emitted (spikes_out)",
+    "message": "spike packet to a destination core (spikes_out x packets per spike; only when priced)",
+    "zero_synop": "binary spike x zero-weight synapse (synapse_events - synops; only with synapse_events)",
     "hop": "router hop of a spike (spikes_out x mapping.hops_per_spike)",
     "sync": "barrier synchronisation, once per spiking step per image",
     "elementwise": "host element-wise operation (host_elementwise)",
@@ -184,25 +199,77 @@ def load_profile(name_or_path: str | os.PathLike | Profile) -> Profile:
 
 # ----------------------------------------------------------------------------------------------------- estimate
 
-def _layer_term_counts(kind: str, cs: dict, hops: float) -> dict[str, np.ndarray]:
-    """Counts ``[denoising_steps]`` of every chip term of one layer (float for ``hop``)."""
+PLACEMENT_LAYER_KEYS = {"packets_per_spike", "hops_per_spike", "source", "extra_updates"}
+
+
+def _check_placement(placement: dict | None, stats) -> dict:
+    """``placement`` validated: ``{"layers": {layer: {packets_per_spike, hops_per_spike, source}}, "pipeline_steps":
+    int}`` (every key optional); ConfigError naming an unknown key or layer, or a negative number."""
+    if placement is None:
+        return {"layers": {}, "pipeline_steps": 0}
+    if not isinstance(placement, dict) or set(placement) - {"layers", "pipeline_steps"}:
+        raise ConfigError(f"placement must be a dict with keys 'layers' and 'pipeline_steps', got "
+                          f"{sorted(placement) if isinstance(placement, dict) else type(placement).__name__}")
+    layers = dict(placement.get("layers", {}))
+    for name, p in layers.items():
+        if name not in stats.layers:
+            raise ConfigError(f"placement names layer {name!r}, which the run has no counts for "
+                              f"(layers: {', '.join(stats.layers)})")
+        if not isinstance(p, dict) or set(p) - PLACEMENT_LAYER_KEYS:
+            raise ConfigError(f"placement of layer {name!r}: allowed keys are {sorted(PLACEMENT_LAYER_KEYS)}, got "
+                              f"{sorted(p) if isinstance(p, dict) else p!r}")
+        for k in ("packets_per_spike", "hops_per_spike", "extra_updates"):
+            if k in p and (isinstance(p[k], bool) or not isinstance(p[k], (int, float)) or p[k] < 0):
+                raise ConfigError(f"placement of layer {name!r}: {k} must be a number >= 0, got {p[k]!r}")
+    steps = placement.get("pipeline_steps", 0)
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ConfigError(f"placement: pipeline_steps must be an integer >= 0, got {steps!r}")
+    return {"layers": layers, "pipeline_steps": int(steps)}
+
+
+def _layer_term_counts(kind: str, cs: dict, hops: float | None, place: dict | None = None,
+                       messages: bool = False, pipeline_steps: int = 0) -> dict[str, np.ndarray]:
+    """Counts ``[denoising_steps]`` of every chip term of one layer (float for ``hop`` and ``message``).
+
+    ``hops``: the profile's hops per spike (None: no mapping, no hop term); ``place``: this layer's placement
+    (``packets_per_spike`` (default 1), ``hops_per_spike`` (default ``hops``), ``source``: only ``message`` and
+    ``hop`` are charged; ``extra_updates``: updates per call charged in the pipeline steps); ``messages``: count
+    ``message`` = spikes x packets per spike; ``pipeline_steps``: idle updates added per neuron (the updates of one
+    spiking step x ``pipeline_steps``). With the counter ``updated_neurons`` (:func:`add_state_updates`) the active
+    updates are those, not ``active_neurons``."""
     out = {}
+    place = place or {}
 
     def d(name):
         return cs[name].sum(axis=1) if name in cs else None
 
+    active = "updated_neurons" if "updated_neurons" in cs else "active_neurons"
     for counter, term in (("synops", "synop"), ("graded_ops", "graded_op"), ("macs", "mac"),
-                          ("fanin_adds", "fanin_add"), ("active_neurons", "neuron_update_active")):
+                          ("fanin_adds", "fanin_add"), (active, "neuron_update_active")):
         v = d(counter)
         if v is not None:
             out[term] = v
     if kind == "scale" and "events_in" in cs:
         out["scale_op"] = d("events_in")
+    if "synapse_events" in cs and "synops" in cs:
+        out["zero_synop"] = d("synapse_events") - d("synops")
     if "neuron_updates" in cs:
-        out["neuron_update_idle"] = d("neuron_updates") - out.get("neuron_update_active", 0)
+        extra = float(place.get("extra_updates", 0))
+        if extra:
+            out["neuron_update_active"] = out.get("neuron_update_active", 0) + extra
+        out["neuron_update_idle"] = d("neuron_updates") - out.get("neuron_update_active", 0) + \
+            pipeline_steps * cs["neuron_updates"][:, 0]
     if "spikes_out" in cs:
-        out["spike"] = d("spikes_out")
-        out["hop"] = d("spikes_out") * hops
+        spikes = d("spikes_out").astype(np.float64)
+        out["spike"] = spikes
+        if messages:
+            out["message"] = spikes * float(place.get("packets_per_spike", 1.0))
+        h = place.get("hops_per_spike", hops)
+        if h is not None:
+            out["hop"] = spikes * float(h)
+    if place.get("source"):  # an input neuron: no soma work, only its packets and hops
+        for term in ("neuron_update_active", "neuron_update_idle", "spike"):
+            out.pop(term, None)
     return out
 
 
@@ -213,13 +280,25 @@ def _price(profile: Profile, term: str, table: str = "energy") -> Constant | Non
     return getattr(profile, table).get(term)
 
 
-def estimate(stats, profile: str | Profile, host_profile: str | Profile | None = None) -> dict:
+def estimate(stats, profile: str | Profile, host_profile: str | Profile | None = None,
+             placement: dict | None = None) -> dict:
     """Price a :class:`RunStats` with ``profile`` (host work with ``host_profile``, default the profile's own
     ``host``). Pure: reads only its arguments (and the profile files when given by name). Energies in pJ, times
     in seconds. Returns a dict (JSON-ready): ``layers`` (per layer and term: count, pJ), ``host``, ``static``,
     ``totals`` (by term, total, per image, per denoising step (all images), per network call per image),
-    ``time`` (or None), ``edp_per_image_js``, ``unpriced`` and ``assumptions``."""
+    ``time`` (or None), ``edp_per_image_js``, ``unpriced`` and ``assumptions``.
+
+    ``placement`` (optional; e.g. SANA-FE's mapping, ``scripts/sanafe_suite.py``): ``{"layers": {layer:
+    {"packets_per_spike": p, "hops_per_spike": h, "source": bool, "extra_updates": u}}, "pipeline_steps": n}``.
+    Per layer, a spike costs ``spike + p x message + h x hop`` (defaults ``p = 1``, ``h = mapping.hops_per_spike``;
+    ``message`` only when the profile prices it); a ``source`` layer (input neurons: spikes injected into the chip)
+    pays only its ``p x message + h x hop``; ``pipeline_steps``: every neuron pays ``n`` more idle updates per call
+    (a chip with one step of latency per layer runs ``num_steps + n`` steps), ``u`` of which are active updates
+    (neurons that a chip updates after their input ended, e.g. a nonzero membrane under Loihi's rule).
+    ``neuron_update_active`` + ``neuron_update_idle`` per call = ``neuron_updates + n x neurons``."""
     prof = load_profile(profile)
+    place = _check_placement(placement, stats)
+    messages = "message" in prof.energy
     host_name = host_profile if host_profile is not None else (prof.host or None)
     host = load_profile(host_name) if host_name else None
     D = len(stats.timesteps) or (next(iter(next(iter(stats.layers.values())).values())).shape[0]
@@ -238,14 +317,15 @@ def estimate(stats, profile: str | Profile, host_profile: str | Profile | None =
     layers = []
     for name, cs in stats.layers.items():
         kind = stats.layer_kinds.get(name, "")
-        counts = _layer_term_counts(kind, cs, hops)
+        counts = _layer_term_counts(kind, cs, hops if hops_c is not None else None, place["layers"].get(name),
+                                    messages, place["pipeline_steps"])
         terms = {}
         for term, v in counts.items():
             v = np.asarray(v, np.float64)
             total = float(v.sum())
             if total == 0:
                 continue
-            if term == "hop" and hops_c is None:
+            if term == "hop" and hops_c is None and "hops_per_spike" not in place["layers"].get(name, {}):
                 continue  # no mapping: spikes are priced by "spike" alone (listed unpriced there if needed)
             c = _price(prof, term)
             if c is None:
@@ -316,15 +396,22 @@ def estimate(stats, profile: str | Profile, host_profile: str | Profile | None =
             "static": static, "totals": totals, "time": time, "edp_per_image_js": edp,
             "unpriced": [dict(v, count=(int(v["count"]) if float(v["count"]).is_integer() else v["count"]))
                          for v in unpriced.values()],
-            "assumptions": assumptions, "meta": dict(stats.meta)}
+            "assumptions": assumptions, "meta": dict(stats.meta),
+            **({"placement": place} if placement is not None else {})}
 
 
 # ------------------------------------------------------------------------------------------------ ANN baselines
 
+def _tap_mask(n: int, pad: int, k: int, s: int, n_out: int) -> np.ndarray:
+    """``[n, k]`` bool: input position ``i`` and tap ``j`` reach an output position ``0..n_out-1``
+    (``(i + pad - j) % s == 0`` and ``0 <= (i + pad - j) / s < n_out``)."""
+    t = np.arange(n)[:, None] + pad - np.arange(k)[None, :]
+    return (t >= 0) & (t % s == 0) & (t // s < n_out)
+
+
 def _valid_taps(n: int, pad: int, k: int, s: int, n_out: int) -> int:
     """Input positions ``0..n-1`` that tap ``k`` connects to an output position ``0..n_out-1``."""
-    t = np.arange(n) + pad - k
-    return int(np.count_nonzero((t >= 0) & (t % s == 0) & (t // s < n_out)))
+    return int(np.count_nonzero(_tap_mask(n, pad, k + 1, s, n_out)[:, k]))
 
 
 def program_macs(program) -> dict[str, int]:
@@ -344,6 +431,103 @@ def program_macs(program) -> dict[str, int]:
         cols = np.array([_valid_taps(W, pl, k, layer.stride[1], Wo) for k in range(w.shape[3])])
         out[layer.name] = int((nnz * rows[None, :, None] * cols[None, None, :]).sum())
     return out
+
+
+def _taps_per_position(n: int, pad: int, k: int, s: int, n_out: int) -> np.ndarray:
+    """For every input position ``0..n-1``: how many of the ``k`` taps connect it to an output position."""
+    return _tap_mask(n, pad, k, s, n_out).sum(axis=1)
+
+
+def synapse_events(program, records: dict) -> dict[str, np.ndarray]:
+    """Per conv (groups 1, dilation 1) and affine layer with a spike input: the (spike, synapse) pairs of every
+    spiking step, zero weights included, summed over the batch (int64 ``[K]``): ``sum over input spikes of the
+    structural fan-out``, i.e. RunStats' ``synops`` with every weight counted. Conv: an input at ``(c, y, x)``
+    reaches ``Co x taps_y(y) x taps_x(x)`` outputs inside the map; affine ``W [..., out, in]``: every input reaches
+    all ``prod(W.shape[:-1])`` outputs. ``records``: an engine's recorded outputs ``{layer: [K, B, *shape]}``
+    (``run(..., record=True)``); the input of a layer is the record of its one source."""
+    out = {}
+    for layer in program.layers:
+        if layer.input != "spikes" or layer.kind not in ("conv", "affine"):
+            continue
+        x = np.asarray(records[layer.sources[0]]) != 0
+        K, B = x.shape[:2]
+        if layer.kind == "conv":
+            _, H, W = layer.in_shape
+            _, Ho, Wo = layer.out_shape
+            (pt, _), (pl, _) = layer.padding
+            kh, kw = layer.weight.shape[2:]
+            fan = (layer.weight.shape[0] * _taps_per_position(H, pt, kh, layer.stride[0], Ho)[:, None]
+                   * _taps_per_position(W, pl, kw, layer.stride[1], Wo)[None, :])  # [H, W]
+            x = x.reshape(K, B, *layer.in_shape)
+            out[layer.name] = (x * fan[None, None, None]).reshape(K, -1).sum(axis=1).astype(np.int64)
+        else:
+            fan = int(np.prod(layer.weight.shape[:-1]))
+            out[layer.name] = x.reshape(K, -1).sum(axis=1).astype(np.int64) * fan
+    return out
+
+
+def state_updates(program, records: dict) -> dict[str, dict]:
+    """Loihi's update rule as SANA-FE models it, per IF layer fed by one conv/affine layer that reads spikes: a
+    neuron is updated at a step when it receives at least one synaptic event (zero weights and inputs that sum to
+    zero included) or its membrane is nonzero before the step (bias 0 here). Returns per layer ``updated`` (int64
+    ``[K]``, summed over the batch) and ``nonzero_end`` (neurons whose membrane is nonzero after the last step: a
+    chip that keeps running updates them at every further step). The membrane is replayed from the recorded input
+    ``x`` and spikes ``s`` of the engine (no threshold decision is made here): ``v_k = v_{k-1} + x_k``, then for a
+    spike ``v_k = v_reset`` (reset ``zero``) or ``v_k -= threshold - v_reset`` (``subtract``)."""
+    out = {}
+    for layer in program.layers:
+        if layer.kind != "if" or len(layer.sources) != 1:
+            continue
+        syn = program.by_name[layer.sources[0]]
+        if syn.kind not in ("conv", "affine") or syn.input != "spikes":
+            continue
+        xin = np.asarray(records[syn.sources[0]]) != 0  # [K, B, *in_shape] the spikes reaching syn
+        x = np.asarray(records[syn.name], np.float64)  # [K, B, *shape] the summed input of the neurons
+        s = np.asarray(records[layer.name]) != 0
+        K, B = x.shape[:2]
+        if syn.kind == "affine":
+            reached = np.broadcast_to(xin.reshape(K, B, -1).any(axis=2).reshape(K, B, *([1] * (x.ndim - 2))),
+                                      x.shape)
+        else:
+            if syn.stride != (1, 1) or syn.padding != ((0, 0), (0, 0)):
+                raise ConfigError(f"state_updates: conv {syn.name!r} needs stride 1 and no padding")
+            kh, kw = syn.weight.shape[2:]
+            win = np.lib.stride_tricks.sliding_window_view(xin.any(axis=2), (kh, kw), axis=(2, 3))
+            reached = np.broadcast_to(win.any(axis=(-2, -1))[:, :, None], x.shape)
+        v = np.zeros(x.shape[1:])
+        updated = np.zeros(K, np.int64)
+        for k in range(K):
+            updated[k] = np.count_nonzero(reached[k] | (v != 0))
+            v = v + layer.gain * x[k]
+            v = np.where(s[k], layer.v_reset, v) if program.disc.reset == "zero" else \
+                v - (layer.threshold - layer.v_reset) * s[k]
+        out[layer.name] = {"updated": updated, "nonzero_end": int(np.count_nonzero(v))}
+    return out
+
+
+def add_state_updates(stats, program, records: dict) -> dict[str, int]:
+    """Add :func:`state_updates`' ``updated`` to a one-call :class:`RunStats` as the counter ``updated_neurons``
+    (which :func:`estimate` then prices as the active updates); returns ``{layer: nonzero_end}``."""
+    if len(stats.timesteps) != 1:
+        raise ConfigError(f"add_state_updates needs the counts of one network call; this run has "
+                          f"{len(stats.timesteps)}")
+    ends = {}
+    for name, r in state_updates(program, records).items():
+        stats.layers[name]["updated_neurons"] = r["updated"].reshape(1, -1)
+        ends[name] = r["nonzero_end"]
+    return ends
+
+
+def add_synapse_events(stats, program, records: dict):
+    """Add :func:`synapse_events` to a one-call :class:`RunStats` as the counter ``synapse_events`` (what the
+    ``zero_synop`` term prices: ``synapse_events - synops``). Returns ``stats``."""
+    if len(stats.timesteps) != 1:
+        raise ConfigError(f"add_synapse_events needs the counts of one network call; this run has "
+                          f"{len(stats.timesteps)}")
+    for name, v in synapse_events(program, records).items():
+        if name in stats.layers:
+            stats.layers[name]["synapse_events"] = v.reshape(1, -1)
+    return stats
 
 
 def model_macs(model, image_shape=None, padding: str = "dense", include_linear: bool = False) -> dict[str, int]:

@@ -185,11 +185,15 @@ def test_paper_formula_on_measured_rates(run):
     first = next(layer.name for layer in program.layers if layer.kind == "conv" and layer.sources == program.inputs)
     r = E.paper_energy(flops, rates, program.num_steps, first)
     assert 0 <= r["mean_rate"] <= 1 and r["total_pj"] > 4.6 * flops[first]
-    # for spike-input convs, rate x T x FLOPs ~ the measured synops (equal up to border/fan-out variation)
+    # for spike-input convs, rate x T x FLOPs ~ the measured synops (equal up to border/fan-out variation, which
+    # dominates a layer with a handful of spikes on this tiny map: only layers with enough events are compared)
+    checked = 0
     for layer in program.layers:
-        if layer.kind == "conv" and layer.input == "spikes" and stats.layers[layer.name]["synops"].sum():
+        if layer.kind == "conv" and layer.input == "spikes" and stats.layers[layer.name]["events_in"].sum() >= 50:
             sops = rates[layer.name] * program.num_steps * flops[layer.name] * len(stats.timesteps)
             assert sops == pytest.approx(stats.layers[layer.name]["synops"].sum(), rel=0.5)
+            checked += 1
+    assert checked >= 2
 
 
 def test_plots(run, tmp_path):

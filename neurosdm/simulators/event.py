@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from neurosdm.energy import _valid_taps
 from neurosdm.errors import ConfigError, GraphError
 from neurosdm.simulators.program import NEURONS, Layer, Program
 from neurosdm.simulators.reference import delay_push, delay_read, sum_pool2d
@@ -252,8 +253,8 @@ class ConvPlan:
             self.rptr = self.rstart = self.rlen = self.roff = self.cls_nnz = np.zeros(0, np.int32)
             self.wv = np.zeros(0)
         # macs: every input position times its nonzero fan-out inside the output map
-        rows = np.array([self._valid(self.H, self.pt, k, self.sh, self.Ho) for k in range(self.kh)], np.int64)
-        cols = np.array([self._valid(self.W, self.pl, k, self.sw, self.Wo) for k in range(self.kw)], np.int64)
+        rows = np.array([_valid_taps(self.H, self.pt, k, self.sh, self.Ho) for k in range(self.kh)], np.int64)
+        cols = np.array([_valid_taps(self.W, self.pl, k, self.sw, self.Wo) for k in range(self.kw)], np.int64)
         self.macs_per_image = int((self.nnz * rows[None, :, None] * cols[None, None, :]).sum())
 
     def _build_runs(self, wt: np.ndarray, nz: np.ndarray) -> None:
@@ -293,12 +294,6 @@ class ConvPlan:
         self.rptr, self.rstart, self.rlen, self.roff, self.wv = _runs(groups, self.max_gap,
                                                                       np.float32 if exact32 else np.float64)
         self.cls_nnz = np.asarray(cls_nnz, np.int64)
-
-    @staticmethod
-    def _valid(n: int, pad: int, k: int, s: int, n_out: int) -> int:
-        """How many input positions ``0..n-1`` tap ``k`` connects to an output position ``0..n_out-1``."""
-        t = np.arange(n) + pad - k
-        return int(np.count_nonzero((t >= 0) & (t % s == 0) & (t // s < n_out)))
 
     @property
     def buffer_size(self) -> int:
