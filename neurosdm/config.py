@@ -31,9 +31,41 @@ class ModelConfig:
     surrogate: str = "atan"  # "atan" (alpha 2, as the public code) or "rect"
     surrogate_alpha: float = 2.0
     dropout: float = 0.0  # accepted for layout compatibility; never applied (as in the public code)
+    # ANN-to-SNN conversion (neurosdm.convert, docs/convert.md). activation "qcfs": the ANN (every IF replaced by a
+    # QCFS activation with a learnable clip, qcfs_bits bits, one step: num_steps 1). A converted SNN has
+    # activation "if", reset "subtract", v_init 0.5, readout "mean" and one threshold per IF layer in thresholds.
+    activation: str = "if"  # "if": spiking neurons; "qcfs": quantised clip-floor-shift ANN activation
+    qcfs_bits: int = 2  # QCFS levels L = 2**qcfs_bits - 1 (the converted SNN runs L spiking steps)
+    qcfs_clip_init: float = 2.0  # initial learnable clip of every QCFS layer
+    reset: str = "hard"  # IF reset: "hard" (to 0, the papers') or "subtract" (by the threshold)
+    v_init: float = 0.0  # initial membrane of every IF neuron, as a fraction of its threshold
+    thresholds: dict = field(default_factory=dict)  # per-layer thresholds {neuron module name: threshold}
+    readout: str = "leaky"  # "leaky": sum_t readout_decay**(num_steps-1-t) h[t]; "mean": the time average (below)
 
     def __post_init__(self):
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
+        self.thresholds = {str(k): float(v) for k, v in dict(self.thresholds).items()}
+        if self.activation not in ("if", "qcfs"):
+            raise ConfigError(f"activation must be 'if' or 'qcfs', got {self.activation!r}")
+        if self.activation == "qcfs":
+            if not 1 <= self.qcfs_bits <= 8:
+                raise ConfigError(f"qcfs_bits must be in 1..8, got {self.qcfs_bits}")
+            if self.num_steps != 1:
+                raise ConfigError(f"a QCFS ANN runs one step (num_steps 1), got num_steps {self.num_steps}")
+            if self.tsm:
+                raise ConfigError("TSM scales spiking steps; a QCFS ANN has one step: turn TSM off")
+            if not self.qcfs_clip_init > 0:
+                raise ConfigError(f"qcfs_clip_init must be positive, got {self.qcfs_clip_init}")
+        if self.reset not in ("hard", "subtract"):
+            raise ConfigError(f"reset must be 'hard' or 'subtract', got {self.reset!r}")
+        if not 0.0 <= self.v_init < 1.0:
+            raise ConfigError(f"v_init must be in [0, 1) (a fraction of the threshold), got {self.v_init}")
+        if any(not v > 0 for v in self.thresholds.values()):
+            raise ConfigError(f"thresholds must be positive, got {self.thresholds}")
+        if self.readout not in ("leaky", "mean"):
+            raise ConfigError(f"readout must be 'leaky' or 'mean', got {self.readout!r}")
+        if self.readout == "mean" and self.tsm:
+            raise ConfigError("readout 'mean' (converted SNNs) is not implemented with TSM")
         if self.head not in ("sdm", "spiking"):
             raise ConfigError(f"head must be 'sdm' or 'spiking', got {self.head!r}")
         if self.surrogate not in ("atan", "rect"):

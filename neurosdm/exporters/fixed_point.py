@@ -23,6 +23,13 @@ Fixed-point model (``metadata["quant"]``, the numbers from :class:`neurosdm.quan
     LI readout    v <- sign(v d) (|v d| >> 12) + x, d = round(4096 (1 - dt/tau)) (Loihi's decay), clipped at +-V
     output        eps = host(output * 2**quant.output_exponent)
 
+Shifted membranes (converted SNNs: reset by subtraction, initial membrane ``a theta``, stored by the float export as
+``v_threshold = (1 - a) theta``, ``v_reset = -a theta``): a fixed-point neuron resets to 0 and subtracts its own
+threshold, so such an IF node becomes ``v_threshold = (1 - a) theta``, ``v_reset = 0`` plus a recurrent Scale node
+``<if>.reset_offset`` (``scale = -a theta`` in units) from the node to itself. A spike at step k then removes
+``(1 - a) theta`` at once and ``a theta`` at step k+1, before the next comparison: the membrane that is compared is
+the same, so are the spikes (exact in float and in integers; only the state after the last step differs).
+
 E is calibrated (``calibrate``): the finest exponent of the convs that read spikes (so the 8-bit mantissas of the
 convs reading binary spikes are kept exactly), made coarser when the largest value seen on a few batches of real data (every conv output,
 junction and readout, and an IF membrane bound of ``num_steps * max |input|``) would not fit ``state_bits`` with a
@@ -124,6 +131,8 @@ def quantize_graph(graph: nir.NIRGraph, metadata: dict, calibration: dict, spec:
     if metadata.get("quant"):
         raise QuantizationError("the graph is already quantised")
     nodes = dict(graph.nodes)
+    edges = [tuple(e) for e in graph.edges]
+    offsets = _reset_offsets(nodes, edges, metadata)
     scale_tables = {k: np.asarray(v, np.float64).reshape(-1) for k, v in metadata.get("scale_tables", {}).items()}
     bias_tables = {k: np.asarray(v, np.float64) for k, v in metadata.get("bias_tables", {}).items()}
     convs = [n for n, node in nodes.items() if isinstance(node, nir.Conv2d)]
@@ -196,6 +205,8 @@ def quantize_graph(graph: nir.NIRGraph, metadata: dict, calibration: dict, spec:
                                  v_leak=_f32(node.v_leak, name))
         elif isinstance(node, nir.I):
             nodes[name] = nir.I(r=_f32(node.r, name))
+        elif name in offsets:  # payload of a spike, in state units
+            nodes[name] = nir.Scale(scale=_f32(to_units(node.scale), name))
         elif isinstance(node, nir.Scale) and name not in scale_tables:
             nodes[name] = nir.Scale(scale=_f32(node.scale, name))
         elif isinstance(node, (nir.Scale, nir.Conv2d, nir.Input, nir.Output)):
@@ -219,11 +230,34 @@ def quantize_graph(graph: nir.NIRGraph, metadata: dict, calibration: dict, spec:
         "tsm_exponents": {k: int(v) for k, v in tsm_exp.items()},
         "round_nodes": round_nodes,
         "rerounded_bits": {c: int(v) for c, v in rerounded.items()},
+        "reset_offsets": {name: src for name, src in offsets.items()},
         "units_rule": UNITS_RULE,
         "calibration": {"images": int(calibration["images"]),
                         "diffusion_steps": np.asarray(calibration["diffusion_steps"]),
                         "input_max_abs": float(calibration["input_max_abs"]),
                         "max_abs_bound": float(bound), "headroom": HEADROOM},
     }
-    out = nir.NIRGraph(nodes=nodes, edges=[tuple(e) for e in graph.edges], metadata=md)
+    out = nir.NIRGraph(nodes=nodes, edges=edges, metadata=md)
     return out, md
+
+
+def _reset_offsets(nodes: dict, edges: list, metadata: dict) -> dict[str, str]:
+    """Rewrite (in place) every IF node with ``v_reset != 0`` into the fixed-point form of the module docstring
+    (``v_reset = 0`` and a recurrent ``<if>.reset_offset`` Scale node of ``v_reset``); returns ``{offset node: IF
+    node}``. Only with reset by subtraction (a hard reset to a non-zero value has no fixed-point form here)."""
+    from neurosdm.exporters.nir import meta_value
+
+    shifted = [n for n, node in nodes.items() if isinstance(node, nir.IF) and np.any(np.asarray(node.v_reset) != 0)]
+    if not shifted:
+        return {}
+    if str(meta_value(metadata, "reset", "zero")) != "subtract":
+        raise QuantizationError(f"node {shifted[0]!r}: a non-zero v_reset needs reset by subtraction in fixed point")
+    out = {}
+    for name in shifted:
+        node = nodes[name]
+        loop = f"{name}.reset_offset"
+        nodes[name] = nir.IF(r=node.r, v_threshold=node.v_threshold, v_reset=np.zeros_like(node.v_reset))
+        nodes[loop] = nir.Scale(scale=np.asarray(node.v_reset, np.float64))
+        edges += [(name, loop), (loop, name)]
+        out[loop] = name
+    return out

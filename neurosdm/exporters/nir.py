@@ -7,7 +7,17 @@ those (NIR metadata cannot hold None).
 
 Semantics (recorded in the metadata): discrete steps with ``dt = 1``, IF neurons ``v <- v + x``, fire when
 ``v >= v_threshold`` (comparison ``">="``), then reset to ``v_reset = 0`` (reset ``"zero"``); every neuron starts
-at 0 at each network call. The single Input node ``"input"`` takes the analog image x_t ``(C, H, W)``, the same at
+at 0 at each network call.
+
+Converted SNNs (:mod:`neurosdm.convert`): one threshold per IF layer, reset by subtraction (``metadata["reset"] =
+"subtract"``: ``v <- v - (v_threshold - v_reset)`` where it fires) and an initial membrane ``v(0) = a theta``
+(``a = metadata["v_init"]``, 1/2). NIR neurons start at 0, so the membrane is stored shifted by ``-a theta``:
+``u = v - a theta`` starts at 0 and the IF node holds ``v_threshold = (1 - a) theta`` and ``v_reset = -a theta``.
+Then ``u >= (1 - a) theta  <=>  v >= theta``, a spike removes ``v_threshold - v_reset = theta``, and a hard reset
+sets ``u = -a theta``, i.e. ``v = 0``: the same neuron, exactly, per node (no extra input is needed, so IF nodes
+shared by several consumers of a stream stay exact). With ``a = 0`` this is the usual ``(theta, 0)``. IF nodes on a
+stream are shared by the consumers whose neurons are identical; a consumer with another threshold gets its own
+node ``<stream>.if@<block>``. The single Input node ``"input"`` takes the analog image x_t ``(C, H, W)``, the same at
 every one of the ``num_steps`` spiking steps (direct encoding). Model semantics are eval-mode (BatchNorm running
 statistics).
 
@@ -162,13 +172,15 @@ def _pack_table(table: np.ndarray, level: int) -> np.ndarray:
 
 
 class _Builder:
-    def __init__(self, threshold: float, dtype):
+    def __init__(self, threshold_of, v_init: float, dtype):
         self.nodes: dict[str, nir.NIRNode] = {}
         self.edges: list[tuple[str, str]] = []
         self.packing: dict[str, int] = {}
-        self.threshold = threshold
+        self.threshold_of = threshold_of  # neuron module -> its firing threshold (threshold guidance included)
+        self.v_init = float(v_init)
+        self.if_thresholds: dict[str, float] = {}
         self.dtype = dtype
-        self.spike_nodes: dict[str, str] = {}
+        self.spike_nodes: dict[tuple[str, float], str] = {}
         self.conv_params: dict[str, list] = {}  # name -> [weight, bias table [A, K, C], stride, padding, input hw]
         self.scale_tables: dict[str, np.ndarray] = {}  # TSM scale node -> p [K]
         self.junction_feeders: dict[str, list[str]] = {}
@@ -183,16 +195,25 @@ class _Builder:
         self.packing[name] = level
         return name
 
-    def if_node(self, name: str, shape, level: int) -> str:
-        return self.add(name, nir.IF(r=np.ones(shape, self.dtype), v_threshold=np.full(shape, self.threshold, self.dtype),
-                                     v_reset=np.zeros(shape, self.dtype)), level)
+    def if_node(self, name: str, shape, level: int, threshold: float) -> str:
+        """An IF node with firing threshold ``threshold`` (already scaled) and the initial membrane
+        ``v_init * threshold`` stored as a shift (module docstring): ``v_threshold = (1 - a) theta``,
+        ``v_reset = -a theta``."""
+        a = self.v_init
+        self.if_thresholds[name] = float(threshold)
+        return self.add(name, nir.IF(r=np.ones(shape, self.dtype),
+                                     v_threshold=np.full(shape, (1.0 - a) * threshold, self.dtype),
+                                     v_reset=np.full(shape, -a * threshold, self.dtype)), level)
 
-    def spikes(self, s: _Stream) -> _Stream:
-        """The (shared) IF node reading stream ``s``."""
-        if s.node not in self.spike_nodes:
-            self.spike_nodes[s.node] = self.if_node(f"{s.node}.if", s.shape, s.level)
-            self.edge(s.node, self.spike_nodes[s.node])
-        return _Stream(self.spike_nodes[s.node], s.channels, s.level, s.hw)
+    def spikes(self, s: _Stream, threshold: float, owner: str) -> _Stream:
+        """The IF node reading stream ``s`` with firing threshold ``threshold``, shared by every consumer of ``s``
+        with that threshold; the first is ``<stream>.if``, one with another threshold ``<stream>.if@<owner>``."""
+        key = (s.node, float(threshold))
+        if key not in self.spike_nodes:
+            name = f"{s.node}.if" if f"{s.node}.if" not in self.nodes else f"{s.node}.if@{owner}"
+            self.spike_nodes[key] = self.if_node(name, s.shape, s.level, threshold)
+            self.edge(s.node, self.spike_nodes[key])
+        return _Stream(self.spike_nodes[key], s.channels, s.level, s.hw)
 
     def conv(self, name: str, src: _Stream, weight, table, stride: int, padding: int, out_channels: int,
              out_level: int, tsm: np.ndarray | None = None) -> _Stream:
@@ -238,18 +259,24 @@ def _skip_conv(w: np.ndarray, level: int) -> tuple[np.ndarray, int, int]:
     return full_to_packed_conv(w, level), 2**level, (k - 1) // 2
 
 
-def _check_model(model) -> tuple[float, float]:
-    from neurosdm.neurons import SpikingNeurons
+def _check_model(model) -> tuple[float, float, str, float]:
+    """``(base threshold, threshold scale, reset, v_init)`` of the model's IF neurons: all IF (decay 1) with one
+    reset rule, one initial membrane fraction and one threshold scale; the thresholds may differ per layer (the
+    base threshold is the config's)."""
+    from neurosdm.neurons import QCFS, SpikingNeurons
 
-    thresholds = {(float(m.threshold), float(m.threshold_scale), float(m.decay), m.reset)
-                  for m in model.modules() if isinstance(m, SpikingNeurons)}
-    if len(thresholds) != 1:
-        raise UnsupportedModelError(f"the exporter expects identical IF neurons everywhere, found {sorted(thresholds)}")
-    threshold, scale, decay, reset = thresholds.pop()
-    if decay != 1.0 or reset != "hard":
-        raise UnsupportedModelError(f"the exporter expects IF neurons with hard reset, got decay={decay}, "
-                                    f"reset={reset!r}")
-    return threshold, scale
+    if any(isinstance(m, QCFS) for m in model.modules()):
+        raise UnsupportedModelError("this is a QCFS ANN (activation 'qcfs'), which has no spiking form to export; "
+                                    "convert it first: neurosdm convert ANN_CKPT --out SNN_CKPT")
+    kinds = {(float(m.threshold_scale), float(m.decay), m.reset, float(m.v_init))
+             for m in model.modules() if isinstance(m, SpikingNeurons)}
+    if len(kinds) != 1:
+        raise UnsupportedModelError(f"the exporter expects IF neurons with one threshold scale, reset and initial "
+                                    f"membrane everywhere, found {sorted(kinds)}")
+    scale, decay, reset, v_init = kinds.pop()
+    if decay != 1.0:
+        raise UnsupportedModelError(f"the exporter expects IF neurons (decay 1), got decay={decay}")
+    return float(model.cfg.threshold), scale, reset, v_init
 
 
 def _res_block(b: _Builder, name: str, block, x: _Stream, skip: _Stream | None, temb_table: np.ndarray) -> _Stream:
@@ -265,14 +292,15 @@ def _res_block(b: _Builder, name: str, block, x: _Stream, skip: _Stream | None, 
 
     # conv1 (+ its skip part) into IF2; the bias (BN shift and time embedding) sits on the main part
     parts1 = split_concat_conv(c1.weight, sizes)
-    h1 = b.conv(f"{name}.conv1", b.spikes(x), _lower_3x3_or_1x1(parts1[0][0], level),
+    theta1 = b.threshold_of(block.neuron1)
+    h1 = b.conv(f"{name}.conv1", b.spikes(x, theta1, name), _lower_3x3_or_1x1(parts1[0][0], level),
                 _pack_table(c1.table(temb_table), level), 1, 1, out_ch, level, c1.tsm)
     feeders_if2 = [h1.node]
     if skip is not None:
         wq, stride, pad = _skip_conv(parts1[1][0], level)
-        feeders_if2.append(b.conv(f"{name}.conv1_skip", b.spikes(skip), wq, zero, stride, pad, out_ch, level,
+        feeders_if2.append(b.conv(f"{name}.conv1_skip", b.spikes(skip, theta1, name), wq, zero, stride, pad, out_ch, level,
                                   c1.tsm).node)
-    if2 = b.if_node(f"{name}.if2", (out_ch * 4**level, *x.hw), level)
+    if2 = b.if_node(f"{name}.if2", (out_ch * 4**level, *x.hw), level, b.threshold_of(block.neuron2))
     for f in feeders_if2:
         b.edge(f, if2)
     h2 = b.conv(f"{name}.conv2", _Stream(if2, out_ch, level, x.hw), _lower_3x3_or_1x1(c2.weight, level),
@@ -309,7 +337,7 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
     from neurosdm.models.spiking_unet import DownSample, ResBlock, UpSample
 
     cfg = model.cfg
-    threshold, threshold_scale = _check_model(model)
+    threshold, threshold_scale, reset, v_init = _check_model(model)
     stored = packed_weight_overhead(model)
     if stored["model_packed_stored"] > MAX_STORED_WEIGHTS:
         raise UnsupportedModelError(
@@ -329,7 +357,7 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
                           f"embedding has {n_diff}")
     from neurosdm.diffusion.schedules import make_betas
 
-    b = _Builder(threshold * threshold_scale, dtype)
+    b = _Builder(lambda m: float(m.threshold) * threshold_scale, v_init, dtype)
     with torch.no_grad():
         device = next(model.parameters()).device
         temb = model.time_embedding(torch.arange(n_diff, device=device))
@@ -346,14 +374,16 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
 
     same = (lambda w: w)
     h = plain("stem.conv", x, model.conv, model.bn, 1, 0, same)
-    h = plain("stem.conv_identity", b.spikes(h), model.conv_identity, model.bn_identity, 1, 0, same)
+    h = plain("stem.conv_identity", b.spikes(h, b.threshold_of(model.neuron), "stem"), model.conv_identity,
+              model.bn_identity, 1, 0, same)
 
     hs = [h]
     for i, layer in enumerate(model.downblocks):
         if isinstance(layer, ResBlock):
             h = _res_block(b, f"down{i}", layer, h, None, temb_tables[id(layer)])
         elif isinstance(layer, DownSample):
-            h = plain(f"down{i}.conv", b.spikes(h), layer.conv, layer.bn, 2, 0, same)
+            h = plain(f"down{i}.conv", b.spikes(h, b.threshold_of(layer.neuron), f"down{i}"), layer.conv, layer.bn,
+                      2, 0, same)
         else:
             raise UnsupportedModelError(f"unknown down block {type(layer).__name__}")
         hs.append(h)
@@ -364,7 +394,8 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
             h = _res_block(b, f"up{i}", layer, h, hs.pop(), temb_tables[id(layer)])
         elif isinstance(layer, UpSample):
             lvl = h.level
-            h = plain(f"up{i}.conv", b.spikes(h), layer.conv, layer.bn, 1, lvl + 1,
+            h = plain(f"up{i}.conv", b.spikes(h, b.threshold_of(layer.neuron), f"up{i}"), layer.conv, layer.bn, 1,
+                      lvl + 1,
                       lambda w, lvl=lvl: packed_conv(pack_phases(upsample_conv_phases(w)), lvl))
         else:
             raise UnsupportedModelError(f"unknown up block {type(layer).__name__}")
@@ -376,7 +407,7 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
         "neurosdm_version": neurosdm.__version__,
         "quantized": "none",
         "dt": 1.0,
-        "reset": "zero",
+        "reset": "zero" if reset == "hard" else "subtract",
         "comparison": ">=",
         "discretisation": "euler",
         "num_steps": int(cfg.num_steps),
@@ -421,9 +452,12 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
             p[1] = p[1] * ps
         conv2 = feeders[0]
         b.conv_params[conv2][1] = b.conv_params[conv2][1] + pt
-        out = plain("tail.conv", b.spikes(last), model.tail_conv, None, 1, levels,
-                    lambda w: _lower_3x3_or_1x1(w, levels))
-        d = float(cfg.readout_decay)
+        out = plain("tail.conv", b.spikes(last, b.threshold_of(model.tail_neuron), "tail"), model.tail_conv, None,
+                    1, levels, lambda w: _lower_3x3_or_1x1(w, levels))
+        d = 1.0 if cfg.readout == "mean" else float(cfg.readout_decay)
+        if cfg.readout == "mean":  # eps = (1/K) sum_k tail_conv(s[k]): 1/K goes into the conv, the readout sums
+            p = b.conv_params["tail.conv"]
+            p[0], p[1] = p[0] / cfg.num_steps, p[1] / cfg.num_steps
         if d == 1.0:
             ro = nir.I(r=np.ones(out.shape, dtype))
         else:
@@ -437,6 +471,9 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
         metadata["readout_rule"] = ("eps = depth_to_space(output[num_steps - 1], levels=packed_levels): the LI "
                                     "membrane at the last spiking step (tau = dt/(1-decay), r = 1/(1-decay), "
                                     "v_leak = 0, forward Euler, is v <- decay v + x)")
+        if cfg.readout == "mean":
+            metadata["readout_rule"] += ("; readout 'mean': decay 1 and tail.conv's weight and bias divided by "
+                                         "num_steps, so the last step holds the time average")
         metadata["tail_bn_folding"] = (f"tail_bn scale folded into the convs feeding {last.node} "
                                        f"({', '.join(feeders)}), its shift into the bias of {conv2}")
     else:
@@ -456,12 +493,20 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
             "T_output_bias": _np64(model.T_output_layer.bias),
             "last_bn_scale": ls, "last_bn_shift": lsh,
             "readout_decay": float(cfg.readout_decay),
-            "formula": "x = depth_to_space(output, packed_levels); h[k] = tail_conv_tsm[k] * conv3x3(silu(tail_bn(x[k])), "
+            "average_input": float(cfg.readout == "mean"),
+            "formula": "x = depth_to_space(output, packed_levels); if average_input: x = mean_k x[k] (one step); "
+                       "h[k] = tail_conv_tsm[k] * conv3x3(silu(tail_bn(x[k])), "
                        "tail_conv); h = silu(last_bn(conv3x3(h, T_output))) + h; "
                        "eps = sum_k readout_decay**(num_steps-1-k) h[k]",
         }
 
     b.finish(diffusion_step)
+    metadata["v_init"] = float(v_init)
+    metadata["readout_mode"] = cfg.readout
+    metadata["v_threshold"] = max(b.if_thresholds.values())  # the largest firing threshold (all equal: the one)
+    if cfg.thresholds or v_init:  # per-layer thresholds / shifted membranes: no single base threshold to rescale
+        del metadata["threshold"]
+        metadata["if_thresholds"] = dict(b.if_thresholds)
     metadata["bias_tables"] = {name: p[1] for name, p in b.conv_params.items() if p[1].shape[:2] != (1, 1)}
     metadata["scale_tables"] = dict(b.scale_tables)
     metadata["node_packing"] = {k: int(v) for k, v in b.packing.items()}
@@ -546,8 +591,10 @@ def host_head(per_step_values: np.ndarray, metadata: dict) -> np.ndarray:
     x = np.asarray(per_step_values, dtype=np.float64)
     if levels:
         x = depth_to_space(x, levels=levels)
+    if float(a.get("average_input", 0.0)):  # readout "mean": the head runs once on the time-averaged stream
+        x = x.mean(axis=0, keepdims=True)
     z = x * a["tail_bn_scale"][:, None, None] + a["tail_bn_shift"][:, None, None]
-    p = a["tail_conv_tsm"].reshape(-1, *([1] * (x.ndim - 1)))
+    p = a["tail_conv_tsm"].reshape(-1)[:x.shape[0]].reshape(-1, *([1] * (x.ndim - 1)))  # (averaged: 1 step)
     h = _conv3x3(_silu(z), a["tail_conv_weight"], a["tail_conv_bias"]) * p
     g = _conv3x3(h, a["T_output_weight"], a["T_output_bias"])
     h = _silu(g * a["last_bn_scale"][:, None, None] + a["last_bn_shift"][:, None, None]) + h

@@ -16,6 +16,13 @@ Architecture (reference/sdm.md), all tensors time-first ``[num_steps, B, C, H, W
 - head "spiking" (everything on chip): ``h = tail_conv(IF(tail_bn(h)))``; ``eps = sum_t 0.8**(num_steps-1-t) h[t]``
   (a leaky-integrator readout neuron)
 - TSM: every conv's output (bias included) is multiplied by a learnable per-step scale ``p[t]`` before BN.
+- readout "mean" (converted SNNs, :mod:`neurosdm.convert`): the rate readout. Spiking head:
+  ``eps = (1/num_steps) sum_t h[t]``; "sdm" head: the head runs once on the time-averaged stream,
+  ``eps = head(mean_t h[t])`` (the head is non-linear: averaging its per-step outputs would not converge to the ANN,
+  whose head sees the rate; docs/convert.md has the measurement).
+- ANN (``activation="qcfs"``): every IF is a :class:`~neurosdm.neurons.QCFS` activation, one step.
+- per-layer thresholds (``cfg.thresholds``, neuron module name -> threshold), reset and initial membrane
+  (``cfg.reset``, ``cfg.v_init``) of the IF neurons come from the config.
 - QAT (:meth:`SpikingUNet.set_qat`): every conv of the spiking path runs with fake-quantised weights, for a conv
   followed by a BatchNorm the quantised BN-folded weight (as the exporter folds and rounds it), see :class:`Conv`.
 
@@ -34,7 +41,7 @@ from torch.nn import init
 
 from neurosdm.config import ModelConfig
 from neurosdm.errors import ConfigError
-from neurosdm.neurons import SpikingNeurons, leaky_readout
+from neurosdm.neurons import QCFS, SpikingNeurons, leaky_readout
 from neurosdm.quantize import fake_quant
 
 
@@ -164,8 +171,13 @@ class UpSample(nn.Module):
         return self.bn(self.conv(s))
 
 
-def _neurons(cfg: ModelConfig) -> SpikingNeurons:
-    return SpikingNeurons(cfg.threshold, decay=1.0, reset="hard", surrogate=cfg.surrogate, alpha=cfg.surrogate_alpha)
+def _neurons(cfg: ModelConfig) -> SpikingNeurons | QCFS:
+    """The activation in front of a conv: an IF neuron, or (ANN) a QCFS activation. Per-layer thresholds are set by
+    :class:`SpikingUNet` once every module has its name."""
+    if cfg.activation == "qcfs":
+        return QCFS(cfg.qcfs_bits, cfg.qcfs_clip_init)
+    return SpikingNeurons(cfg.threshold, decay=1.0, reset=cfg.reset, surrogate=cfg.surrogate,
+                          alpha=cfg.surrogate_alpha, v_init=cfg.v_init)
 
 
 class SpikingUNet(nn.Module):
@@ -210,6 +222,7 @@ class SpikingUNet(nn.Module):
             self.last_bn = BatchNorm(cfg.img_ch)
         else:
             self.tail_neuron = _neurons(cfg)
+        self._set_layer_thresholds(cfg.thresholds)
         self.set_threshold_scale(cfg.threshold_scale)
         self.qat_bits: int | None = None
 
@@ -241,6 +254,16 @@ class SpikingUNet(nn.Module):
         for conv, bn in self.qat_pairs():
             conv.qat = None if bits is None else (int(bits), bn)
 
+    def _set_layer_thresholds(self, thresholds: dict) -> None:
+        if thresholds and self.cfg.activation != "if":
+            raise ConfigError("per-layer thresholds are for IF neurons; this model has QCFS activations")
+        names = {name for name, m in self.named_modules() if isinstance(m, SpikingNeurons)}
+        unknown = sorted(set(thresholds) - names)
+        if unknown:
+            raise ConfigError(f"thresholds given for {unknown[:3]}, which are not IF layers of this model")
+        for name, value in thresholds.items():
+            self.get_submodule(name).threshold = float(value)
+
     def set_threshold_scale(self, scale: float) -> None:
         """Threshold guidance (SDM): every IF neuron fires at ``threshold * scale``; no retraining."""
         self.cfg.threshold_scale = float(scale)
@@ -266,11 +289,15 @@ class SpikingUNet(nn.Module):
             h = layer(h, temb)
 
         if cfg.head == "sdm":
+            if cfg.readout == "mean":  # the head sees the rate
+                h = h.mean(0, keepdim=True)
             h = self.tail_conv(F.silu(self.tail_bn(h)))
             w = self.T_output_layer.weight[..., 0]
             h = F.silu(self.last_bn(per_step(lambda z: F.conv2d(z, w, self.T_output_layer.bias, padding=1), h))) + h
         else:
             h = self.tail_conv(self.tail_neuron(self.tail_bn(h)))
+            if cfg.readout == "mean":
+                return h.mean(0)
         return leaky_readout(h, cfg.readout_decay)
 
 

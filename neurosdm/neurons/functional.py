@@ -1,8 +1,9 @@
 """Spiking neurons as pure functions (torch, float).
 
 Layout: every multi-step tensor is time-first, ``[num_steps, batch, ...]`` (here usually ``[num_steps, B, C, H, W]``).
-State is never kept between calls: a multi-step call starts from ``v = 0`` (the SDM rule "reset all neuron state
-after every network call"), so a network is a pure function of its input.
+State is never kept between calls: a multi-step call starts from ``v = v_init`` (0 unless asked; the SDM rule
+"reset all neuron state after every network call"), so a network is a pure function of its input. ANN-to-SNN
+conversion (:mod:`neurosdm.convert`) starts its neurons at half the threshold, ``v_init = threshold / 2``.
 
 The one neuron equation (discrete time, one spiking step)::
 
@@ -66,9 +67,9 @@ def lif_step(v, x, decay: float, threshold: float = 1.0, reset: str = "hard"):
     return neuron_step(v, x, threshold, decay, reset)
 
 
-def _forward_loop(x: torch.Tensor, threshold: torch.Tensor, decay: float, reset: str):
-    """All steps of :func:`neuron_step` from ``v = 0``; returns spikes and pre-reset membranes ``h``."""
-    v = torch.zeros_like(x[0])
+def _forward_loop(x: torch.Tensor, threshold: torch.Tensor, decay: float, reset: str, v_init=0.0):
+    """All steps of :func:`neuron_step` from ``v = v_init``; returns spikes and pre-reset membranes ``h``."""
+    v = torch.zeros_like(x[0]) + v_init
     spikes, hs = [], []
     for t in range(x.shape[0]):
         s, v, h = neuron_step(v, x[t], threshold, decay, reset)
@@ -121,8 +122,8 @@ class _MultiStepNeuron(torch.autograd.Function):
     """Fused multi-step neuron: forward without autograd bookkeeping, hand-written backward through time."""
 
     @staticmethod
-    def forward(ctx, x, threshold, decay, reset, surrogate, alpha):
-        spikes, hs = _run("forward", x, threshold, decay, reset)
+    def forward(ctx, x, threshold, decay, reset, surrogate, alpha, v_init):
+        spikes, hs = _run("forward", x, threshold, decay, reset, v_init)
         ctx.save_for_backward(hs, spikes, threshold)
         ctx.params = (decay, reset, surrogate, alpha)
         return spikes
@@ -132,7 +133,7 @@ class _MultiStepNeuron(torch.autograd.Function):
         hs, spikes, threshold = ctx.saved_tensors
         decay, reset, surrogate, alpha = ctx.params
         grad_x = _run("backward", grad_spikes.contiguous(), hs, spikes, threshold, decay, reset, surrogate, alpha)
-        return grad_x, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None
 
 
 def multistep_neuron(
@@ -142,18 +143,21 @@ def multistep_neuron(
     reset: str = "hard",
     surrogate: str = "atan",
     alpha: float = 2.0,
+    v_init: float = 0.0,
 ) -> torch.Tensor:
-    """Run the neuron over ``x`` of shape ``[num_steps, batch, ...]`` from ``v = 0``; return the spikes (same shape,
-    same dtype, values 0/1). Differentiable through the surrogate."""
+    """Run the neuron over ``x`` of shape ``[num_steps, batch, ...]`` from ``v = v_init`` (an absolute membrane
+    value, 0 by default); return the spikes (same shape, same dtype, values 0/1). Differentiable through the
+    surrogate (``v_init`` is a constant: the backward pass of :func:`_backward_loop` does not depend on it)."""
     if reset not in RESETS:
         raise ValueError(f"reset must be one of {RESETS}, got {reset!r}")
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate must be one of {tuple(SURROGATES)}, got {surrogate!r}")
     # the threshold travels as a 0-d tensor so that threshold guidance does not recompile the kernels
     thr = torch.tensor(float(threshold), dtype=x.dtype, device=x.device)
+    v0 = torch.tensor(float(v_init), dtype=x.dtype, device=x.device)
     if torch.is_grad_enabled() and x.requires_grad:
-        return _MultiStepNeuron.apply(x, thr, float(decay), reset, surrogate, float(alpha))
-    return _run("forward", x, thr, float(decay), reset)[0]
+        return _MultiStepNeuron.apply(x, thr, float(decay), reset, surrogate, float(alpha), v0)
+    return _run("forward", x, thr, float(decay), reset, v0)[0]
 
 
 def leaky_readout(h, decay: float):
@@ -167,3 +171,22 @@ def leaky_readout(h, decay: float):
     for t in range(1, h.shape[0]):
         u = decay * u + h[t]
     return u
+
+
+def qcfs(x: torch.Tensor, clip: torch.Tensor, levels: int) -> torch.Tensor:
+    """Quantisation clip-floor-shift activation (QCFS, Bu et al., ICLR 2022), the ANN side of ANN-to-SNN conversion::
+
+        y = clip / L * clamp(floor(x * L / clip + 1/2), 0, L),        L = levels = 2**bits - 1
+
+    computed as ``clip * clamp(floor_st(x / clip * L + 1/2) / L, 0, 1)`` with a straight-through floor
+    (``floor_st(z) = floor(z)`` forward, ``d floor_st / dz = 1`` backward), so autograd gives QCFS's gradients::
+
+        dy/dx    = 1 where 0 <= floor(x L / clip + 1/2) <= L, else 0
+        dy/dclip = y / clip - x / clip   in that range;   1 above it (y = clip);   0 below it (y = 0)
+
+    An IF neuron with threshold ``clip``, membrane starting at ``clip / 2``, reset by subtraction and a constant
+    input ``x`` emits exactly ``clamp(floor(x L / clip + 1/2), 0, L)`` spikes in ``L`` steps, so its rate times
+    ``clip`` is ``y`` (:mod:`neurosdm.convert`; a test checks it)."""
+    z = x / clip * levels + 0.5
+    z = z + (torch.floor(z) - z).detach()
+    return clip * torch.clamp(z / levels, 0.0, 1.0)
