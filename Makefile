@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.neurosdm-installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean lava sanafe
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,27 @@ $(VENV)/.peers-installed: $(STAMP)
 	$(PY) -m pip install -q loguru packaging scipy
 	touch $@
 
-test: $(VENV)/.peers-installed
+# SANA-FE (GPL, a 2 MB binary wheel) in its own environment, for tests/test_sanafe.py's cross-check and `make sanafe`.
+# Wheels exist for cp310 and cp311 only: elsewhere the environment is not built and the cross-check skips.
+.venv-sanafe/.sanafe-installed:
+	scripts/sanafe_env.sh $(PYTHON) || echo "note: .venv-sanafe not built; tests/test_sanafe.py's cross-check will skip"
+
+test: $(VENV)/.peers-installed .venv-sanafe/.sanafe-installed
 	$(PY) -m pytest
+
+# neurosdm vs SANA-FE on the same networks and inputs: docs/data/sanafe_compare.json and docs/sanafe.md's tables.
+sanafe: $(STAMP) .venv-sanafe/.sanafe-installed
+	NEUROSDM_PYTHON=$(PY) scripts/sanafe_compare.sh
 
 # Benchmarks compare against spikingjelly, installed without its torchvision requirement (see DESIGN.md).
 bench: $(VENV)/.peers-installed
 	$(PY) benchmarks/if_layer.py --threads 1
 	$(PY) benchmarks/train_speed.py --threads 1
 
+# Loihi arithmetic through Lava (docs/lava.md): builds .venv-lava (Python 3.10, lava-nc, lava-dl; a few GB) and
+# compares Lava's bit-accurate LIF and netx with neurosdm's fixed point.
+lava: $(STAMP)
+	NEUROSDM_PYTHON=$(PY) scripts/lava_compare.sh
+
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) .venv-sanafe demo_out

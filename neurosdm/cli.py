@@ -59,6 +59,10 @@ def train(
                              "from scratch, BN statistics estimated once from training batches, then frozen. "
                              "Resuming a QAT run keeps QAT on"),
     qat_bits: Optional[int] = typer.Option(None, "--qat-bits", help="QAT weight mantissa bits (default 8)"),
+    ann: bool = typer.Option(False, "--ann", help="train the ANN for ANN-to-SNN conversion: every IF neuron "
+                             "replaced by a QCFS activation (learnable clip), one step; then `neurosdm convert`"),
+    ann_bits: Optional[int] = typer.Option(None, "--ann-bits", help="QCFS bits b with --ann (L = 2**b - 1 levels; "
+                                           "the converted SNN runs L steps; default 2)"),
     seed: Optional[int] = typer.Option(None),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="bf16 autocast"),
     ckpt_every: Optional[int] = typer.Option(None),
@@ -75,6 +79,12 @@ def train(
         from neurosdm.errors import ConfigError
 
         raise ConfigError("--qat-bits needs --qat")
+    if ann_bits is not None and not ann:
+        from neurosdm.errors import ConfigError
+
+        raise ConfigError("--ann-bits needs --ann")
+    if ann and num_steps is None:
+        num_steps = 1  # the ANN runs one step
     base = C.preset(preset)
     if init:  # the architecture and schedule come from the checkpoint whose weights we start from
         from neurosdm.checkpoint import load_checkpoint
@@ -86,7 +96,8 @@ def train(
                              "train.lr": lr, "model.num_steps": num_steps, "model.tsm": tsm, "model.head": head,
                              "train.data_dir": data_dir, "train.seed": seed, "train.bf16": bf16,
                              "train.ckpt_every": ckpt_every, "train.sample_every": sample_every,
-                             "train.qat": qat or None, "train.qat_weight_bits": qat_bits})
+                             "train.qat": qat or None, "train.qat_weight_bits": qat_bits,
+                             "model.qcfs_bits": ann_bits, "model.activation": "qcfs" if ann else None})
     with T.distributed(device) as dev:
         path = T.train(cfg, out, resume=resume, init=str(init) if init else None, device=dev,
                        progress=progress_bar("training"), num_sample_images=sample_images)
@@ -94,6 +105,27 @@ def train(
         console.print(f"checkpoint: {path}")
         if sample_images:
             console.print(f"samples:    {path.parent / 'samples.png'}")
+
+
+def _sampler_options(sampler: str, order: int, gamma: Optional[Path], ckpt: Path, steps: int):
+    """Check ``--sampler``/``--order``/``--gamma``; returns the analytic samplers' Gamma table (or None)."""
+    from neurosdm.diffusion.samplers import SAMPLERS
+    from neurosdm.errors import ConfigError
+
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    if order not in (1, 2, 3):
+        raise ConfigError(f"--order must be 1, 2 or 3, got {order}")
+    if gamma is not None:
+        from neurosdm.diffusion.analytic import load_gamma
+
+        if not gamma.is_file():
+            raise ConfigError(f"Gamma table not found: {gamma} (make one with `neurosdm gamma CKPT --dataset NAME`)")
+        return load_gamma(gamma)
+    if sampler.startswith("analytic"):
+        raise ConfigError(f"--sampler {sampler} needs --gamma FILE.npz: estimate it once with `neurosdm gamma "
+                          f"{ckpt} --dataset NAME --steps {steps} --out gamma.npz`")
+    return None
 
 
 @app.command()
@@ -114,25 +146,18 @@ def sample(
     device: str = typer.Option("cpu"),
 ):
     """Sample images on the GPU path (the float torch model): OUT/samples.png and OUT/samples.npy."""
-    from neurosdm.errors import ConfigError
     from neurosdm.sample import sample_to_dir
 
-    table = None
-    if gamma is not None:
-        from neurosdm.diffusion.analytic import load_gamma
+    table = _sampler_options(sampler, order, gamma, ckpt, steps)
+    from neurosdm.distributed import process_group
 
-        if not gamma.is_file():
-            raise ConfigError(f"Gamma table not found: {gamma} (make one with `neurosdm gamma CKPT --dataset NAME`)")
-        table = load_gamma(gamma)
-    elif sampler.startswith("analytic"):
-        raise ConfigError(f"--sampler {sampler} needs --gamma FILE.npz: estimate it once with `neurosdm gamma "
-                          f"{ckpt} --dataset NAME --steps {steps} --out gamma.npz`")
-    if order not in (1, 2, 3):
-        raise ConfigError(f"--order must be 1, 2 or 3, got {order}")
-    png = sample_to_dir(ckpt, out, num_images, seed=seed, sampler=sampler, num_sample_steps=steps, eta=eta,
-                        threshold_scale=threshold_scale, batch_size=batch_size, device=device,
-                        progress=progress_bar("sampling"), order=order, gamma=table)
-    console.print(f"wrote {png} and {png.with_suffix('.npy')}")
+    with process_group(device) as world:  # under torchrun: each rank samples its share, rank 0 merges
+        png = sample_to_dir(ckpt, out, num_images, seed=seed, sampler=sampler, num_sample_steps=steps, eta=eta,
+                            threshold_scale=threshold_scale, batch_size=batch_size, device=world.device,
+                            progress=progress_bar("sampling") if world.is_main else None, order=order, gamma=table,
+                            world=world)
+    if png is not None:
+        console.print(f"wrote {png} and {png.with_suffix('.npy')}")
 
 
 @app.command()
@@ -177,6 +202,7 @@ def demo(
 
 class ExportFormat(str, Enum):
     nir = "nir"
+    lava = "lava"
 
 
 class Quantize(str, Enum):
@@ -189,10 +215,17 @@ class Junctions(str, Enum):
     edges = "edges"
 
 
+class PeerReader(str, Enum):
+    spikingjelly = "spikingjelly"
+    norse = "norse"
+    snntorch = "snntorch"
+
+
 @app.command()
 def export(
     ckpt: Path = typer.Argument(..., help="checkpoint (neurosdm, SDM or SDDPM layout, TSM or not)"),
-    to: ExportFormat = typer.Option(..., "--to", help="output format (nir: core-NIR graph)"),
+    to: ExportFormat = typer.Option(..., "--to", help="output format (nir: core-NIR graph | lava: lava-dl netx HDF5 "
+                                    "of the feed-forward chain, int8; CKPT may then be an int8 .nir file)"),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="output file (default: CKPT with suffix .nir; "
                                        "DIR/model.nir for a run directory)"),
     quantize: Quantize = typer.Option(Quantize.none, help="none: float32 graph | int8: Loihi-style fixed point "
@@ -203,13 +236,23 @@ def export(
     calibration_images: int = typer.Option(64, help="images for int8 calibration (noised at 8 diffusion steps)"),
     junctions: Junctions = typer.Option(Junctions.scale, help="scale: identity Scale nodes sum residual streams | "
                                         "edges: sums as fan-in edges (for NIR readers without Scale)"),
+    peer: Optional[PeerReader] = typer.Option(None, "--peer", help="rewrite the graph for this framework's own NIR "
+                                              "reader (docs/peer-readers.md); neurosdm's engines read the plain "
+                                              "export"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
 ):
-    """Export a checkpoint as a NIR graph (EMA weights, biases of diffusion step 0, all steps in metadata)."""
+    """Export a checkpoint as a NIR graph (EMA weights, biases of diffusion step 0, all steps in metadata), or with
+    --to lava its feed-forward chain as a lava-dl netx file (docs/lava.md)."""
+    if to == ExportFormat.lava:
+        return _export_lava(ckpt, out, force, calibration, data_dir, calibration_images)
     from neurosdm.exporters.nir import export_checkpoint, inspect_nir
 
     path = export_checkpoint(ckpt, out, quantize=quantize.value, force=force, calibration=calibration,
                              data_dir=data_dir, calibration_images=calibration_images, junctions=junctions.value)
+    if peer is not None:
+        from neurosdm.exporters.rewrite import write_for_peer
+
+        write_for_peer(path, peer.value, discard_on_error=True)
     _, totals = inspect_nir(path)
     q = totals["metadata"].get("quant")
     detail = (f"; int8, state unit 2^{int(q['state_exponent'])}, calibrated on {int(q['calibration']['images'])} "
@@ -294,10 +337,14 @@ def simulate(
     engine: Optional[Engine] = typer.Option(None, help="event: event-driven (CPU) | torch: clocked, dense (CPU/CUDA) "
                                             "(default: event for a denoiser export, torch for a foreign graph)"),
     num_images: int = typer.Option(4, help="images to generate"),
-    sampler: Sampler = typer.Option(Sampler.ddim),
-    steps: int = typer.Option(20, help="denoising steps"),
+    sampler: str = typer.Option(
+        "ddim", help="ddpm | ddim | dpm-solver (--order) | analytic-ddpm | analytic-ddim (--gamma)"),
+    steps: int = typer.Option(20, help="denoising steps (network calls)"),
     seed: int = typer.Option(0),
     eta: float = typer.Option(0.0, help="DDIM stochasticity"),
+    order: int = typer.Option(3, help="DPM-Solver order (1-3)"),
+    gamma: Optional[Path] = typer.Option(None, help="analytic samplers: the Gamma table written by `neurosdm gamma` "
+                                         "(for the same --steps)"),
     batch_size: int = typer.Option(16),
     device: str = typer.Option("cpu", help="torch engine only: cpu | cuda"),
     save_spikes: bool = typer.Option(False, "--save-spikes", help="also write the spikes as NIR data "
@@ -317,7 +364,6 @@ def simulate(
     from neurosdm.errors import ConfigError
     from neurosdm.io import image_grid, save_npy, save_png
     from neurosdm.simulators.run import load_any, save_spikes_nird
-    from neurosdm.simulators.run import simulate as run_simulation
 
     program, origin = load_any(file, dt, method, reset, comparison)
     if origin is not None:
@@ -326,16 +372,24 @@ def simulate(
     if input is not None:
         raise ConfigError("--input is for foreign graphs; a neurosdm denoiser export generates images from noise")
     engine = engine or Engine.event
-    images, stats, den = run_simulation(program, engine.value, num_images, sampler.value, steps, seed, eta,
-                                        batch_size, device, record=save_spikes,
-                                        progress=progress_bar(f"{engine.value} engine"),
-                                        threshold_scale=threshold_scale)
+    table = _sampler_options(sampler, order, gamma, file, steps)
+    from neurosdm.distributed import process_group
+    from neurosdm.simulators.run import simulate_sharded
+
+    with process_group(device) as world:  # under torchrun: each rank runs its share, rank 0 merges
+        res = simulate_sharded(program, engine.value, num_images, sampler, steps, seed, eta, batch_size,
+                               world.device, record=save_spikes, threshold_scale=threshold_scale,
+                               progress=progress_bar(f"{engine.value} engine") if world.is_main else None,
+                               world=world, shard_dir=out, order=order, gamma=table)
+    if res is None:
+        return
+    images, stats, den = res
     save_npy(images.numpy(), out / "images.npy")
     save_png(image_grid(images.numpy()), out / "images.png")
     stats.save(out / "stats.json")
     if save_spikes:
         save_spikes_nird(den, program, out / "spikes.nird")
-    table = _layer_table(stats, f"{file.name}: {engine.value} engine, {num_images} images, {sampler.value} {steps}")
+    table = _layer_table(stats, f"{file.name}: {engine.value} engine, {num_images} images, {sampler} {steps}")
     console.print(table)
     _write_table(table, out / "layers.txt")
     tot = stats.to_dict()["totals"]
@@ -645,12 +699,17 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", help="write the results as JSON"),
 ):
     """FID (and IS) of generated images against real ones; the sample counts are printed beside the figures."""
+    from neurosdm.distributed import process_group
     from neurosdm.io import atomic_path
     from neurosdm.metrics import evaluate as run_evaluate
 
-    r = run_evaluate(source, dataset, num_images, features.value, inception, classifier, steps, seed, ref_images,
-                     split, data_dir, stats_cache, batch_size, device, progress=progress_bar("sampling"),
-                     threshold_scale=threshold_scale)
+    with process_group(device) as world:  # under torchrun: each rank generates its share, rank 0 evaluates
+        r = run_evaluate(source, dataset, num_images, features.value, inception, classifier, steps, seed,
+                         ref_images, split, data_dir, stats_cache, batch_size, world.device,
+                         progress=progress_bar("sampling") if world.is_main else None,
+                         threshold_scale=threshold_scale, world=world, shard_dir=out.parent if out else Path("."))
+    if r is None:
+        return
     what = f"{r['features']} features, {r['feature_dim']}-d"
     console.print(f"FID {r['fid']:.3f} ({what}; {r['num_images']:,} generated vs {r['ref_images']:,} real "
                   f"{r['dataset']} {r['split']} images; {r['generated']})", highlight=False, soft_wrap=True)
@@ -729,6 +788,44 @@ def gamma(
         save_gamma(tmp, timesteps, values, diffusion.num_diffusion_steps, num_samples)
     console.print(f"Gamma at {len(timesteps)} timesteps ({num_samples} samples each; mean {float(values.mean()):.4f}) "
                   f"-> {out}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def convert(
+    ann_ckpt: Path = typer.Argument(..., help="QCFS ANN checkpoint (trained with `neurosdm train --ann`)"),
+    out: Path = typer.Option(..., "--out", help="the converted SNN checkpoint to write"),
+    num_steps: Optional[int] = typer.Option(None, help="spiking steps (default L = 2**bits - 1)"),
+    finetune_steps: int = typer.Option(0, help="fine-tune the SNN with the denoising loss (surrogate gradients, "
+                                       "BN frozen) for this many steps"),
+    dataset: Optional[str] = typer.Option(None, help="fine-tuning data (default: the ANN's training dataset)"),
+    data_dir: Optional[str] = typer.Option(None),
+    lr: float = typer.Option(1e-4, help="fine-tuning learning rate"),
+    batch_size: int = typer.Option(32, help="fine-tuning batch size"),
+    seed: int = typer.Option(0),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
+):
+    """ANN-to-SNN conversion: QCFS -> IF (threshold = clip, membrane starts at half of it, reset by subtraction,
+    L = 2**bits - 1 steps, mean readout); writes an ordinary SNN checkpoint (export, simulate, sample)."""
+    from neurosdm.convert import convert_checkpoint
+
+    r = convert_checkpoint(ann_ckpt, out, force=force, num_steps=num_steps, finetune_steps=finetune_steps,
+                           dataset=dataset, data_dir=data_dir, lr=lr, batch_size=batch_size, seed=seed)
+    ths = list(r["thresholds"].values())
+    console.print(f"{len(ths)} IF layers, thresholds {min(ths):.4g}..{max(ths):.4g}, {r['num_steps']} spiking steps"
+                  + (f", fine-tuned {len(r['finetune_losses'])} steps (last loss {r['finetune_losses'][-1]:.4f})"
+                     if r["finetune_losses"] else "") + f" -> {r['out']}", highlight=False, soft_wrap=True)
+
+
+def _export_lava(ckpt: Path, out: Optional[Path], force: bool, calibration: Optional[str], data_dir: Optional[str],
+                 calibration_images: int) -> None:
+    """``export --to lava``: the netx file of the feed-forward chain (neurosdm.exporters.lava; docs/lava.md)."""
+    from neurosdm.exporters.lava import export_lava
+
+    path, chain = export_lava(ckpt, out, force=force, calibration=calibration, data_dir=data_dir,
+                              calibration_images=calibration_images)
+    layers = ", ".join(f"{layer.conv} -> {layer.neuron}" for layer in chain.layers)
+    console.print(f"wrote {path}: lava-dl netx, input = spikes of {chain.input_node}, {len(chain.layers)} layers "
+                  f"({layers}); stopped at {chain.stop_node}: {chain.stop_reason}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

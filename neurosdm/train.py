@@ -266,19 +266,9 @@ def config_with_overrides(config: Config, **overrides) -> Config:
 
 @contextlib.contextmanager
 def distributed(device: str = "cpu"):
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (gloo on CPU, nccl on CUDA); yield this rank's
-    device. Outside torchrun it only yields ``device``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or dist.is_initialized():
-        yield device
-        return
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
-    try:
-        yield device
-    finally:
-        dist.destroy_process_group()
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (:func:`neurosdm.distributed.process_group`: gloo
+    on CPU, nccl on CUDA); yield this rank's device. Outside torchrun it only yields ``device``."""
+    from neurosdm.distributed import process_group
+
+    with process_group(device) as world:
+        yield world.device

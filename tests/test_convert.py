@@ -181,6 +181,41 @@ def test_export_of_a_converted_model_matches_torch(head, ch_mult):
         assert 0.05 < np.mean(rates) < 0.95
 
 
+def test_threshold_guidance_on_a_converted_float_export():
+    """apply_threshold_scale on a converted graph scales every layer's own threshold (stored shifted): the same
+    graph as exporting the model with that threshold scale; the int8 form refuses with a reason."""
+    from neurosdm.simulators.run import apply_threshold_scale
+
+    snn = convert_model(_ann("spiking"))
+    graph, _ = to_nir_graph(snn)
+    program = apply_threshold_scale(load_program(graph), 0.9)
+    snn.set_threshold_scale(0.9)
+    want = load_program(to_nir_graph(snn)[0])
+    ifs = [layer for layer in want.layers if layer.kind == "if"]
+    assert len(ifs) > 3
+    for layer in ifs:
+        got = program.by_name[layer.name]
+        np.testing.assert_allclose(got.threshold, layer.threshold, rtol=1e-6)
+        np.testing.assert_allclose(got.v_reset, layer.v_reset, rtol=1e-6)
+    quantized = load_program(graph)
+    quantized.metadata = dict(quantized.metadata, quant={"state_bits": 24})
+    with pytest.raises(ConfigError, match="per-layer thresholds"):
+        apply_threshold_scale(quantized, 0.9)
+
+
+def test_host_head_of_a_converted_model_runs_once_per_call():
+    """The mean readout runs the SDM head once on the time-averaged stream: its host MACs are one step's (a
+    per-step head would cost num_steps times as much)."""
+    from neurosdm.simulators.run import host_counts
+
+    snn = convert_model(_ann("sdm"))
+    graph, md = to_nir_graph(snn)
+    prog = load_program(graph)
+    c, h, w = (int(v) for v in np.asarray(md["image_shape"]))
+    ch = int(np.asarray(md["host_head"]["tail_bn_scale"]).size)
+    assert prog.num_steps == 3 and host_counts(prog, 2)["host_macs"] == 2 * h * w * 9 * (ch * c + c * c)
+
+
 @pytest.mark.parametrize("head", ["spiking", "sdm"])
 def test_int8_export_of_a_converted_model(head):
     """The fixed-point form (v_reset 0 plus a recurrent offset node per IF): exact in float, and the quantised

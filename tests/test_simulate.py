@@ -92,6 +92,12 @@ def test_cli_simulate(exported, tmp_path):
     spikes = data.nodes["down0.if2"].observables["spikes"].data
     assert spikes.shape[:2] == (2, 3 * stats.num_steps)
     assert int(spikes.sum()) == int(stats.layers["down0.if2"]["spikes_out"].sum())
+    # any sampler: DPM-Solver (order 2, 4 calls); the analytic ones need a Gamma table
+    r = runner.invoke(cli.app, ["simulate", str(exported["sdm"]["int8"]), "--num-images", "1", "--steps", "4",
+                                "--sampler", "dpm-solver", "--order", "2", "--out", str(tmp_path / "dpm")])
+    assert r.exit_code == 0, r.output
+    stats = RunStats.load(tmp_path / "dpm" / "stats.json")
+    assert len(stats.timesteps) == 4 and stats.meta["sampler"] == "dpm-solver" and stats.meta["order"] == 2
 
 
 def test_cli_compare(exported, tmp_path):
@@ -120,7 +126,11 @@ def test_bad_inputs_are_one_line_errors(exported, tmp_path):
              (["simulate", str(exported["spiking"]["int8"]), "--num-images", "0", "--out", str(tmp_path / "x")],
               "--num-images"),
              (["simulate", str(exported["spiking"]["int8"]), "--engine", "event", "--device", "cuda", "--out",
-               str(tmp_path / "x")], "CPU")]
+               str(tmp_path / "x")], "CPU"),
+             (["simulate", str(exported["spiking"]["int8"]), "--sampler", "analytic-ddim", "--out",
+               str(tmp_path / "x")], "--gamma"),
+             (["simulate", str(exported["spiking"]["int8"]), "--sampler", "euler", "--out", str(tmp_path / "x")],
+              "unknown sampler")]
     for args, needle in cases:
         p = subprocess.run([sys.executable, "-m", "neurosdm", *args], capture_output=True, text=True)
         assert p.returncode == 1 and needle in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
@@ -153,3 +163,32 @@ def test_threshold_guidance_at_simulation_time(exported):
     assert low.meta["threshold_scale"] == 0.7
     with pytest.raises(Exception, match="positive"):
         apply_threshold_scale(load_program(exported["spiking"]["int8"]), -1.0)
+
+
+@pytest.mark.parametrize("sampler, extra", [("dpm-solver", {"order": 2}), ("dpm-solver", {"order": 3}),
+                                            ("analytic-ddim", {}), ("analytic-ddpm", {}), ("ddpm", {})])
+def test_every_sampler_runs_the_exported_graph_as_the_gpu_path(exported, sampler, extra):
+    """The float export on the torch engine (float64) inside each sampler gives the GPU path's images (the float32
+    torch model, same per-image noise) to float rounding; one call per step, each at its own t, with the sampler's
+    host work per call."""
+    from neurosdm.checkpoint import load_model
+    from neurosdm.diffusion.analytic import gamma_table
+    from neurosdm.diffusion import GaussianDiffusion
+    from neurosdm.diffusion.samplers import host_ops_schedule
+    from neurosdm.sample import generate
+
+    ckpt = exported["sdm"]["ckpt"]
+    model, config = load_model(ckpt)
+    steps = 5
+    if sampler.startswith("analytic"):  # any Gamma in [0, 1] is a valid table; the sampler clips the variance
+        ts = GaussianDiffusion(config.diffusion).timesteps(steps)
+        extra = {"gamma": gamma_table(ts, np.linspace(0.2, 0.9, len(ts)))}
+    kw = dict(num_images=2, sampler=sampler, steps=steps, seed=3, batch_size=2, **extra)
+    program = load_program(exported["sdm"]["float"])
+    img, stats, _ = simulate(program, "torch", **kw)
+    want = generate(model, config, 2, seed=3, sampler=sampler, num_sample_steps=steps, batch_size=2, **extra)
+    assert float((img - want).abs().max()) < 1e-3
+    assert len(stats.timesteps) == steps and stats.timesteps == sorted(stats.timesteps, reverse=True)
+    ops = host_ops_schedule(sampler, steps, 0.0, True, order=extra.get("order", 3))
+    per_call = host_counts(program, 2)["host_elementwise"]
+    np.testing.assert_array_equal(stats.host["host_elementwise"], [per_call + 2 * 64 * o for o in ops])

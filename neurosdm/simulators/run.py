@@ -70,11 +70,25 @@ def apply_threshold_scale(program: Program, scale: float) -> Program:
     """Threshold guidance at simulation time (SDM): every IF layer fires at ``threshold * scale`` instead of the
     exported ``threshold * metadata["threshold_scale"]``; in place, returns ``program``. A float graph gets
     ``threshold * scale``; an int8 graph ``ceil(threshold * scale / 2**state_exponent)`` (the exporter's rule).
-    Only for neurosdm exports (``metadata["threshold"]``), whose IF layers share one threshold."""
+    Only for neurosdm exports: one shared threshold (``metadata["threshold"]``), or per-layer thresholds of a float
+    converted SNN (``metadata["if_thresholds"]``, ``v_init``: each layer's ``theta * scale``, stored shifted)."""
     scale = float(scale)
     if not np.isfinite(scale) or scale <= 0:
         raise ConfigError(f"--threshold-scale must be a positive number, got {scale}")
     md = program.metadata
+    if "if_thresholds" in md:  # per-layer thresholds, membranes stored shifted (a converted SNN, exporters.nir)
+        if isinstance(md.get("quant"), dict):
+            raise ConfigError("threshold guidance at simulation time is not available for an int8 export with "
+                              "per-layer thresholds (a converted SNN): simulate its float export, or set the scale "
+                              "on the model before exporting")
+        a, base = float(np.asarray(md.get("v_init", 0.0))), float(np.asarray(md.get("threshold_scale", 1.0)))
+        theta = {k: float(np.asarray(v)) / base * scale for k, v in md["if_thresholds"].items()}
+        for layer in program.layers:
+            if layer.kind == "if":  # v_threshold = (1 - a) theta, v_reset = -a theta (the exporter's rule)
+                layer.threshold = np.full_like(layer.threshold, (1.0 - a) * theta[layer.name])
+                layer.v_reset = np.full_like(layer.v_reset, -a * theta[layer.name])
+        program.metadata = dict(md, threshold_scale=scale, v_threshold=max(theta.values()))
+        return program
     if "threshold" not in md:
         raise ConfigError("threshold guidance needs a neurosdm export (its metadata records the base threshold)")
     theta = float(np.asarray(md["threshold"])) * scale
@@ -95,7 +109,8 @@ def apply_threshold_scale(program: Program, scale: float) -> Program:
 def host_counts(program: Program, batch: int) -> dict[str, int]:
     """Host work of one denoiser call (per batch): input encoding (quantised graphs), output scaling (quantised),
     and the SDM head (``host_head``: tail BN, Swish, tail conv, T_output conv, last BN, Swish, residual add,
-    TSM scale, leaky readout; dense multiply-accumulates and element-wise operations per spiking step)."""
+    TSM scale, leaky readout; dense multiply-accumulates and element-wise operations per spiking step, or once on
+    the time-averaged input for a converted model's mean readout, ``host_head["average_input"]``)."""
     md = program.metadata
     k = program.num_steps
     c, h, w = (int(v) for v in np.asarray(md["image_shape"]).reshape(-1))
@@ -107,8 +122,11 @@ def host_counts(program: Program, batch: int) -> dict[str, int]:
     if _meta(md, "head") == "sdm":
         hh = md["host_head"]
         ch = int(np.asarray(hh["tail_bn_scale"]).size)
-        macs = k * h * w * 9 * (ch * c + c * c)
-        elem += k * (ch * h * w * 3 + pixels * (3 + 1 + 1) + pixels * 2)  # tail BN+Swish; last BN+Swish+add; TSM; readout
+        averaged = bool(float(np.asarray(hh.get("average_input", 0.0))))  # readout "mean": the head runs once
+        head_steps = 1 if averaged else k
+        macs = head_steps * h * w * 9 * (ch * c + c * c)
+        # tail BN+Swish; last BN+Swish+add; TSM; readout (and the time average of the input: k adds/multiplies)
+        elem += head_steps * (ch * h * w * 3 + pixels * (3 + 1 + 1) + pixels * 2) + (k * ch * h * w if averaged else 0)
         elem += k * out_size if quant else 0
     else:
         elem += out_size if quant else 0  # the last step's membrane, scaled
@@ -159,17 +177,19 @@ class GraphDenoiser:
     def train(self, mode: bool = True):
         return self
 
-    def stats(self, sampler: str, eta: float, images: int) -> RunStats:
-        """The RunStats of everything run so far, denoising steps in sampling order (largest t first)."""
+    def stats(self, sampler: str, eta: float, images: int, order: int = 3) -> RunStats:
+        """The RunStats of everything run so far, network calls in sampling order (largest t first; every call of a
+        run is at a different t, DPM-Solver's intermediate ones included). ``order``: DPM-Solver's, for the host
+        work of each call (:func:`neurosdm.diffusion.samplers.host_ops_schedule`)."""
         from neurosdm.diffusion.samplers import host_ops_schedule
 
         config = config_of(self.program)
         pixels = config.model.img_ch * config.model.image_size ** 2
         kinds = {layer.name: layer.kind for layer in self.program.layers}
         stats = RunStats(self.program.num_steps, images=images, layer_kinds=kinds)
-        order = sorted(self.counts, reverse=True)
-        ops = host_ops_schedule(sampler, len(order), eta, True)
-        for i, t in enumerate(order):
+        calls = sorted(self.counts, reverse=True)
+        ops = host_ops_schedule(sampler, len(calls), eta, True, order=order)
+        for i, t in enumerate(calls):
             host = dict(self.host[t])
             host["host_elementwise"] += images * pixels * ops[i]
             stats.add_call(t, self.counts[t], host)
@@ -179,11 +199,13 @@ class GraphDenoiser:
 def simulate(program: Program, engine: str = "event", num_images: int = 4, sampler: str = "ddim",
              steps: int = 20, seed: int = 0, eta: float = 0.0, batch_size: int = 16, device: str = "cpu",
              record: bool = False, progress=None, on_result=None, threshold_scale: float | None = None,
-             first_image: int = 0):
+             first_image: int = 0, order: int = 3, gamma=None):
     """Generate ``num_images`` images on ``engine``. Returns ``(images [N, C, H, W] float32 in [-1, 1], RunStats,
     denoiser)`` (the denoiser holds the spike records when ``record``). ``threshold_scale``: threshold guidance
     (:func:`apply_threshold_scale`; changes ``program``). ``first_image``: the index of the first image in the run
-    (images ``first_image ..``, see :func:`neurosdm.sample.generate`; a shard of a larger run)."""
+    (images ``first_image ..``, see :func:`neurosdm.sample.generate`; a shard of a larger run). ``sampler``: any of
+    :data:`neurosdm.diffusion.samplers.SAMPLERS`; ``order`` (DPM-Solver) and ``gamma`` (the analytic samplers' table)
+    as in :func:`neurosdm.sample.generate`."""
     from neurosdm.sample import generate
 
     if num_images < 1:
@@ -194,9 +216,10 @@ def simulate(program: Program, engine: str = "event", num_images: int = 4, sampl
     eng = make_engine(engine, program, device=device)
     den = GraphDenoiser(program, eng, record=record, on_result=on_result)
     images = generate(den, config, num_images, seed=seed, sampler=sampler, num_sample_steps=steps, eta=eta,
-                      batch_size=batch_size, progress=progress, first_image=first_image)
-    stats = den.stats(sampler, eta, num_images)
+                      batch_size=batch_size, progress=progress, first_image=first_image, order=order, gamma=gamma)
+    stats = den.stats(sampler, eta, num_images, order)
     stats.meta.update(engine=engine, sampler=sampler, steps=int(steps), seed=int(seed), eta=float(eta),
+                      **({"order": int(order)} if sampler == "dpm-solver" else {}),
                       batch_size=int(batch_size), quantized=str(_meta(program.metadata, "quantized", "none")),
                       threshold_scale=float(np.asarray(program.metadata.get("threshold_scale", 1.0))),
                       source_checkpoint=str(_meta(program.metadata, "source_checkpoint", "")))
@@ -228,7 +251,7 @@ def merge_stats(parts: list[RunStats]) -> RunStats:
 def simulate_sharded(program: Program, engine: str = "event", num_images: int = 4, sampler: str = "ddim",
                      steps: int = 20, seed: int = 0, eta: float = 0.0, batch_size: int = 16, device: str = "cpu",
                      record: bool = False, progress=None, threshold_scale: float | None = None,
-                     world: World | None = None, shard_dir=".", on_result=None):
+                     world: World | None = None, shard_dir=".", on_result=None, order: int = 3, gamma=None):
     """:func:`simulate` across torchrun processes: this rank runs its share of the images
     (:meth:`neurosdm.distributed.World.shard`, whole batches), rank 0 gathers the shards (files in ``shard_dir``,
     :func:`neurosdm.distributed.gather_shards`), concatenates the images in index order and sums the counts
@@ -241,7 +264,8 @@ def simulate_sharded(program: Program, engine: str = "event", num_images: int = 
     world = world or World()
     if world.size == 1:
         return simulate(program, engine, num_images, sampler, steps, seed, eta, batch_size, device, record=record,
-                        progress=progress, on_result=on_result, threshold_scale=threshold_scale)
+                        progress=progress, on_result=on_result, threshold_scale=threshold_scale, order=order,
+                        gamma=gamma)
     if record:
         raise ConfigError("--save-spikes is not sharded: run `neurosdm simulate --save-spikes` without torchrun")
     if num_images < 1:
@@ -250,7 +274,7 @@ def simulate_sharded(program: Program, engine: str = "event", num_images: int = 
     if len(mine):
         images, stats, _ = simulate(program, engine, len(mine), sampler, steps, seed, eta, batch_size, device,
                                     progress=progress, on_result=on_result, threshold_scale=threshold_scale,
-                                    first_image=mine.start)
+                                    first_image=mine.start, order=order, gamma=gamma)
     else:  # more ranks than batches: nothing to run here
         m = config_of(program).model
         images, stats = torch.empty(0, m.img_ch, m.image_size, m.image_size), RunStats(program.num_steps)
