@@ -43,7 +43,7 @@ def progress_bar(description: str):
 def train(
     out: Path = typer.Option(..., "--out", help="output directory (ckpt.pt, log.jsonl, sample grids)"),
     dataset: Optional[str] = typer.Option(None, help="builtin | fashion-mnist | mnist | cifar10 | folder"),
-    preset: str = typer.Option("tiny", help="tiny | small | paper-cifar10"),
+    preset: str = typer.Option("tiny", help="tiny | small | paper-fashion | paper-cifar10"),
     steps: Optional[int] = typer.Option(None, help="total optimisation steps"),
     batch_size: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),

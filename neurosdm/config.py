@@ -162,6 +162,14 @@ PRESETS: dict[str, dict] = {
         diffusion=dict(num_diffusion_steps=1000),
         train=dict(batch_size=64, lr=5e-4, warmup=500, steps=50000, ema_decay=0.9995, ckpt_every=1000),
     ),
+    # the papers' UNet on Fashion-MNIST (1 channel, resized to 32x32 so that 3 down-sampling levels divide it):
+    # scripts/gpu_paper_fashion.sh trains it on GPUs (the paper's SDDPM figure: Inception FID 21.38, num_steps 4)
+    "paper-fashion": dict(
+        model=dict(img_ch=1, image_size=32, ch=128, ch_mult=(1, 2, 2, 4), num_res_blocks=2, num_steps=4),
+        diffusion=dict(num_diffusion_steps=1000, beta_start=1e-4, beta_end=0.02),
+        train=dict(dataset="fashion-mnist", batch_size=128, lr=2e-4, warmup=5000, steps=500000, ema_decay=0.9999,
+                   ckpt_every=5000),
+    ),
     "paper-cifar10": dict(
         model=dict(img_ch=3, image_size=32, ch=128, ch_mult=(1, 2, 2, 4), num_res_blocks=2, num_steps=4),
         diffusion=dict(num_diffusion_steps=1000, beta_start=1e-4, beta_end=0.02),

@@ -54,6 +54,17 @@ def test_paper_cifar10_parameter_count():
     assert count_parameters(SpikingUNet(preset("paper-cifar10").model)) == 66_696_413
 
 
+def test_paper_fashion_preset_runs_on_32x32_fashion_mnist():
+    """The GPU script's preset: the papers' UNet on 1-channel 32x32 images (Fashion-MNIST resized), eps of the
+    input's shape; its training data is Fashion-MNIST resized to 32."""
+    cfg = preset("paper-fashion")
+    assert (cfg.model.img_ch, cfg.model.image_size, cfg.train.dataset) == (1, 32, "fashion-mnist")
+    model = SpikingUNet(cfg.model).eval()
+    with torch.no_grad():
+        eps = model(torch.zeros(1, 1, 32, 32), torch.tensor([500]))
+    assert eps.shape == (1, 1, 32, 32) and torch.isfinite(eps).all()
+
+
 @pytest.mark.parametrize("tsm", [False, True])
 @pytest.mark.parametrize("ch_mult,nrb", [((1, 2), 1), ((1, 2, 2), 2), ((2,), 1)])
 def test_shape_inference_from_public_layouts(tsm, ch_mult, nrb):
