@@ -357,23 +357,30 @@ def evaluate(source: str | os.PathLike, dataset: str, num_images: int = 1000, fe
                                   shard_dir=shard_dir)
     if images is None:
         return None
+    result = score(images, extractor, ref)
+    result.update({"dataset": dataset, "split": split, "generated": how, "source": str(source), "steps": int(steps),
+                   "seed": int(seed), "threshold_scale": None if threshold_scale is None else float(threshold_scale)})
+    return result
+
+
+def score(images: torch.Tensor, extractor, ref: dict) -> dict:
+    """FID and IS of ``images [N, C, H, W]`` in [-1, 1] against reference statistics ``ref``
+    (:func:`reference_stats` of the same ``extractor``). Returns ``fid``, ``is`` (None without logits),
+    ``is_real``, ``num_images``, ``ref_images``, ``features``, ``feature_key``, ``feature_file``, ``feature_dim``,
+    ``image_size``, ``resized_to``, ``reference_stats`` and ``reference_cached``."""
     feats, logits = extractor(images)
     mu, sigma = gaussian_stats(feats)
-    result = {
+    return {
         "fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
         "is": inception_score(logits)[0] if logits is not None else None,
         "is_real": ref["is"],
         "num_images": int(len(images)),
         "ref_images": ref["num_images"],
-        "dataset": dataset, "split": split,
-        "features": features, "feature_key": extractor.key, "feature_file": str(extractor.path),
+        "features": extractor.kind, "feature_key": extractor.key, "feature_file": str(extractor.path),
         "feature_dim": int(feats.shape[1]),
-        "generated": how, "source": str(source), "steps": int(steps), "seed": int(seed),
-        "threshold_scale": None if threshold_scale is None else float(threshold_scale),
         "image_size": int(images.shape[-1]), "resized_to": int(extractor.image_size),
         "reference_stats": ref["path"], "reference_cached": ref["cached"],
     }
-    return result
 
 
 def sweep(source: str | os.PathLike, dataset: str, scales: list[float], out_dir: str | os.PathLike,
