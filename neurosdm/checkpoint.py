@@ -228,6 +228,15 @@ def describe(path: str | os.PathLike) -> dict:
         "ema weights": "yes" if ckpt.ema_state is not None else "no",
         "sha256": file_sha256(Path(path) / "ckpt.pt" if Path(path).is_dir() else path)[:16],
     }
+    if m.activation == "qcfs":
+        out["neurons"] = f"QCFS ANN activation, {m.qcfs_bits} bits ({2 ** m.qcfs_bits - 1} levels; convert with " \
+                         "`neurosdm convert`)"
+    elif m.thresholds or m.reset != "hard" or m.v_init:
+        th = list(m.thresholds.values())
+        out["neurons"] = (f"IF, reset {m.reset}, v(0) = {m.v_init:g} x threshold, readout {m.readout}"
+                          + (f", {len(th)} per-layer thresholds {min(th):.3g}..{max(th):.3g}" if th else ""))
+    if "converted_from" in ckpt.raw:
+        out["converted from"] = str(ckpt.raw["converted_from"])
     if ckpt.layout == "neurosdm":
         t = ckpt.config.train
         out["trained on"] = f"{t.dataset}, batch {t.batch_size}, lr {t.lr}"

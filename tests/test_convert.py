@@ -258,6 +258,10 @@ def test_cli_convert_export_and_simulate_on_both_engines(tmp_path):
     assert "3 spiking steps" in r.output
     ckpt = load_checkpoint(snn)
     assert ckpt.config.model.thresholds and ckpt.raw["converted_from"] == "ann.pt"
+    info = runner.invoke(cli.app, ["info", str(snn)], terminal_width=200)
+    assert info.exit_code == 0 and "reset subtract" in info.output and "per-layer thresholds" in info.output
+    info = runner.invoke(cli.app, ["info", str(ann)], terminal_width=200)
+    assert "QCFS ANN activation, 2 bits" in info.output
     model, _ = load_model(snn)
     x = _x(2)
     np.testing.assert_allclose(_eps(model, x, 3), _eps(convert_model(load_model(ann)[0]), x, 3))
