@@ -129,6 +129,23 @@ def test_converted_unet_approaches_the_ann_as_num_steps_grows(head):
     assert err[4] < 0.8 * err[1], err
 
 
+@pytest.mark.parametrize("head", ["sdm", "spiking"])
+def test_converted_unet_converges_to_the_clipped_relu_ann(head):
+    """With more spiking steps the rates resolve finer than the ANN's 2**b - 1 levels: the SNN tends to the ANN
+    without its quantiser (``clamp(x, 0, clip)``, here QCFS with 2**20 - 1 levels), its error shrinking steadily."""
+    import copy
+
+    ann = _ann(head)
+    fine = copy.deepcopy(ann)
+    for m in fine.modules():
+        if isinstance(m, QCFS):
+            m.levels = 2**20 - 1
+    x = _x()
+    ref = _eps(fine, x, 10)
+    err = [((_eps(convert_model(ann, k * 3), x, 10) - ref) ** 2).mean() for k in (1, 4, 16)]
+    assert err[2] < 0.5 * err[1] < 0.5 * err[0], err
+
+
 def test_sdm_head_on_the_time_average_converges_and_per_step_heads_do_not():
     """The analog head is non-linear: run once on the time-averaged stream (readout "mean") its output approaches
     the ANN's; averaging the head's per-step outputs instead (readout "leaky" with decay 1, divided by the steps)
