@@ -472,8 +472,10 @@ def state_updates(program, records: dict) -> dict[str, dict]:
     zero included) or its membrane is nonzero before the step (bias 0 here). Returns per layer ``updated`` (int64
     ``[K]``, summed over the batch) and ``nonzero_end`` (neurons whose membrane is nonzero after the last step: a
     chip that keeps running updates them at every further step). The membrane is replayed from the recorded input
-    ``x`` and spikes ``s`` of the engine (no threshold decision is made here): ``v_k = v_{k-1} + x_k``, then for a
-    spike ``v_k = v_reset`` (reset ``zero``) or ``v_k -= threshold - v_reset`` (``subtract``)."""
+    with the event engine's neuron step (:func:`neurosdm.simulators.event._neuron_float`), checked against the
+    recorded spikes."""
+    from neurosdm.simulators.event import _neuron_float
+
     out = {}
     for layer in program.layers:
         if layer.kind != "if" or len(layer.sources) != 1:
@@ -498,9 +500,10 @@ def state_updates(program, records: dict) -> dict[str, dict]:
         updated = np.zeros(K, np.int64)
         for k in range(K):
             updated[k] = np.count_nonzero(reached[k] | (v != 0))
-            v = v + layer.gain * x[k]
-            v = np.where(s[k], layer.v_reset, v) if program.disc.reset == "zero" else \
-                v - (layer.threshold - layer.v_reset) * s[k]
+            _, v, fired = _neuron_float(layer, x[k], v, program.disc.comparison, program.disc.reset)
+            if not np.array_equal(fired, s[k]):
+                raise ConfigError(f"state_updates: the replayed membrane of {layer.name!r} does not give the "
+                                  f"recorded spikes at step {k} (records from another run or graph?)")
         out[layer.name] = {"updated": updated, "nonzero_end": int(np.count_nonzero(v))}
     return out
 
