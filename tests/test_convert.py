@@ -19,6 +19,7 @@ from neurosdm.quantize import QuantSpec
 from neurosdm.simulators.program import load_program
 from neurosdm.simulators.run import simulate
 from test_export_cli import assert_one_line_error, neurosdm, tiny_checkpoint
+from test_export_nir import perturb_batchnorm
 
 DIFF = DiffusionConfig(num_diffusion_steps=50)
 runner = CliRunner()
@@ -32,11 +33,7 @@ def _ann(head="sdm", ch_mult=(1, 2), bits=2, image_size=8, seed=0):
     m = SpikingUNet(cfg)
     with torch.no_grad():
         for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.5, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.3, 0.3)
+            perturb_batchnorm(mod)
             if isinstance(mod, QCFS):
                 mod.clip.uniform_(1.0, 3.0)
         m.tail_conv.weight.normal_(0.0, 0.3)

@@ -23,6 +23,16 @@ STEPS = (0, 17, 49)
 ATOL = 1e-5
 
 
+def perturb_batchnorm(mod) -> None:
+    """Random running statistics and affine parameters for a BatchNorm2d (anything else is left alone), so that
+    folding BN into the convs is exercised (call under ``torch.no_grad()``)."""
+    if isinstance(mod, torch.nn.BatchNorm2d):
+        mod.running_mean.uniform_(-0.5, 0.5)
+        mod.running_var.uniform_(0.5, 2.0)
+        mod.weight.uniform_(0.5, 1.5)
+        mod.bias.uniform_(-0.3, 0.3)
+
+
 def _model(head="spiking", ch_mult=(1, 2), image_size=8, ch=4, num_steps=3, seed=0, tsm=False):
     torch.manual_seed(seed)
     cfg = ModelConfig(img_ch=1, image_size=image_size, ch=ch, ch_mult=ch_mult, num_res_blocks=1,
@@ -30,11 +40,7 @@ def _model(head="spiking", ch_mult=(1, 2), image_size=8, ch=4, num_steps=3, seed
     m = SpikingUNet(cfg)
     with torch.no_grad():  # random BN statistics and biases, so that folding is exercised
         for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.5, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.3, 0.3)
+            perturb_batchnorm(mod)
             if isinstance(mod, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)) and mod.bias is not None:
                 mod.bias.uniform_(-0.3, 0.3)
             if getattr(mod, "tsmp", None) is not None:  # distinct per-step scales, one near 0 and one negative
