@@ -2,7 +2,8 @@
 
 - :func:`plot_layer_terms`: per-layer energy by term (stacked bars) of one :func:`neurosdm.energy.estimate` report;
 - :func:`plot_spikes`: spikes per layer per spiking step of a RunStats (summed over denoising steps and images);
-- :func:`plot_profiles`: energy per image per profile against the ANN baseline(s), log scale.
+- :func:`plot_profiles`: energy per image per profile against the ANN baseline(s), log scale;
+- :func:`write_plots`: the three of a :func:`neurosdm.energy.price_all` result into a folder.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from neurosdm.io import atomic_path
 
-__all__ = ["plot_layer_terms", "plot_spikes", "plot_profiles"]
+__all__ = ["plot_layer_terms", "plot_spikes", "plot_profiles", "write_plots"]
 
 
 def _plt():
@@ -83,3 +84,16 @@ def plot_profiles(per_image_pj: dict[str, float], baselines: dict[str, float], p
     if baselines:
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def write_plots(priced: dict, stats, out_dir, profile: str = "loihi2") -> dict[str, Path]:
+    """The three energy plots of a :func:`neurosdm.energy.price_all` result into ``out_dir``; returns
+    ``{name: path}``."""
+    out = Path(out_dir)
+    return {
+        "layers": plot_layer_terms(priced["reports"][profile], out / f"energy_layers_{profile}.png"),
+        "spikes": plot_spikes(stats, out / "energy_spikes.png"),
+        "profiles": plot_profiles({k: v["totals"]["per_image_pj"] for k, v in priced["reports"].items()},
+                                  {k: v["pj_per_image"] for k, v in priced["ann_baseline"].items()},
+                                  out / "energy_profiles.png"),
+    }

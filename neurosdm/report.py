@@ -15,6 +15,8 @@ import json
 import time
 from pathlib import Path
 
+from neurosdm.energy import price_all
+from neurosdm.energy_plots import write_plots
 from neurosdm.io import atomic_path
 
 __all__ = ["run_demo", "write_html"]
@@ -23,7 +25,6 @@ __all__ = ["run_demo", "write_html"]
 def run_demo(ckpt, out_dir, num_images: int = 4, steps: int = 20, seed: int = 0, progress=None,
              log=print) -> Path:
     """Run every stage for ``ckpt`` into ``out_dir``; returns the path of ``report.html``."""
-    from neurosdm import energy as E
     from neurosdm.checkpoint import file_sha256
     from neurosdm.compare import compare
     from neurosdm.exporters.nir import export_checkpoint
@@ -45,8 +46,8 @@ def run_demo(ckpt, out_dir, num_images: int = 4, steps: int = 20, seed: int = 0,
     t0 = time.perf_counter()
     program = load_program(nir_path)
     stats = RunStats.load(out / "stats_event.json")
-    priced = E.price_all(stats, program)
-    plots = E.write_plots(priced, stats, out)
+    priced = price_all(stats, program)
+    plots = write_plots(priced, stats, out)
     with atomic_path(out / "energy.json") as tmp:
         tmp.write_text(json.dumps(priced, indent=1))
     times["price on every profile and plot"] = time.perf_counter() - t0

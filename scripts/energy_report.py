@@ -28,6 +28,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from neurosdm import energy as E
+    from neurosdm.energy_plots import write_plots
     from neurosdm.exporters.nir import export_checkpoint
     from neurosdm.io import atomic_path
     from neurosdm.simulators.program import load_program
@@ -54,7 +55,7 @@ def main() -> None:
     summary, paper = priced["summary"], priced["paper_formula_on_measured_rates"]
     with atomic_path(a.out) as tmp:
         tmp.write_text(json.dumps(out, indent=1))
-    E.write_plots(priced, stats, a.plots)
+    write_plots(priced, stats, a.plots)
     for name, s in summary.items():
         t = f"{s['time_per_image_ms']:.3g} ms" if s["time_per_image_ms"] is not None else "-"
         print(f"{name:14s} {s['per_image_mj']:10.4g} mJ/image  time {t:>10s}  x ANN-fp32 {s['vs_ann_fp32']:.3g}  "
