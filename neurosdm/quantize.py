@@ -17,7 +17,7 @@ with threshold ``theta``, bias ``b`` and decay ``decay``. In integer units of ``
     threshold_int = ceil(theta / 2**e_w)                          (see below why ceil)
     decay_q12     = round_half_even(decay * 4096)                 (12-bit fraction; 4096 = IF, no leak)
 
-and one step (:func:`fixed_point_step`, the torch twin :func:`fixed_point_step_torch`)::
+and one step (:func:`neurosdm.dynamics.fixed_point_step`, for numpy arrays and torch tensors alike)::
 
     p      = v[t-1] * decay_q12                                   (int64)
     d      = sign(p) * (|p| >> 12)                                (decay rounded toward zero, as Lava)
@@ -59,12 +59,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from neurosdm.dynamics import DECAY_BITS, DECAY_ONE, fixed_point_step, state_limit  # noqa: F401 (re-exported)
 from neurosdm.errors import QuantizationError
 
 EXP_MIN = -16
 EXP_MAX = 15
-DECAY_BITS = 12
-DECAY_ONE = 1 << DECAY_BITS  # 4096: decay 1.0 (integrate-and-fire)
 RESETS = ("hard", "subtract")
 ROUNDINGS = ("nearest-even",)
 
@@ -109,11 +108,6 @@ class QuantSpec:
 def mantissa_range(bits: int) -> tuple[int, int]:
     """``(lo, hi) = (-2**(bits-1), 2**(bits-1) - 1)``, the signed mantissa range."""
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
-def state_limit(state_bits: int) -> int:
-    """``V = 2**(state_bits-1) - 1`` (symmetric saturation, as Lava's voltage clip)."""
-    return (1 << (state_bits - 1)) - 1
 
 
 def _np(x) -> np.ndarray:
@@ -272,51 +266,6 @@ class FixedPointNeuron:
         return cls(e, threshold_int, np.asarray(b, np.int64), round(decay * DECAY_ONE), reset, spec.state_bits)
 
 
-def _check(decay_q12: int, reset: str):
-    if not 0 <= decay_q12 <= DECAY_ONE:
-        raise ValueError(f"decay_q12 must be in 0..{DECAY_ONE}, got {decay_q12}")
-    if reset not in RESETS:
-        raise ValueError(f"reset must be one of {RESETS}, got {reset!r}")
-
-
-def fixed_point_step(v_int, x_int, threshold_int, decay_q12: int = DECAY_ONE, reset: str = "hard",
-                     state_bits: int = 24):
-    """One fixed-point step (numpy, int64)::
-
-        d = sign(v decay_q12) * (|v decay_q12| >> 12);   h_raw = d + x;   h = clip(h_raw, -V, V)
-        s = h >= threshold_int;   v = 0 if s (hard) | h - threshold_int s (subtract)
-
-    Returns ``(s bool, v_new int64, saturated bool)`` with ``saturated = h_raw != h``.
-    """
-    _check(decay_q12, reset)
-    v = np.asarray(v_int, dtype=np.int64)
-    x = np.asarray(x_int, dtype=np.int64)
-    p = v * np.int64(decay_q12)
-    d = np.sign(p) * (np.abs(p) >> DECAY_BITS)
-    h_raw = d + x
-    vmax = state_limit(state_bits)
-    h = np.clip(h_raw, -vmax, vmax)
-    s = h >= threshold_int
-    v_new = np.where(s, 0, h) if reset == "hard" else h - np.asarray(threshold_int, np.int64) * s
-    return s, v_new.astype(np.int64), h_raw != h
-
-
-def fixed_point_step_torch(v_int: torch.Tensor, x_int: torch.Tensor, threshold_int, decay_q12: int = DECAY_ONE,
-                           reset: str = "hard", state_bits: int = 24):
-    """Torch twin of :func:`fixed_point_step` (same equation, int64 tensors, any device)."""
-    _check(decay_q12, reset)
-    v = v_int.to(torch.int64)
-    x = x_int.to(torch.int64)
-    p = v * decay_q12
-    d = torch.sign(p) * (p.abs() >> DECAY_BITS)
-    h_raw = d + x
-    vmax = state_limit(state_bits)
-    h = h_raw.clamp(-vmax, vmax)
-    s = h >= threshold_int
-    v_new = torch.where(s, torch.zeros_like(h), h) if reset == "hard" else h - threshold_int * s.to(torch.int64)
-    return s, v_new, h_raw != h
-
-
 def _bias_for(bias_int, ndim: int):
     """Per-channel ``[C]`` bias shaped to broadcast on one step ``[B, C, ...]`` (ndim = dims of one step)."""
     b = np.asarray(bias_int, np.int64)
@@ -346,7 +295,7 @@ def fixed_point_run_torch(x_int: torch.Tensor, neuron: FixedPointNeuron) -> tupl
     v = torch.zeros(x.shape[1:], dtype=torch.int64, device=x.device)
     spikes, n_sat = [], 0
     for t in range(x.shape[0]):
-        s, v, sat = fixed_point_step_torch(v, x[t] + b, neuron.threshold_int, neuron.decay_q12, neuron.reset,
+        s, v, sat = fixed_point_step(v, x[t] + b, neuron.threshold_int, neuron.decay_q12, neuron.reset,
                                            neuron.state_bits)
         spikes.append(s)
         n_sat += int(sat.sum())

@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 
 from neurosdm.errors import GraphError
-from neurosdm.exporters.fixed_point import quantize_input
-from neurosdm.exporters.nir import step_graphs, to_nir_graph
+from neurosdm.exporters.nir import to_nir_graph
+from neurosdm.graph.dialect import quantize_input
 from neurosdm.exporters.rewrite import inline_junctions
 from neurosdm.simulators.event import HAVE_NUMBA, EventEngine
-from neurosdm.simulators.program import load_program
-from neurosdm.simulators.reference import conv2d, run_graph
+from neurosdm.graph.program import load_program
+from neurosdm.graph.geometry import conv2d
+from neurosdm.simulators.reference import run_graph
 from test_export_nir import _model
 from test_fixed_point import _quantized
 
@@ -37,7 +38,7 @@ def _graph(head, tsm, ch_mult, quant, junctions="scale"):
 
 def _reference(graph, md, x, t=T):
     prog = load_program(graph)
-    return prog, run_graph(graph, x[None], num_steps=prog.num_steps, record=True, step_graphs=step_graphs(graph, md, t),
+    return prog, run_graph(graph, x[None], num_steps=prog.num_steps, record=True, t=t,
                            fixed="auto")
 
 

@@ -14,7 +14,9 @@ from neurosdm import cli
 from neurosdm.checkpoint import file_sha256, save_checkpoint
 from neurosdm.config import Config, DiffusionConfig, ModelConfig
 from neurosdm.errors import ConfigError, GraphError
-from neurosdm.exporters.nir import default_output_path, eps_from_outputs, export_checkpoint, inspect_nir, step_graphs
+from neurosdm.exporters.pipeline import default_output_path, export_checkpoint
+from neurosdm.graph.host import eps_from_outputs
+from neurosdm.graph.inspect import inspect_nir
 from neurosdm.simulators.reference import run_graph
 from neurosdm.models import SpikingUNet
 
@@ -178,7 +180,7 @@ def test_public_sdm_tsm_checkpoint_exports_and_reproduces_its_output(tmp_path, s
     x, t, ref = (np.load(sdm_reference / f) for f in ("x.npy", "t.npy", "eps.npy"))
     for i, step in enumerate(t):
         res = run_graph(graph, x[i:i + 1][None].astype(np.float64), num_steps=int(md["num_steps"]),
-                        step_graphs=step_graphs(graph, md, int(step)))
+                        t=int(step))
         eps = eps_from_outputs(res["outputs"]["output"], md)
         assert np.abs(eps - ref[i:i + 1]).max() < 1e-4, (int(step), np.abs(eps - ref[i:i + 1]).max())
 
@@ -250,7 +252,7 @@ def test_failed_export_leaves_no_temp_file(tmp_path, monkeypatch):
 def test_sddpm_layout_exports_float_and_int8(tmp_path):
     """A checkpoint in the public SDDPM layout (bare state dict under net_model): float export reproduces the
     model; the int8 export of it calibrates (on the built-in sample) and runs in fixed point."""
-    from neurosdm.exporters.nir import run_reference
+    from neurosdm.simulators.reference import run_reference
 
     torch.manual_seed(0)
     cfg = ModelConfig(img_ch=1, image_size=28, ch=4, ch_mult=(1, 2), num_res_blocks=1, num_steps=4,

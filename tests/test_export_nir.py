@@ -7,14 +7,10 @@ import torch
 
 from neurosdm.config import ModelConfig
 from neurosdm.errors import ConfigError
-from neurosdm.exporters.nir import (
-    eps_from_outputs,
-    graph_at,
-    graph_size,
-    host_head,
-    step_graphs,
-    to_nir_graph,
-)
+from neurosdm.exporters.nir import to_nir_graph
+from neurosdm.graph.dialect import graph_at
+from neurosdm.graph.host import eps_from_outputs, host_head
+from neurosdm.graph.inspect import graph_size
 from neurosdm.models import SpikingUNet
 from neurosdm.simulators.reference import run_graph
 
@@ -56,10 +52,8 @@ def _torch_eps(model, x, t):
 
 
 def _graph_eps(graph, metadata, x, record=False, t=None):
-    """eps of the graph; with ``t``, the parameters of diffusion step t at every spiking step (step_graphs)."""
-    steps = None if t is None else step_graphs(graph, metadata, t)
-    res = run_graph(graph, x.double().numpy()[None], num_steps=int(metadata["num_steps"]), record=record,
-                    step_graphs=steps)
+    """eps of the graph; with ``t``, the parameters of diffusion step t at every spiking step (its tables)."""
+    res = run_graph(graph, x.double().numpy()[None], num_steps=int(metadata["num_steps"]), record=record, t=t)
     return eps_from_outputs(res["outputs"]["output"], metadata), res["records"]
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from neurosdm.errors import GraphError
-from neurosdm.simulators.program import load_program
+from neurosdm.graph.program import load_program
 from neurosdm.simulators.reference import Discretisation, run_graph
 from neurosdm.simulators.event import EventEngine
 from neurosdm.simulators.torch_engine import TorchEngine
@@ -319,8 +319,13 @@ def test_errors_name_the_node():
     two = _graph({"a": nir.Input(input_type={"input": np.array([2])}),
                   "b": nir.Input(input_type={"input": np.array([2])}),
                   "output": nir.Output(output_type={"output": np.array([2])})}, [("a", "output"), ("b", "output")])
-    with pytest.raises(GraphError, match=r"one top-level Input"):
-        load_program(two)
+    # several Input nodes: every engine takes a dict (one step loop for all), as the reference does
+    xa, xb = np.arange(4.0).reshape(2, 2), np.ones((3, 2, 2))
+    want = run_graph(two, {"a": xa[None], "b": xb})["outputs"]["output"]
+    for engine in (TorchEngine(load_program(two)), EventEngine(load_program(two))):
+        np.testing.assert_array_equal(engine.run({"a": xa, "b": xb})["outputs"]["output"], want)
+        with pytest.raises(GraphError, match=r"pass a dict"):
+            engine.run(xa)
     g = _chain(("fc", nir.Affine(weight=np.eye(2), bias=np.zeros(2))), in_shape=(2,))
     with pytest.raises(GraphError, match=r"expected \[batch"):
         TorchEngine(load_program(g)).run(np.zeros((1, 2, 3)))

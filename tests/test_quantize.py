@@ -15,7 +15,6 @@ from neurosdm.quantize import (
     fixed_point_run,
     fixed_point_run_torch,
     fixed_point_step,
-    fixed_point_step_torch,
     quantize_weight,
 )
 
@@ -173,7 +172,7 @@ def test_numpy_torch_step_parity(reset):
     thr = rng.integers(1, 2**22, shape)
     for decay_q12 in (0, 1, 2048, 3686, 4095, 4096):
         a = fixed_point_step(v, x, thr, decay_q12, reset)
-        b = fixed_point_step_torch(torch.tensor(v), torch.tensor(x), torch.tensor(thr), decay_q12, reset)
+        b = fixed_point_step(torch.tensor(v), torch.tensor(x), torch.tensor(thr), decay_q12, reset)  # one function
         for u, w in zip(a, b):
             assert np.array_equal(u, w.numpy())
         assert a[2].any() and a[0].any() and not a[0].all()

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from neurosdm.errors import ConfigError, GraphError
-from neurosdm.exporters.fixed_point import quantize_input
-from neurosdm.exporters.nir import step_graphs
+from neurosdm.graph.dialect import quantize_input
 from neurosdm.exporters.rewrite import inline_junctions
-from neurosdm.simulators.program import load_program
+from neurosdm.graph.program import load_program
 from neurosdm.simulators.reference import run_graph
 from neurosdm.simulators.torch_engine import TorchEngine
 from test_fixed_point import _quantized
@@ -38,7 +37,7 @@ def _x(b=3, seed=7):
 
 def _reference(graph, x, t):
     md = graph.metadata
-    return run_graph(graph, x[None], num_steps=int(md["num_steps"]), record=True, step_graphs=step_graphs(graph, md, t))
+    return run_graph(graph, x[None], num_steps=int(md["num_steps"]), record=True, t=t)
 
 
 CASES = [("spiking", (1, 2), False, "scale"), ("sdm", (1, 2), True, "scale"), ("spiking", (1, 2, 2), True, "scale"),

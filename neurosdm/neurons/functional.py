@@ -5,11 +5,12 @@ State is never kept between calls: a multi-step call starts from ``v = v_init`` 
 "reset all neuron state after every network call"), so a network is a pure function of its input. ANN-to-SNN
 conversion (:mod:`neurosdm.convert`) starts its neurons at half the threshold, ``v_init = threshold / 2``.
 
-The one neuron equation (discrete time, one spiking step)::
+The neuron equation is :mod:`neurosdm.dynamics`' (the one step every simulator runs too), here with ``v_reset = 0``,
+no leak term and unit gain::
 
     h[t] = decay * v[t-1] + x[t]                      charge (decay = 1: integrate-and-fire; decay < 1: LIF)
     s[t] = 1 if h[t] >= threshold else 0              fire (the SDM/spikingjelly comparison, >=)
-    v[t] = h[t] * (1 - s[t])                          reset="hard"      (to v_reset = 0)
+    v[t] = 0 where s[t], else h[t]                    reset="hard"      (to v_reset = 0)
     v[t] = h[t] - threshold * s[t]                    reset="subtract"  (reset by subtraction)
 
 Gradients use a surrogate for ds/dh (the Heaviside has none): ATan (spikingjelly's default, alpha = 2, used by
@@ -24,6 +25,8 @@ import os
 import warnings
 
 import torch
+
+from neurosdm.dynamics import Reset, charge, fire, leaky_readout  # noqa: F401  (leaky_readout: part of this API)
 
 RESETS = ("hard", "subtract")
 
@@ -43,14 +46,11 @@ SURROGATES = {"atan": atan_grad, "rect": rect_grad}
 
 
 def neuron_step(v: torch.Tensor, x: torch.Tensor, threshold: float, decay: float = 1.0, reset: str = "hard"):
-    """One spiking step of the neuron above. Returns ``(s, v_new, h)``; ``h`` is the pre-reset membrane.
-
-    This is the only place the forward equation is written; the multi-step layer below calls it.
-    """
-    h = decay * v + x if decay != 1.0 else v + x
-    s = (h >= threshold).to(x.dtype)
-    v_new = h * (1.0 - s) if reset == "hard" else h - threshold * s
-    return s, v_new, h
+    """One spiking step of the neuron above (:func:`neurosdm.dynamics.charge` and :func:`~neurosdm.dynamics.fire`).
+    Returns ``(s, v_new, h)``: spikes in ``x``'s dtype, the membrane after the reset, the pre-reset membrane ``h``."""
+    h = charge(v, x, None if decay == 1.0 else decay)
+    s, v_new = fire(h, threshold, 0.0, Reset.parse(reset))
+    return s.to(x.dtype), v_new, h
 
 
 def if_step(v, x, threshold: float = 1.0, reset: str = "hard"):
@@ -67,7 +67,7 @@ def lif_step(v, x, decay: float, threshold: float = 1.0, reset: str = "hard"):
     return neuron_step(v, x, threshold, decay, reset)
 
 
-def _forward_loop(x: torch.Tensor, threshold: torch.Tensor, decay: float, reset: str, v_init=0.0):
+def _forward_loop(x: torch.Tensor, threshold: torch.Tensor, decay: float, reset: Reset, v_init=0.0):
     """All steps of :func:`neuron_step` from ``v = v_init``; returns spikes and pre-reset membranes ``h``."""
     v = torch.zeros_like(x[0]) + v_init
     spikes, hs = [], []
@@ -78,7 +78,7 @@ def _forward_loop(x: torch.Tensor, threshold: torch.Tensor, decay: float, reset:
     return torch.stack(spikes), torch.stack(hs)
 
 
-def _backward_loop(grad_spikes, hs, spikes, threshold: torch.Tensor, decay: float, reset: str, surrogate: str,
+def _backward_loop(grad_spikes, hs, spikes, threshold: torch.Tensor, decay: float, reset: Reset, surrogate: str,
                    alpha: float):
     """Backward through time of :func:`_forward_loop` (g = surrogate derivative at h[t] - threshold)::
 
@@ -92,7 +92,7 @@ def _backward_loop(grad_spikes, hs, spikes, threshold: torch.Tensor, decay: floa
     grads = []
     for t in range(hs.shape[0] - 1, -1, -1):
         g = sg(hs[t] - threshold, alpha)
-        dv_dh = (1.0 - spikes[t]) - hs[t] * g if reset == "hard" else 1.0 - threshold * g
+        dv_dh = (1.0 - spikes[t]) - hs[t] * g if reset is Reset.ZERO else 1.0 - threshold * g
         grad_h = grad_spikes[t] * g + grad_v * dv_dh
         grads.append(grad_h)
         grad_v = grad_h * decay
@@ -150,6 +150,7 @@ def multistep_neuron(
     surrogate (``v_init`` is a constant: the backward pass of :func:`_backward_loop` does not depend on it)."""
     if reset not in RESETS:
         raise ValueError(f"reset must be one of {RESETS}, got {reset!r}")
+    reset = Reset.parse(reset)
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate must be one of {tuple(SURROGATES)}, got {surrogate!r}")
     # the threshold travels as a 0-d tensor so that threshold guidance does not recompile the kernels
@@ -158,19 +159,6 @@ def multistep_neuron(
     if torch.is_grad_enabled() and x.requires_grad:
         return _MultiStepNeuron.apply(x, thr, float(decay), reset, surrogate, float(alpha), v0)
     return _run("forward", x, thr, float(decay), reset, v0)[0]
-
-
-def leaky_readout(h, decay: float):
-    """Leaky integrator read at the last step (the SDM membrane output, a neuron that never fires)::
-
-        out = sum_t decay**(num_steps-1-t) * h[t]      (equivalently u[t] = decay * u[t-1] + h[t], out = u[-1])
-
-    Works on torch tensors and numpy arrays alike (the host-side head of an export uses it on numpy).
-    """
-    u = h[0]
-    for t in range(1, h.shape[0]):
-        u = decay * u + h[t]
-    return u
 
 
 def qcfs(x: torch.Tensor, clip: torch.Tensor, levels: int) -> torch.Tensor:

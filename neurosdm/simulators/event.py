@@ -1,13 +1,8 @@
 """Event-driven engine: spike-input convs computed by scattering the input events through their nonzero synapses.
 
-``EventEngine(program).run(x, t)`` runs one network call of a :class:`~neurosdm.simulators.program.Program`
-(``program.num_steps`` spiking steps from a zero state for a constant input ``[B, ...]``, or ``T`` steps of a
-sequence ``[T, B, ...]``) and returns the outputs, the exact counts of :mod:`neurosdm.simulators.stats` and,
-optionally, every layer's output. It runs every layer kind of the program (the whole core NIR node set, nested
-graphs, recurrent edges, delays) and reproduces the reference interpreter
-(:func:`neurosdm.simulators.reference.run_graph`): in float to rounding, in fixed point bit for bit.
-
-How each layer is computed (numpy float64 throughout; integer-valued in fixed point, exact below 2**53):
+``EventEngine(program).run(x, t)`` runs one network call of a :class:`~neurosdm.graph.program.Program` with the
+step loop of :mod:`neurosdm.simulators.loop` on :class:`EventBackend`, whose kernels are those of the reference
+(:mod:`neurosdm.simulators.reference`) except where events pay:
 
 - **conv, input "spikes" / "graded"** (event-driven): the nonzero input elements are the events. Every event
   ``(b, c, y, x, v)`` adds ``v * W[o, c, ky, kx]`` to the output ``(b, o, oy, ox)`` for every tap ``(ky, kx)``
@@ -20,41 +15,26 @@ How each layer is computed (numpy float64 throughout; integer-valued in fixed po
   length, weights; output channels reordered per layer to make the runs long), and an event is one loop over
   its list, without bounds checks: taps outside the map land in the halo, which is cropped (and the channels
   put back in order) by :func:`_crop`. The work, and the count ``synops`` (``graded_ops``), is exactly the
-  (event, nonzero synapse inside the map) pairs; the stored weights are float32 where that is exact (int8
-  graphs), the indices int32, the buffer shared by the layers. Without numba a vectorised numpy path
+  (event, nonzero synapse inside the map) pairs, counted by the kernel itself (the loop's fan-out rule counts the
+  other layers: two independent countings, compared by the tests); the stored weights are float32 where that is
+  exact (int8 graphs), the indices int32, the buffer shared by the layers. Without numba a vectorised numpy path
   (:func:`_scatter_numpy`) does the same additions and counts.
-- **conv, input "analog"** (the image, residual streams, sums of several sources): dense, im2col + one float64
-  matmul; ``macs`` = every input position times its nonzero fan-out inside the map (precomputed per layer).
+- **conv, input "analog"**: dense, im2col + one float64 matmul.
 - **gconv** (Conv1d, groups, dilation): as conv, on the equivalent plain kernel (:func:`_plain_conv`).
-- **rounded conv** (fixed point, ``Layer.rounded``): the output, bias included, is rounded half to even.
-- **affine**: spike / graded input: per image, the weight columns of the nonzero inputs times their values
-  (event-driven); analog: one matmul. **pool**: window sums (dense, :func:`~neurosdm.simulators.reference.
-  sum_pool2d`), counted per event. **flatten**: a reshape. **threshold**: a comparison. **delay**: a history
-  buffer (the reference's ``delay_push`` / ``delay_read``; a late Delay is read before its sources run and stores
-  their sum after the step).
-- **neurons**: vectorised numpy; float :func:`_neuron_float` (the rules of :class:`~neurosdm.simulators.program.
-  Layer`); fixed point (I, IF, LI) :func:`neurosdm.quantize.fixed_point_step` (int64 state).
-- **scale**: ``x * scale`` (the per-step scale of a TSM node from ``program.step_params``); **input/output**:
-  identity. A layer's input is the sum of its sources' outputs at the same step (the previous step's for a
-  recurrent edge, zero at step 0).
-
-Counters (per layer, per spiking step, summed over the batch; see :mod:`neurosdm.simulators.stats`), the same
-as the torch engine's (a test compares them on every foreign graph): conv / affine ``events_in`` and one of
-``synops`` / ``graded_ops`` / ``macs``; pool ``events_in``, ``pool_adds``; scale ``events_in``; neurons and
-thresholds ``neuron_updates``, ``active_neurons``, ``spikes_out`` (spiking kinds), ``saturations`` (fixed point);
-``fanin_adds`` on every layer with several sources. Input, Output, Flatten and Delay layers have no counters.
+- **affine**, spike / graded input: per image, the weight columns of the nonzero inputs times their values.
+- everything else (pools, neurons, delays, ...): the reference's kernels.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from neurosdm.energy import _valid_taps
 from neurosdm.errors import ConfigError, GraphError
-from neurosdm.simulators.program import NEURONS, Layer, Program
-from neurosdm.simulators.reference import delay_push, delay_read, sum_pool2d
+from neurosdm.graph.program import Layer, Program
+from neurosdm.simulators.backend import Engine
+from neurosdm.simulators.reference import ReferenceBackend
 
-__all__ = ["EventEngine", "HAVE_NUMBA", "ConvPlan"]
+__all__ = ["EventEngine", "EventBackend", "HAVE_NUMBA", "ConvPlan", "scatter_kernel"]
 
 try:  # the kernel; the numpy path below does the same work without it
     from numba import njit
@@ -252,10 +232,7 @@ class ConvPlan:
             self.wmat = w.reshape(self.Co, -1).T
             self.rptr = self.rstart = self.rlen = self.roff = self.cls_nnz = np.zeros(0, np.int32)
             self.wv = np.zeros(0)
-        # macs: every input position times its nonzero fan-out inside the output map
-        rows = np.array([_valid_taps(self.H, self.pt, k, self.sh, self.Ho) for k in range(self.kh)], np.int64)
-        cols = np.array([_valid_taps(self.W, self.pl, k, self.sw, self.Wo) for k in range(self.kw)], np.int64)
-        self.macs_per_image = int((self.nnz * rows[None, :, None] * cols[None, None, :]).sum())
+        self.macs_per_image = layer.macs  # every input position times its nonzero fan-out inside the output map
 
     def _build_runs(self, wt: np.ndarray, nz: np.ndarray) -> None:
         sh, sw, Co = self.sh, self.sw, self.Co
@@ -360,283 +337,94 @@ def _plain_conv(layer: Layer) -> Layer:
     shape3 = (lambda s: tuple(s) if len(s) == 3 else (s[0], 1, *s[1:]))
     return Layer(layer.name, "conv", layer.sources, shape3(layer.in_shape), shape3(layer.out_shape),
                  input=layer.input, weight=full, bias=layer.bias, stride=layer.stride, padding=layer.padding,
-                 rounded=layer.rounded)
+                 rounded=layer.rounded, fanout=layer.fanout)
 
 
-def _neuron_float(layer: Layer, x: np.ndarray, state, comparison: str, reset: str):
-    """One float step of a neuron layer (``Layer``'s docstring): CubaLI/CubaLIF update the current first and the
-    membrane sees the updated current; IF adds ``gain x`` (decay 1, no leak, as the reference's ``v + r dt x``);
-    the others ``v <- decay v + (1 - decay) v_leak + gain x``; spiking kinds compare and reset. Returns
-    ``(output, state, spikes or None)``."""
-    kind = layer.kind
-    if kind in ("cubali", "cubalif"):
-        i, v = state
-        i = layer.syn_decay * i + layer.syn_gain * x
-        drive = i
-    else:
-        v, drive = state, x
-    if kind == "if":
-        v = v + layer.gain * drive
-    else:
-        v = layer.decay * v + (1.0 - layer.decay) * layer.v_leak + layer.gain * drive
-    new = (lambda v: (i, v)) if kind in ("cubali", "cubalif") else (lambda v: v)
-    if not layer.spiking:
-        return v, new(v), None
-    s = (v >= layer.threshold) if comparison == ">=" else (v > layer.threshold)
-    if reset == "zero":
-        v = np.where(s, layer.v_reset, v)
-    else:
-        v = v - (layer.threshold - layer.v_reset) * s
-    return s.astype(np.float64), new(v), s
+
+#: the compiled scatter kernel (benchmarks time it alone)
+scatter_kernel = _scatter
 
 
-class EventEngine:
-    """Event-driven simulator of a :class:`Program` (numpy + a numba kernel; module docstring).
+class EventBackend(ReferenceBackend):
+    """The reference's kernels, with event-driven convs and affine layers (module docstring).
 
     ``use_numba``: None (default) uses the kernel when numba is installed; False forces the numpy path.
-
-    The kernels' output buffer is shared by the layers and kept between calls, so one engine must not run two
-    calls at once (use one engine per thread). ``_force_rate`` (private; ``benchmarks/event_engine.py`` only):
-    when set to a rate, every IF layer outputs random spikes at that rate instead of its own spikes."""
+    ``force_rate`` (benchmarks only, not for results): when a rate in (0, 1], every IF layer outputs random spikes
+    at that rate (drawn from ``numpy.random.default_rng(force_seed)``) instead of its own; the state evolves as
+    usual. The kernels' output buffer is shared by the layers and kept between calls: one backend must not run
+    two calls at once (one engine per thread)."""
 
     name = "event"
 
-    def __init__(self, program: Program, use_numba: bool | None = None):
-        if not isinstance(program, Program):
-            raise ConfigError(f"EventEngine needs a Program (neurosdm.simulators.program.load_program), got "
-                              f"{type(program).__name__}")
-        if len(program.inputs) != 1:
-            raise GraphError(f"the engines run graphs with one Input node; this one has {sorted(program.inputs)}")
+    def __init__(self, use_numba: bool | None = None, force_rate: float | None = None, force_seed: int = 0):
         if use_numba and not HAVE_NUMBA:
             raise ConfigError("use_numba=True but numba is not installed (pip install numba)")
-        self.program = program
+        if force_rate is not None and not 0.0 < float(force_rate) <= 1.0:
+            raise ConfigError(f"force_rate must lie in (0, 1], got {force_rate}")
         self.use_numba = HAVE_NUMBA if use_numba is None else bool(use_numba)
+        self.force_rate = None if force_rate is None else float(force_rate)
+        self.force_rng = np.random.default_rng(force_seed)
+
+    def prepare(self, program: Program) -> None:
+        super().prepare(program)
         self.plans = {layer.name: ConvPlan(layer if layer.kind == "conv" else _plain_conv(layer))
                       for layer in program.layers if layer.kind in ("conv", "gconv")}
-        from neurosdm.simulators.torch_engine import _fanout  # one definition of a layer's fan-out
+        self.buf_per_image = max([p.buffer_size for p in self.plans.values()] + [0])
+        self.buf = np.zeros(0)
 
-        self._fanout = {}  # pool / affine: per input element, its nonzero synapses (the counters' weights)
-        for layer in program.layers:
-            if layer.kind == "pool":
-                c = layer.in_shape[0]
-                self._fanout[layer.name] = _fanout(np.ones((c, 1, *layer.kernel)), layer.in_shape, layer.stride,
-                                                   layer.padding, (1, 1), c).numpy()
-            elif layer.kind == "affine":
-                self._fanout[layer.name] = (np.asarray(layer.weight) != 0).sum(axis=-2).astype(np.int64)
-        self._buf_per_image = max([p.buffer_size for p in self.plans.values()] + [0])
-        self._buf = np.zeros(0)  # the kernels' output buffer, shared by the layers and kept between calls
-        # the position after which each layer's output is last read within a step (then freed, unless it is an
-        # output or recorded); the sources of recurrent edges and of late Delays are kept to the end of the step
-        order = {layer.name: i for i, layer in enumerate(program.layers)}
-        last_use = {layer.name: order[layer.name] for layer in program.layers}
-        kept = set()
-        for layer in program.layers:
-            for src, back in zip(layer.sources, layer.back or [False] * len(layer.sources)):
-                if back or layer.late:
-                    kept.add(src)
-                else:
-                    last_use[src] = max(last_use[src], order[layer.name])
-        self._recurrent = sorted({src for layer in program.layers
-                                  for src, back in zip(layer.sources, layer.back or []) if back})
-        self._free_after = [[] for _ in program.layers]
-        for name, i in last_use.items():
-            if name not in kept:
-                self._free_after[i].append(name)
-        # benchmark hook (benchmarks/event_engine.py): when a rate in (0, 1], every IF layer outputs random spikes
-        # at that rate (drawn from _force_rng) instead of its own; the state evolves as usual. Not for results.
-        self._force_rate: float | None = None
-        self._force_rng = np.random.default_rng(0)
-        self.fixed = program.fixed
-        if self.fixed is not None:
-            from neurosdm.quantize import state_limit
-
-            self._never = state_limit(self.fixed.state_bits) + 1  # threshold of I/LI: never fires
-            self._thr_int = {}
-            for layer in program.layers:
-                if layer.kind == "if":
-                    thr = np.asarray(layer.threshold, np.float64)
-                    if not np.array_equal(thr, np.rint(thr)):
-                        raise GraphError(f"node {layer.name!r}: fixed-point mode needs integer thresholds")
-                    self._thr_int[layer.name] = thr.astype(np.int64)
-
-    # ----------------------------------------------------------------------------------------------- one call
-
-    def run(self, x: np.ndarray, t: int = 0, record: bool = False) -> dict:
-        """One network call from a zero state at diffusion step ``t``: ``x [B, *input_shape]`` (the encoded input,
-        the same at each of ``program.num_steps`` spiking steps: the denoiser path) or a time-varying sequence
-        ``[T, B, *input_shape]`` (foreign graphs), which runs ``T`` steps. Returns ``{"outputs": {output: [K, B,
-        *shape]}, "counts": {layer: {counter: int64 [K]}}, "records": {layer: [K, B, *shape]}}`` (``records``
-        empty unless ``record``)."""
-        prog = self.program
-        inp = prog.by_name[prog.inputs[0]]
-        x = np.asarray(x, np.float64)
-        n = len(inp.in_shape)
-        if x.ndim == 1 + n and tuple(x.shape[1:]) == tuple(inp.in_shape):
-            sequence, K, batch = False, prog.num_steps, x.shape[0]
-        elif x.ndim == 2 + n and tuple(x.shape[2:]) == tuple(inp.in_shape) and x.shape[0] >= 1:
-            sequence, K, batch = True, x.shape[0], x.shape[1]
+    def conv(self, layer: Layer, x, bias, count: bool = True):
+        plan = self.plans[layer.name]
+        x4 = x if layer.nd == 2 else x[:, :, None, :]
+        ops = None
+        if layer.input in ("spikes", "graded"):
+            if self.use_numba and self.buf.size < x.shape[0] * self.buf_per_image:
+                self.buf = np.zeros(x.shape[0] * self.buf_per_image)
+            y, _, ops = plan.scatter(x4, self.use_numba, self.buf)
         else:
-            raise GraphError(f"input for Input node {inp.name!r} has shape {x.shape}; expected [batch, "
-                             f"*{inp.in_shape}] (constant) or [steps, batch, *{inp.in_shape}]")
-        params = prog.step_params(t)
-        counts: dict[str, dict[str, np.ndarray]] = {}
+            y = plan.dense(x4)
+        y += np.asarray(layer.bias if bias is None else bias, np.float64).reshape(-1, 1, 1)
+        if layer.rounded and self.fixed is not None:
+            y = np.round(y)  # half to even
+        return (y if layer.nd == 2 else y[:, :, 0, :]), ops
 
-        def counter(layer: str, name: str) -> np.ndarray:
-            return counts.setdefault(layer, {}).setdefault(name, np.zeros(K, np.int64))
-
-        state = {}
-        for layer in prog.layers:
-            if layer.kind in NEURONS:
-                zeros = np.zeros((batch, *layer.in_shape), np.int64 if self.fixed is not None else np.float64)
-                state[layer.name] = (zeros, zeros.copy()) if layer.kind in ("cubali", "cubalif") else zeros
-            elif layer.kind == "delay":
-                state[layer.name] = np.zeros((int(layer.delay.max(initial=0)) + 1, batch, *layer.in_shape))
-        prev = {name: np.zeros((batch, *prog.by_name[name].out_shape)) for name in self._recurrent}
-        outs = {name: [] for name in prog.outputs}
-        recs = {layer.name: [] for layer in prog.layers} if record else {}
-        if self.use_numba and self._buf.size < batch * self._buf_per_image:
-            self._buf = np.zeros(batch * self._buf_per_image)
-
-        for k in range(K):
-            p = params[min(k, len(params) - 1)]
-            cur: dict[str, np.ndarray] = {}
-            for li, layer in enumerate(prog.layers):
-                name = layer.name
-                if name == inp.name:
-                    y = x[k] if sequence else x
-                elif layer.late:  # a Delay of >= 1 step: from its history, its input stored after the step
-                    y = delay_read(state[name], layer.delay - 1)
-                else:
-                    vals = [prev[src] if back else cur[src]
-                            for src, back in zip(layer.sources, layer.back or [False] * len(layer.sources))]
-                    xin = vals[0] if vals else np.zeros((batch, *layer.in_shape))
-                    for v in vals[1:]:
-                        xin = xin + v
-                    if len(vals) > 1:
-                        counter(name, "fanin_adds")[k] = (len(vals) - 1) * batch * int(np.prod(layer.in_shape))
-                    y = self._layer(layer, xin, k, p.get(name, {}), counter, batch, state)
-                cur[name] = y
-                if record:
-                    recs[name].append(y)
-                if name in outs:
-                    outs[name].append(y)
-                for done in self._free_after[li]:
-                    del cur[done]  # its last reader has run (outputs and records keep their own reference)
-            for layer in prog.layers:  # late Delays store this step's input, now that every source has run
-                if layer.late:
-                    xin = np.zeros((batch, *layer.in_shape))
-                    for src in layer.sources:
-                        xin = xin + cur[src]
-                    state[layer.name] = delay_push(state[layer.name], xin)
-            prev = {name: cur[name] for name in self._recurrent}
-
-        def stack(lst, layer):
-            return np.stack(lst) if lst else np.zeros((0, batch, *layer.out_shape))
-
-        return {"outputs": {n: stack(v, prog.by_name[n]) for n, v in outs.items()},
-                "counts": counts,
-                "records": {n: stack(v, prog.by_name[n]) for n, v in recs.items()}}
-
-    def _layer(self, layer: Layer, x: np.ndarray, k: int, over: dict, counter, batch: int, state: dict) -> np.ndarray:
-        kind, name = layer.kind, layer.name
-        if kind in ("input", "output"):  # an Output, or a nested graph's Input / Output node: identity
-            return x
-        if kind == "flatten":
-            return x.reshape(batch, *layer.out_shape)
-        if kind == "delay":  # some element delays by 0 steps: store, then read
-            state[name] = delay_push(state[name], x)
-            return delay_read(state[name], layer.delay)
-        if kind == "scale":
-            counter(name, "events_in")[k] = np.count_nonzero(x)
-            return x * over.get("scale", layer.scale)
-        if kind in ("conv", "gconv"):
-            plan = self.plans[name]
-            x4 = x if layer.nd == 2 else x[:, :, None, :]
-            if layer.input in ("spikes", "graded"):
-                y, events, ops = plan.scatter(x4, self.use_numba, self._buf)
-                counter(name, "synops" if layer.input == "spikes" else "graded_ops")[k] = ops
-                counter(name, "events_in")[k] = events
-            else:
-                y = plan.dense(x4)
-                counter(name, "macs")[k] = plan.macs_per_image * batch
-                counter(name, "events_in")[k] = np.count_nonzero(x4)
-            bias = over.get("bias", layer.bias)
-            y += np.asarray(bias, np.float64).reshape(-1, 1, 1)
-            if layer.rounded and self.fixed is not None:
-                y = np.round(y)  # half to even
-            return y if layer.nd == 2 else y[:, :, 0, :]
-        if kind in ("pool", "affine"):
-            return self._pool_or_affine(layer, x, k, counter, batch)
-        if kind == "threshold":
-            s = (x >= layer.threshold) if self.program.disc.comparison == ">=" else (x > layer.threshold)
-            counter(name, "neuron_updates")[k] = batch * layer.size
-            counter(name, "active_neurons")[k] = np.count_nonzero(x)
-            counter(name, "spikes_out")[k] = np.count_nonzero(s)
-            return s.astype(np.float64)
-        if kind in NEURONS:
-            return self._neuron(layer, x, k, counter, batch, state)
-        raise GraphError(f"node {name!r}: the event engine has no rule for layers of kind {kind!r}")
-
-    def _pool_or_affine(self, layer: Layer, x: np.ndarray, k: int, counter, batch: int) -> np.ndarray:
-        """SumPool2d / AvgPool2d (window sums, computed densely) and Affine / Linear. With spike or graded input an
-        Affine is event-driven: per image, the weight columns of the nonzero inputs times their values. Counts
-        (as the torch engine): ``events_in``; ``pool_adds`` / ``synops`` / ``graded_ops`` = the nonzero synapses
-        of the nonzero inputs, or with analog input every synapse of every input (``pool_adds`` / ``macs``)."""
-        name = layer.name
-        fan = self._fanout[name]
-        counter(name, "events_in")[k] = np.count_nonzero(x)
-        analog = layer.input == "analog"
-        op = "pool_adds" if layer.kind == "pool" else {"spikes": "synops", "graded": "graded_ops"}.get(layer.input,
-                                                                                                    "macs")
-        counter(name, op)[k] = batch * int(fan.sum()) if analog else int(np.where(x != 0, fan, 0).sum())
-        if layer.kind == "pool":
-            (ph, _), (pw, _) = layer.padding
-            y = sum_pool2d(x, layer.kernel, layer.stride, (ph, pw))
-            return y if layer.pool_scale == 1.0 else y * layer.pool_scale
+    def affine(self, layer: Layer, x):
         w = layer.weight
-        if analog or w.ndim != 2:
-            return np.matmul(w, x[..., None])[..., 0] + layer.bias
-        y = np.empty((batch, w.shape[0]))
-        for b in range(batch):
+        if layer.input == "analog" or w.ndim != 2:
+            return super().affine(layer, x)
+        y = np.empty((x.shape[0], w.shape[0]))
+        for b in range(x.shape[0]):
             idx = np.flatnonzero(x[b])
             y[b] = w[:, idx] @ x[b, idx]
         return y + layer.bias
 
-    def _neuron(self, layer: Layer, x: np.ndarray, k: int, counter, batch: int, state: dict) -> np.ndarray:
-        name, kind = layer.name, layer.kind
-        counter(name, "neuron_updates")[k] = batch * layer.size
-        counter(name, "active_neurons")[k] = np.count_nonzero(x)
-        if self.fixed is not None:
-            from neurosdm.quantize import fixed_point_step
+    def _forced(self, layer: Layer, y, s):
+        if self.force_rate is None or layer.kind != "if":
+            return y, s
+        s = self.force_rng.random(s.shape) < self.force_rate
+        return s.astype(np.float64), s
 
-            xi = np.rint(x)
-            if not np.array_equal(xi, x):
-                raise GraphError(f"node {name!r}: fixed-point mode got a non-integer value {x[xi != x].flat[0]!r}")
-            if kind == "if":
-                thr, reset = self._thr_int[name], "hard" if self.program.disc.reset == "zero" else "subtract"
-            else:
-                thr, reset = self._never, "hard"
-            s, v, sat = fixed_point_step(state[name], xi.astype(np.int64), thr, layer.decay_q12, reset,
-                                         self.fixed.state_bits)
-            state[name] = v
-            counter(name, "saturations")[k] = np.count_nonzero(sat)
-            if kind == "if":
-                s = self._forced(s)
-                counter(name, "spikes_out")[k] = np.count_nonzero(s)
-                return s.astype(np.float64)
-            return v.astype(np.float64)
-        disc = self.program.disc
-        y, state[name], s = _neuron_float(layer, x, state[name], disc.comparison, disc.reset)
-        if s is None:
-            return y
-        if kind == "if":
-            s = self._forced(s)
-            y = s.astype(np.float64)
-        counter(name, "spikes_out")[k] = np.count_nonzero(s)
-        return y
+    def neuron(self, layer: Layer, x, state):
+        y, state, s = super().neuron(layer, x, state)
+        y, s = self._forced(layer, y, s)
+        return y, state, s
 
-    def _forced(self, s: np.ndarray) -> np.ndarray:
-        """``s``, or random spikes of its shape at ``_force_rate`` (the benchmark hook; see ``__init__``)."""
-        if self._force_rate is None:
-            return s
-        return self._force_rng.random(s.shape) < self._force_rate
+    def fixed_neuron(self, layer: Layer, x, state):
+        y, state, s, sat = super().fixed_neuron(layer, x, state)
+        if s is not None:
+            y, s = self._forced(layer, y, s)
+        return y, state, s, sat
+
+
+class EventEngine(Engine):
+    """Event-driven simulator of a :class:`Program` (module docstring); ``use_numba``, ``force_rate`` and
+    ``force_seed`` as :class:`EventBackend`."""
+
+    name = "event"
+
+    def __init__(self, program: Program, use_numba: bool | None = None, force_rate: float | None = None,
+                 force_seed: int = 0):
+        super().__init__(program, EventBackend(use_numba, force_rate, force_seed))
+
+    @property
+    def plans(self) -> dict:
+        return self.backend.plans

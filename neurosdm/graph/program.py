@@ -1,0 +1,479 @@
+"""The ONE translation of a NIR graph into an executable program: layers in evaluation order with their
+parameters, shapes checked. Every simulator (the reference, the event and the torch engines) runs a
+:class:`Program`; none reads NIR nodes itself.
+
+Semantics (time is discrete; one call runs ``num_steps`` steps from a zero state; arrays are time-first,
+``[num_steps, batch, *shape]``, and NIR shapes exclude the batch):
+
+- **Edges** are identity connections; several edges into one node are **summed**; a node without incoming edges
+  receives zeros of its input shape. Nested graphs, the evaluation order and back edges: :mod:`.structure`. A back
+  edge delivers its source's output of the **previous** step (zero at step 0).
+- **Shapes** are inferred once, in evaluation order, and every edge is checked: the source's output shape must equal
+  the destination's declared input shape, or, where a node declares none (Conv without ``input_shape``, pooling,
+  Flatten without ``input_type``, nodes whose parameters are all scalars), the shape the first incoming edge brings.
+- ``Input``, ``Output``: ``y = x``. ``Affine``: ``y = W x + b`` (leading weight axes are batched); ``Linear``:
+  ``y = W x``. ``Scale``: ``y = s * x``.
+- ``Conv1d`` / ``Conv2d``: cross-correlation as torch (:mod:`.geometry`), ``padding`` int, per-axis, ``'valid'`` or
+  ``'same'``; a Conv1d runs as a height-1 Conv2d. The declared input channels of a conv are
+  ``weight.shape[1] * groups`` (nir 1.0.8's ``input_type`` is wrong for ``groups > 1``; not used here).
+- ``SumPool2d``: zero padding, then window sums; ``AvgPool2d``: the same divided by ``kh * kw`` (padding counted).
+- ``Flatten(start_dim, end_dim)``: NIR's dims index the **batch-free** shape (``nir.ir.utils.calc_flatten_output``);
+  negative values count from the end. ``torch.nn.Flatten`` counts the batch: readers passing the dims unchanged are
+  off by one. A declared ``output_type`` is checked against this rule.
+- ``Delay(delay)``: ``y[k] = x[k - d]`` per element, ``d = delay / dt`` whole steps ``>= 0`` (else
+  :class:`GraphError`). A Delay whose every element delays by at least one step is **late**: its incoming edges do
+  not constrain the order, it is read from its history and its input is stored after the step, so a cycle through
+  it has exactly its latency. A scalar late Delay must declare its ``input_type``.
+- ``Threshold``: ``y = [x >= threshold]`` (or ``>``, :class:`.dialect.Discretisation`).
+- Neurons (I, IF, LI, LIF, CubaLI, CubaLIF): one step of :mod:`neurosdm.dynamics` with coefficients from ``tau``,
+  ``r``, ``dt`` and the method; IF/LIF/CubaLIF spike, the others output their membrane. NIR's docs fix no
+  discretisation for IF; the frameworks read ``nir.IF`` as ``v <- v + x`` (Norse ignores ``r`` and ``dt``,
+  snnTorch asserts ``r = 1``, spikingjelly writes ``r = 1``), so neurosdm writes ``dt = 1`` and ``r = 1``.
+- Fixed point (:class:`.dialect.FixedPoint`): I, IF and LI only, gain 1, one decay per layer, integer thresholds,
+  ``v_leak = v_reset = 0``; convs in ``round_nodes`` round their output (bias included) half to even.
+
+Layer inputs (``Layer.input``) decide how a layer is computed and counted: ``"spikes"`` (exactly one source, a
+spiking layer or a Flatten / Delay of one), ``"graded"`` (one source, a TSM Scale node of ``scale_tables`` whose own
+source spikes: spikes with a payload), ``"analog"`` (anything else).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nir
+import numpy as np
+
+from neurosdm.dynamics import DECAY_ONE, NeuronParams, Reset, coefficients, state_limit
+from neurosdm.errors import ConfigError, GraphError
+from neurosdm.graph import structure
+from neurosdm.graph.dialect import Discretisation, FixedPoint, table_entry, tables_vary_per_step
+from neurosdm.graph.geometry import as_tuple, conv_padding, fanout, out_size
+from neurosdm.graph.inspect import inspect_nir
+
+__all__ = ["Layer", "Program", "load_program", "KINDS", "SPIKING", "NEURONS", "delay_steps"]
+
+KINDS = {nir.Input: "input", nir.Output: "output", nir.Conv2d: "conv", nir.Conv1d: "gconv", nir.Scale: "scale",
+         nir.IF: "if", nir.LI: "li", nir.I: "i", nir.LIF: "lif", nir.CubaLI: "cubali", nir.CubaLIF: "cubalif",
+         nir.Affine: "affine", nir.Linear: "affine", nir.SumPool2d: "pool", nir.AvgPool2d: "pool",
+         nir.Flatten: "flatten", nir.Threshold: "threshold", nir.Delay: "delay"}
+#: kinds whose output is 0/1 spikes
+SPIKING = ("if", "lif", "cubalif", "threshold")
+#: kinds with a membrane (and, for cubali/cubalif, a synaptic current) that starts at 0 at every call
+NEURONS = ("if", "li", "i", "lif", "cubali", "cubalif")
+
+_ELEMENTWISE_PARAMS = {
+    "Scale": ("scale",), "Threshold": ("threshold",), "I": ("r",), "IF": ("r", "v_threshold", "v_reset"),
+    "LI": ("tau", "r", "v_leak"), "LIF": ("tau", "r", "v_leak", "v_threshold", "v_reset"),
+    "CubaLI": ("tau_syn", "tau_mem", "r", "v_leak", "w_in"),
+    "CubaLIF": ("tau_syn", "tau_mem", "r", "v_leak", "v_threshold", "v_reset", "w_in"),
+    "Delay": ("delay",),
+}
+
+
+@dataclass
+class Layer:
+    """One node, ready to run. Arrays are float64 and full-shaped (per neuron / element) unless said otherwise.
+
+    ``sources``: the nodes whose outputs are summed into this layer's input; ``back[j]``: the edge from
+    ``sources[j]`` is a back edge (previous step's value). conv/gconv: ``weight [Co, Ci/groups, kh, kw]`` (a Conv1d
+    as height 1, ``nd = 1``), ``bias [Co]``, ``stride``, ``padding ((top, bottom), (left, right))``, ``dilation``,
+    ``groups``, ``rounded``. affine: ``weight [..., out, in]``, ``bias [..., out]``. pool: ``kernel``, ``stride``,
+    ``padding``, ``pool_scale``. conv/gconv/pool/affine: ``fanout`` (int64, input shape: the nonzero synapses each
+    input element reaches inside the output; its sum is the layer's MACs per image). threshold: ``threshold``.
+    scale: ``scale``. delay: ``delay`` (int64 steps per element), ``late``. Neurons: ``neuron`` (float
+    :class:`neurosdm.dynamics.NeuronParams`) or, in fixed point, ``threshold_int``, ``decay_q12``, ``reset``.
+    """
+
+    name: str
+    kind: str
+    sources: list[str]
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    input: str = "analog"
+    back: list[bool] = field(default_factory=list)
+    late: bool = False
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    nd: int = 2
+    kernel: tuple[int, int] = (1, 1)
+    pool_scale: float = 1.0
+    rounded: bool = False
+    fanout: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    threshold: np.ndarray | None = None
+    neuron: NeuronParams | None = None
+    threshold_int: Any = None
+    decay_q12: int = DECAY_ONE
+    reset: Reset = Reset.ZERO
+    delay: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.out_shape))
+
+    @property
+    def spiking(self) -> bool:
+        return self.kind in SPIKING
+
+    @property
+    def macs(self) -> int:
+        """Dense synaptic operations of one image and one step (every input, its nonzero fan-out)."""
+        return int(self.fanout.sum()) if self.fanout is not None else 0
+
+
+@dataclass
+class Program:
+    """A graph ready to run: ``layers`` in evaluation order; ``inputs`` / ``outputs``: the top-level Input and
+    Output nodes."""
+
+    layers: list[Layer]
+    metadata: dict
+    num_steps: int
+    disc: Discretisation
+    fixed: FixedPoint | None
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.by_name = {layer.name: layer for layer in self.layers}
+
+    @property
+    def num_diffusion_steps(self) -> int:
+        return int(np.asarray(self.metadata.get("num_diffusion_steps", 1)))
+
+    def step_params(self, t: int) -> list[dict[str, dict[str, np.ndarray]]]:
+        """Parameter overrides at diffusion step ``t`` (the tables of :mod:`.dialect`): a list with one entry per
+        spiking step (a single entry used at every step when nothing varies with the spiking step), each
+        ``{layer: {"bias"|"scale": array}}``."""
+        bias = self.metadata.get("bias_tables", {})
+        scale = self.metadata.get("scale_tables", {})
+        if bias and not 0 <= int(t) < self.num_diffusion_steps:
+            raise ConfigError(f"diffusion step must lie in 0..{self.num_diffusion_steps - 1}, got {t}")
+        out = []
+        for k in range(self.num_steps if tables_vary_per_step(self.metadata) else 1):
+            p: dict[str, dict[str, np.ndarray]] = {}
+            for name, table in bias.items():
+                p[name] = {"bias": np.asarray(table_entry(np.asarray(table, np.float64), int(t), k))}
+            for name, table in scale.items():
+                value = table_entry(np.asarray(table, np.float64).reshape(-1), int(t), k)
+                p[name] = {"scale": np.full(self.by_name[name].in_shape, value)}
+            out.append(p)
+        return out
+
+
+def read_graph(source) -> nir.NIRGraph:
+    """A NIR graph from a file (one-line errors for files nir cannot read) or a graph passed through."""
+    if isinstance(source, nir.NIRGraph):
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise GraphError(f"NIR file not found: {path}")
+    inspect_nir(path)  # one-line errors for files nir cannot read
+    return nir.read(path)
+
+
+def delay_steps(delay, dt: float, name: str) -> np.ndarray:
+    """A Delay node's ``delay / dt`` as whole steps (int64, per element); :class:`GraphError` if any element is
+    negative or not a whole number of steps (to 1e-9 relative)."""
+    d = np.asarray(delay, np.float64) / dt
+    steps = np.rint(d)
+    if not np.all(np.isfinite(d)) or np.any(steps < 0) or \
+            not np.allclose(d, steps, rtol=0, atol=1e-9 * max(1.0, float(np.abs(d).max(initial=0)))):
+        bad = d[~np.isclose(d, steps, rtol=0, atol=1e-9) | (steps < 0)].reshape(-1)
+        raise GraphError(f"node {name!r} (Delay): delay / dt must be a whole number of steps >= 0 for every "
+                         f"element; got {bad[:3].tolist()} steps with dt={dt} (choose --dt to match the delays)")
+    return steps.astype(np.int64)
+
+
+def _shape(value) -> tuple[int, ...] | None:
+    return None if value is None else tuple(int(v) for v in np.asarray(value).reshape(-1))
+
+
+def _type_shape(types, key: str) -> tuple[int, ...] | None:
+    """The shape stored under ``key`` (or the only key) of a nir ``input_type``/``output_type`` dict."""
+    if not isinstance(types, dict) or not types:
+        return None
+    return _shape(types.get(key, next(iter(types.values())) if len(types) == 1 else None))
+
+
+def _declared_input_shape(node) -> tuple[int, ...] | None:
+    """The input shape a node declares (None where it declares none or acts element-wise on any shape)."""
+    kind = type(node).__name__
+    if isinstance(node, (nir.Conv1d, nir.Conv2d)):
+        if node.input_shape is None:
+            return None
+        return (int(node.weight.shape[1]) * int(np.asarray(node.groups).reshape(-1)[0]), *_shape(node.input_shape))
+    if isinstance(node, (nir.Affine, nir.Linear)):
+        return tuple(int(v) for v in node.weight.shape[:-2]) + (int(node.weight.shape[-1]),)
+    if kind in _ELEMENTWISE_PARAMS and all(np.ndim(getattr(node, p)) == 0 for p in _ELEMENTWISE_PARAMS[kind]):
+        return None  # scalar parameters: element-wise on any shape
+    return _type_shape(getattr(node, "input_type", None), "input")
+
+
+def load_program(source: str | os.PathLike | nir.NIRGraph, disc: Discretisation | None = None,
+                 fixed: FixedPoint | None | str = "auto") -> Program:
+    """A :class:`Program` from a NIR file or graph. ``disc`` defaults to the graph's metadata; ``fixed``: the
+    integer arithmetic, ``"auto"`` (from the metadata of a quantised export), None (float) or a
+    :class:`FixedPoint`."""
+    graph = read_graph(source)
+    if not isinstance(graph, nir.NIRGraph):
+        raise GraphError(f"expected a nir.NIRGraph, got {type(graph).__name__}")
+    metadata = dict(graph.metadata or {})
+    disc = disc or Discretisation.from_metadata(metadata)
+    if isinstance(fixed, str):
+        if fixed != "auto":
+            raise ConfigError(f"fixed must be a FixedPoint, None or 'auto', got {fixed!r}")
+        fixed = FixedPoint.from_metadata(metadata)
+    for name, node in structure.flat_nodes(graph):
+        if type(node) not in KINDS:  # exact types: a subclass may mean something else
+            raise GraphError(f"node {name!r} has type {type(node).__name__}, which neurosdm does not support "
+                             f"(supported: {', '.join(sorted({t.__name__ for t in KINDS} | {'NIRGraph'}))})")
+    nodes, edges = structure.flatten(graph)
+    top_inputs = [k for k, n in graph.nodes.items() if isinstance(n, nir.Input)]
+    top_outputs = [k for k, n in graph.nodes.items() if isinstance(n, nir.Output)]
+    if not top_inputs:
+        raise GraphError("the graph has no Input node; add nir.Input nodes for the data it reads")
+    late = {}  # Delays of >= 1 step everywhere: their steps
+    for name, node in nodes.items():
+        if isinstance(node, nir.Delay):
+            steps = delay_steps(node.delay, disc.dt, name)
+            if steps.size and steps.min() >= 1:
+                late[name] = steps
+    late_edges = {i for i, (_, dst) in enumerate(edges) if dst in late}
+    order, back = structure.order(list(nodes), edges, top_inputs, late_edges)
+    incoming: dict[str, list[int]] = {n: [] for n in nodes}
+    for idx, (_, dst) in enumerate(edges):
+        incoming[dst].append(idx)
+    for name in top_inputs:
+        if incoming[name]:
+            raise GraphError(f"Input node {name!r} has incoming edges {[edges[i] for i in incoming[name]]}")
+    scale_tables = set(metadata.get("scale_tables", {}))
+    layers: dict[str, Layer] = {}
+    for name in order:
+        node = nodes[name]
+        declared = _declared_input_shape(node)
+        if name in top_inputs and declared is None:
+            raise GraphError(f"Input node {name!r} declares no shape")
+        if name in late and declared is None:
+            raise GraphError(f"node {name!r} (Delay) has a scalar delay of at least one step and no input_type: "
+                             "it runs before its input is computed, so it must declare its shape (input_type)")
+        arriving = [(edges[i][0], layers[edges[i][0]].out_shape) for i in incoming[name]
+                    if i not in back and i not in late_edges]
+        if declared is None:
+            if arriving:
+                declared = arriving[0][1]
+            else:
+                known = [layers[edges[i][0]].out_shape for i in incoming[name] if edges[i][0] in layers]
+                if not known:
+                    raise GraphError(f"node {name!r} ({type(node).__name__}) declares no input shape and no "
+                                     "feed-forward edge brings one; set its input_type / input_shape")
+                declared = known[0]
+        for src, shape in arriving:
+            if shape != declared:
+                raise GraphError(f"shape mismatch on edge {src!r} -> {name!r}: {src!r} outputs {shape}, "
+                                 f"{name!r} ({type(node).__name__}) expects {declared}")
+        layer = Layer(name, KINDS[type(node)], [edges[i][0] for i in incoming[name]], tuple(declared), (),
+                      back=[i in back for i in incoming[name]], late=name in late)
+        _translate(layer, node, disc, fixed, late.get(name))
+        layers[name] = layer
+    for idx in sorted(back | late_edges):  # recurrent edges and edges into late Delays, now that shapes are known
+        src, dst = edges[idx]
+        if layers[src].out_shape != layers[dst].in_shape:
+            kind = "recurrent edge" if idx in back else "edge"
+            raise GraphError(f"shape mismatch on {kind} {src!r} -> {dst!r}: {src!r} outputs "
+                             f"{layers[src].out_shape}, {dst!r} ({type(nodes[dst]).__name__}) expects "
+                             f"{layers[dst].in_shape}")
+    _classify_inputs(layers, scale_tables)
+    num_steps = int(np.asarray(metadata.get("num_steps", 1)))
+    return Program([layers[n] for n in order], metadata, num_steps, disc, fixed, top_inputs, top_outputs)
+
+
+def _classify_inputs(layers: dict[str, Layer], scale_tables: set) -> None:
+    def carries_spikes(name: str, seen: frozenset = frozenset()) -> bool:
+        """A spiking layer, or a Flatten (a reshape) or Delay of exactly one layer that carries spikes."""
+        layer = layers[name]
+        if layer.kind in SPIKING:
+            return True
+        return layer.kind in ("flatten", "delay") and len(layer.sources) == 1 and name not in seen and \
+            carries_spikes(layer.sources[0], seen | {name})
+
+    for layer in layers.values():
+        if len(layer.sources) != 1:
+            continue
+        src = layer.sources[0]
+        if carries_spikes(src):
+            layer.input = "spikes"
+        elif src in scale_tables and len(layers[src].sources) == 1 and layers[layers[src].sources[0]].kind in SPIKING:
+            layer.input = "graded"
+
+
+def _translate(layer: Layer, node, disc: Discretisation, fixed: FixedPoint | None, late_steps) -> None:
+    """Set ``layer.out_shape`` and its parameters from ``node`` and ``layer.in_shape``."""
+    name, shape, kind = layer.name, layer.in_shape, type(node).__name__
+
+    def p(fieldname, default=None):
+        value = getattr(node, fieldname, None)
+        if value is None:
+            if default is None:
+                raise GraphError(f"node {name!r} ({kind}) has no parameter {fieldname!r}")
+            value = default
+        arr = np.asarray(value, dtype=np.float64)
+        try:
+            return np.broadcast_to(arr, shape).copy()
+        except ValueError:
+            raise GraphError(f"node {name!r} ({kind}): parameter {fieldname!r} has shape {arr.shape}, the node's "
+                             f"input has shape {shape}") from None
+
+    layer.out_shape = shape
+    if layer.kind in ("input", "output"):
+        return
+    if isinstance(node, (nir.Affine, nir.Linear)):
+        w = np.asarray(node.weight, dtype=np.float64)
+        b = getattr(node, "bias", None)
+        layer.weight = w
+        layer.bias = np.zeros(w.shape[:-1]) if b is None else np.broadcast_to(np.asarray(b, np.float64),
+                                                                              w.shape[:-1]).copy()
+        layer.out_shape = tuple(int(v) for v in w.shape[:-1])
+        layer.fanout = (w != 0).sum(axis=-2).astype(np.int64)
+    elif isinstance(node, nir.Scale):
+        layer.scale = p("scale")
+    elif isinstance(node, (nir.Conv1d, nir.Conv2d)):
+        _conv(layer, node, fixed)
+    elif isinstance(node, (nir.SumPool2d, nir.AvgPool2d)):
+        if len(shape) != 3:
+            raise GraphError(f"node {name!r} ({kind}) needs a (C, H, W) input, got {shape}")
+        layer.kernel = as_tuple(node.kernel_size, 2, "kernel_size", name)
+        layer.stride = as_tuple(node.stride if node.stride is not None else layer.kernel, 2, "stride", name)
+        ph, pw = as_tuple(node.padding if node.padding is not None else 0, 2, "padding", name)
+        layer.padding = ((ph, ph), (pw, pw))
+        out_sp = tuple(out_size(n, (q, q), k, 1, s) for n, q, k, s in zip(shape[1:], (ph, pw), layer.kernel,
+                                                                          layer.stride))
+        if min(out_sp) < 1:
+            raise GraphError(f"node {name!r} ({kind}): input {shape} is too small for kernel {layer.kernel}")
+        layer.out_shape = (shape[0], *out_sp)
+        layer.pool_scale = 1.0 if isinstance(node, nir.SumPool2d) else 1.0 / (layer.kernel[0] * layer.kernel[1])
+        layer.fanout = fanout(np.ones((shape[0], 1, *layer.kernel)), shape, layer.stride, layer.padding,
+                              (1, 1), shape[0])
+    elif isinstance(node, nir.Flatten):
+        nd = len(shape)
+        start, end = int(np.asarray(node.start_dim)), int(np.asarray(node.end_dim))
+        s0, e0 = (start + nd if start < 0 else start), (end + nd if end < 0 else end)
+        if not 0 <= s0 <= e0 < nd:
+            raise GraphError(f"node {name!r} (Flatten): start_dim={start}, end_dim={end} do not fit the batch-free "
+                             f"input shape {shape} (NIR's Flatten dims exclude the batch)")
+        out = (*shape[:s0], int(np.prod(shape[s0:e0 + 1])), *shape[e0 + 1:])
+        declared = _type_shape(node.output_type, "output")
+        if declared is not None and declared != out:
+            raise GraphError(f"node {name!r} (Flatten): output_type {declared} disagrees with flattening {shape} "
+                             f"from dim {start} to {end} (= {out})")
+        layer.out_shape = out
+    elif isinstance(node, nir.Threshold):
+        if fixed is not None:
+            raise GraphError(f"node {name!r} ({kind}): fixed-point mode supports the neuron types I, IF and LI")
+        layer.threshold = p("threshold")
+    elif isinstance(node, nir.Delay):
+        steps = late_steps if late_steps is not None else delay_steps(p("delay"), disc.dt, name)
+        layer.delay = np.ascontiguousarray(np.broadcast_to(steps, shape))
+    elif fixed is not None:
+        _fixed_neuron(layer, node, p, disc, fixed)
+    else:
+        _float_neuron(layer, node, p, disc)
+
+
+def _conv(layer: Layer, node, fixed: FixedPoint | None) -> None:
+    name, shape, kind = layer.name, layer.in_shape, type(node).__name__
+    nd = 1 if isinstance(node, nir.Conv1d) else 2
+    w = np.asarray(node.weight, dtype=np.float64)
+    groups = int(np.asarray(node.groups).reshape(-1)[0])
+    if w.ndim != nd + 2 or len(shape) != nd + 1:
+        raise GraphError(f"node {name!r} ({kind}): weight {w.shape} and input {shape} must have "
+                         f"{nd + 2} and {nd + 1} axes")
+    if groups < 1 or w.shape[0] % groups or shape[0] != w.shape[1] * groups:
+        raise GraphError(f"node {name!r} ({kind}): input has {shape[0]} channels, weight {w.shape} with "
+                         f"groups={groups} expects {w.shape[1] * groups} (and C_out divisible by groups)")
+    stride = as_tuple(node.stride, nd, "stride", name)
+    dilation = as_tuple(node.dilation, nd, "dilation", name)
+    padding = conv_padding(node.padding, w.shape[2:], dilation, stride, name)
+    if nd == 1:  # a Conv1d runs as a height-1 Conv2d
+        w, stride, dilation, padding = w[:, :, None, :], (1, *stride), (1, *dilation), ((0, 0), *padding)
+    spatial = shape[1:] if nd == 2 else (1, *shape[1:])
+    out_sp = tuple(out_size(n, pd, k, d, s) for n, pd, k, d, s in zip(spatial, padding, w.shape[2:], dilation, stride))
+    if min(out_sp) < 1:
+        raise GraphError(f"node {name!r} ({kind}): input {shape} is too small for kernel {w.shape[2:]}, "
+                         f"padding {padding}, dilation {dilation}, stride {stride}")
+    layer.out_shape = (int(w.shape[0]), *(out_sp if nd == 2 else out_sp[1:]))
+    if layer.kind == "conv" and (groups != 1 or dilation != (1, 1)):
+        layer.kind = "gconv"
+    layer.nd, layer.groups, layer.dilation, layer.stride, layer.padding = nd, groups, dilation, stride, padding
+    layer.weight = w
+    layer.bias = np.zeros(w.shape[0]) if node.bias is None else \
+        np.broadcast_to(np.asarray(node.bias, np.float64), (w.shape[0],)).copy()
+    layer.rounded = fixed is not None and name in fixed.round_nodes
+    layer.fanout = fanout(w, shape, stride, padding, dilation, groups)
+
+
+def _float_neuron(layer: Layer, node, p, disc: Discretisation) -> None:
+    """:class:`NeuronParams` of a float neuron layer; terms that are exactly neutral are left out (exact)."""
+    def neutral(a, value):
+        return None if np.all(a == value) else a
+
+    cuba = isinstance(node, (nir.CubaLI, nir.CubaLIF))
+    n = NeuronParams(reset=disc.reset_kind, strict=disc.strict, cuba=cuba)
+    if isinstance(node, (nir.I, nir.IF)):
+        n.gain = neutral(p("r") * disc.dt, 1.0)
+    else:
+        tau = p("tau_mem") if cuba else p("tau")
+        decay, gain = coefficients(tau, p("r"), disc.dt, disc.method)
+        n.decay, n.gain = neutral(decay, 1.0), neutral(gain, 1.0)
+        n.leak = neutral((1.0 - decay) * p("v_leak"), 0.0)
+    if cuba:
+        syn_decay, syn_gain = coefficients(p("tau_syn"), p("w_in", 1.0), disc.dt, disc.method)
+        n.syn_decay, n.syn_gain = neutral(syn_decay, 1.0), neutral(syn_gain, 1.0)
+    if layer.kind in SPIKING:
+        n.threshold, n.v_reset = p("v_threshold"), p("v_reset", 0.0)
+    layer.neuron = n
+
+
+def _fixed_neuron(layer: Layer, node, p, disc: Discretisation, fixed: FixedPoint) -> None:
+    """Fixed-point parameters of an I / IF / LI layer (:class:`FixedPoint`)."""
+    name = layer.name
+    if not isinstance(node, (nir.I, nir.IF, nir.LI)):
+        raise GraphError(f"node {name!r} ({type(node).__name__}): fixed-point mode supports the neuron types I, IF "
+                         "and LI")
+    if disc.method != "euler" or disc.comparison != ">=":
+        raise GraphError("fixed-point mode needs the euler discretisation and the '>=' comparison")
+    r = p("r")
+    if isinstance(node, nir.LI):
+        tau = p("tau")
+        if np.any(p("v_leak") != 0):
+            raise GraphError(f"node {name!r}: fixed-point mode needs v_leak = 0")
+        gain, decay = r * disc.dt / tau, 1.0 - disc.dt / tau
+    else:
+        gain, decay = r * disc.dt, np.ones(layer.in_shape)
+    if not np.allclose(gain, 1.0, rtol=0, atol=1e-9):
+        raise GraphError(f"node {name!r}: fixed-point mode needs an input gain of 1 (r dt / tau), got "
+                         f"{np.unique(gain)[:3]}")
+    dq = np.unique(np.rint(np.asarray(decay) * DECAY_ONE).astype(np.int64))
+    if dq.size != 1:
+        raise GraphError(f"node {name!r}: fixed-point mode needs one decay per node, got {dq[:3]}")
+    layer.decay_q12 = int(dq[0])
+    if isinstance(node, nir.IF):
+        if np.any(p("v_reset", 0.0) != 0):
+            raise GraphError(f"node {name!r}: fixed-point mode needs v_reset = 0")
+        thr = p("v_threshold")
+        if not np.array_equal(thr, np.rint(thr)):
+            bad = thr[np.rint(thr) != thr].flat[0]
+            raise GraphError(f"node {name!r}: fixed-point mode got a non-integer value {bad!r} (threshold)")
+        layer.threshold_int = thr.astype(np.int64)
+        layer.reset = disc.reset_kind
+    else:  # I / LI never fire: the output is the state
+        layer.threshold_int = state_limit(fixed.state_bits) + 1
+        layer.reset = Reset.ZERO
