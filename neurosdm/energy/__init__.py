@@ -11,9 +11,6 @@ from neurosdm.energy.baselines import (PAPER_ANN_MJ, PAPER_SNN_MJ, ann_baseline,
                                        model_macs, paper_check, paper_energy, program_macs, snn_to_ann_ratio,
                                        with_ann_baseline)
 from neurosdm.energy.pricing import PLACEMENT_LAYER_KEYS, estimate, price_all, report_csv
-# transitional, for simulators/event.py's old `from neurosdm.energy import _valid_taps`; remove once it imports
-# neurosdm.graph.geometry.valid_taps
-from neurosdm.graph.geometry import valid_taps as _valid_taps  # noqa: F401
 from neurosdm.hardware.profiles import (CANONICAL, CONST_KEYS, EVIDENCE, PROFILE_DIR, SECTIONS, TERMS, TOP_KEYS,
                                         Constant, Profile, list_profiles, load_profile)
 from neurosdm.simulators.activity import add_state_updates, add_synapse_events, state_updates, synapse_events

@@ -1,7 +1,7 @@
 """ANN baselines and the SDM paper's energy formula, beside the pricing of a run (:mod:`neurosdm.energy.pricing`).
 
 ANN baselines (:func:`ann_baseline`): the same architecture with every synapse a dense MAC, evaluated once per
-network call (not once per spiking step), from an exported :class:`~neurosdm.simulators.program.Program`
+network call (not once per spiking step), from an exported :class:`~neurosdm.graph.program.Program`
 (:func:`program_macs`: nonzero weights x valid positions, structural zeros and padding excluded, i.e. RunStats'
 ``macs`` formula with an all-ones input: :func:`neurosdm.graph.geometry.fanout` summed) or from a torch model
 (:func:`model_macs`, forward hooks; ``padding`` "dense" counts every tap as thop-style FLOP counters do, "valid"
@@ -24,9 +24,9 @@ from torch import nn
 from neurosdm.config import preset
 from neurosdm.errors import ConfigError
 from neurosdm.graph.geometry import fanout, valid_taps
+from neurosdm.graph.program import Program
 from neurosdm.hardware.profiles import Profile, load_profile
 from neurosdm.models.spiking_unet import SpikingUNet
-from neurosdm.simulators.program import Program
 from neurosdm.simulators.run import host_counts
 
 __all__ = ["program_macs", "model_macs", "ann_baseline", "ann_per_image", "snn_to_ann_ratio", "with_ann_baseline",
