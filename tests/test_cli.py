@@ -128,3 +128,42 @@ def test_init_takes_architecture_from_checkpoint(tmp_path, monkeypatch, sdm_refe
     m = seen["cfg"].model
     assert (m.ch, list(m.ch_mult), m.tsm, m.num_steps) == (16, [1, 2], True, 4)
     assert seen["init"] == str(sdm_reference / "ckpt.pt") and seen["cfg"].train.steps == 3
+
+
+def test_compare_sampler_choices_come_from_the_library(tmp_path, monkeypatch):
+    """`compare --sampler`: every sampler of neurosdm.diffusion.samplers.SAMPLERS that needs no Gamma table reaches
+    neurosdm.compare.compare as given; others are usage errors (exit 2)."""
+    from neurosdm.diffusion.samplers import SAMPLERS
+
+    seen = []
+
+    def fake_compare(source, out, num_images, steps, seed, sampler, *args, **kw):
+        seen.append(sampler)
+        return {"program": "p", "pairs": {}, "spike_agreement": {}, "engine_outputs_bit_identical": True,
+                "counts_equal": True, "spikes_compared": 0, "seconds_per_image": {}}
+
+    monkeypatch.setattr("neurosdm.compare.compare", fake_compare)
+    table_free = [s for s in SAMPLERS if not s.startswith("analytic")]
+    assert {"ddpm", "ddim", "dpm-solver"} <= set(table_free)
+    for sampler in table_free:
+        r = invoke("compare", tmp_path / "x.nir", "--sampler", sampler, "--out", tmp_path)
+        assert r.exit_code == 0, r.output
+    assert seen == table_free
+    for sampler in ("euler", "analytic-ddpm"):
+        r = invoke("compare", tmp_path / "x.nir", "--sampler", sampler, "--out", tmp_path)
+        assert r.exit_code == 2 and seen == table_free
+
+
+def test_energy_csv_is_the_library_csv_of_the_job_report(tmp_path, monkeypatch):
+    """`energy --csv` prints neurosdm.energy.report_csv of what neurosdm.jobs.energy_report returns, as is."""
+    from neurosdm.energy import report_csv
+
+    report = {"layers": [{"layer": "c1", "kind": "conv", "terms": {"synop": {"count": 3, "pj": 1.5}}}],
+              "host": {"terms": {"mac": {"count": 2, "pj": 4.0}}}, "static": {"pj": 9.0},
+              "unpriced": [{"where": "c1", "term": "spike", "count": 7}]}
+    handed = {}
+    monkeypatch.setattr("neurosdm.jobs.energy_report", lambda file, **kw: handed.update(file=file, **kw) or report)
+    r = invoke("energy", tmp_path / "stats.json", "--profile", "loihi", "--csv")
+    assert r.exit_code == 0, r.output
+    assert r.stdout_bytes.decode() == report_csv(report)
+    assert handed["file"] == tmp_path / "stats.json" and handed["profile"] == "loihi" and handed["steps"] == 10

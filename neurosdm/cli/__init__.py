@@ -1,0 +1,48 @@
+"""The ``neurosdm`` command: one module per command group, each command declares its options, hands them to one
+function (of :mod:`neurosdm.jobs` when the job needs several library calls, else the library function itself)
+and renders what it returns.
+
+- ``model``: train, sample, info, gamma, convert (the GPU path)
+- ``export``: export, inspect (the NIR exchange format)
+- ``simulate``: simulate, compare, demo (the exported graph on the engines)
+- ``energy``: energy, profiles (pricing on hardware profiles)
+- ``evaluate``: evaluate, sweep (FID and IS)
+- ``common``: consoles, progress bar, the one-line user error, shared tables and help texts
+
+Import rule: a command module imports at its top only typer, rich, the leaves (``neurosdm.errors``,
+``neurosdm.io``) and ``neurosdm.cli.common``; every other neurosdm import sits inside the command function that
+uses it, only so that ``neurosdm --help`` does not load torch. Those lazy imports are neurosdm library imports and
+nothing else. User errors (:class:`neurosdm.errors.NeuroSDMError`) print ``error: ...`` in one line and exit 1;
+usage errors are typer's (exit 2).
+"""
+
+from __future__ import annotations
+
+import typer
+
+from neurosdm.cli import energy, evaluate, export, model, simulate
+from neurosdm.cli.common import DEFAULT_CKPT, fail
+from neurosdm.errors import NeuroSDMError
+
+__all__ = ["DEFAULT_CKPT", "app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Spiking diffusion models from the GPU to neuromorphic hardware.")
+
+for command in (model.train, model.sample, model.info, simulate.demo, export.export, export.inspect,
+                simulate.simulate, simulate.compare, energy.energy, energy.profiles, evaluate.evaluate,
+                evaluate.sweep, model.gamma, model.convert):  # the order of `neurosdm --help`
+    app.command()(command)
+
+
+def main() -> None:
+    """Entry point. Usage errors are typer's (usage line, exit 2); user errors print one line and exit 1;
+    Ctrl-C exits with typer's "Aborted!" (outputs are written atomically, so nothing is left half-written)."""
+    try:
+        app()
+    except NeuroSDMError as e:
+        fail(e)
+
+
+if __name__ == "__main__":
+    main()

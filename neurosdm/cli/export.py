@@ -1,0 +1,101 @@
+"""The exchange format: ``export`` (to NIR or lava-dl netx) and ``inspect``."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from neurosdm.cli.common import console, say
+
+
+class ExportFormat(str, Enum):
+    nir = "nir"
+    lava = "lava"
+
+
+class Quantize(str, Enum):
+    none = "none"
+    int8 = "int8"
+
+
+class Junctions(str, Enum):
+    scale = "scale"
+    edges = "edges"
+
+
+class PeerReader(str, Enum):
+    spikingjelly = "spikingjelly"
+    norse = "norse"
+    snntorch = "snntorch"
+
+
+def export(
+    ckpt: Path = typer.Argument(..., help="checkpoint (neurosdm, SDM or SDDPM layout, TSM or not)"),
+    to: ExportFormat = typer.Option(..., "--to", help="output format (nir: core-NIR graph | lava: lava-dl netx HDF5 "
+                                    "of the feed-forward chain, int8; CKPT may then be an int8 .nir file)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="output file (default: CKPT with suffix .nir; "
+                                       "DIR/model.nir for a run directory)"),
+    quantize: Quantize = typer.Option(Quantize.none, help="none: float32 graph | int8: Loihi-style fixed point "
+                                      "(8-bit weights, 24-bit state), calibrated on real images"),
+    calibration: Optional[str] = typer.Option(None, help="dataset for int8 calibration (default: the checkpoint's "
+                                              "training set, else the built-in sample)"),
+    data_dir: Optional[str] = typer.Option(None, help="where the calibration dataset lives"),
+    calibration_images: int = typer.Option(64, help="images for int8 calibration (noised at 8 diffusion steps)"),
+    junctions: Junctions = typer.Option(Junctions.scale, help="scale: identity Scale nodes sum residual streams | "
+                                        "edges: sums as fan-in edges (for NIR readers without Scale)"),
+    peer: Optional[PeerReader] = typer.Option(None, "--peer", help="rewrite the graph for this framework's own NIR "
+                                              "reader (docs/peer-readers.md); neurosdm's engines read the plain "
+                                              "export"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
+):
+    """Export a checkpoint as a NIR graph (EMA weights, biases of diffusion step 0, all steps in metadata), or with
+    --to lava its feed-forward chain as a lava-dl netx file (docs/lava.md)."""
+    if to == ExportFormat.lava:
+        from neurosdm.exporters.lava import export_lava
+
+        path, chain = export_lava(ckpt, out, force=force, calibration=calibration, data_dir=data_dir,
+                                  calibration_images=calibration_images)
+        layers = ", ".join(f"{layer.conv} -> {layer.neuron}" for layer in chain.layers)
+        say(f"wrote {path}: lava-dl netx, input = spikes of {chain.input_node}, {len(chain.layers)} layers "
+            f"({layers}); stopped at {chain.stop_node}: {chain.stop_reason}")
+        return
+    from neurosdm import jobs
+
+    path, totals = jobs.export_nir(ckpt, out, quantize=quantize.value, force=force, calibration=calibration,
+                                   data_dir=data_dir, calibration_images=calibration_images,
+                                   junctions=junctions.value, peer=peer.value if peer is not None else None)
+    q = totals["metadata"].get("quant")
+    detail = (f"; int8, state unit 2^{int(q['state_exponent'])}, calibrated on {int(q['calibration']['images'])} "
+              f"images" if isinstance(q, dict) else "")
+    say(f"wrote {path}: {totals['nodes']} nodes, {totals['edges']} edges, {totals['file_bytes'] / 1e6:.2f} MB{detail}")
+
+
+def inspect(file: Path = typer.Argument(..., help="NIR file (.nir)")):
+    """List the nodes of a NIR file (type, shape, synapses, fan-in, parameters) and check its edges."""
+    from neurosdm.graph.inspect import inspect_nir
+
+    rows, totals = inspect_nir(file)
+    table = Table(title=str(file))
+    for col in ("node", "type", "shape", "synapses", "fan-in", "params"):
+        table.add_column(col, justify="right" if col in ("synapses", "fan-in", "params") else "left")
+    for r in rows:
+        table.add_row(r["name"], r["type"], r["shape"], f"{r['synapses']:,}", str(r["fan_in"]), f"{r['params']:,}")
+    console.print(table)
+    md = totals["metadata"]
+    src = md.get("source_checkpoint")
+    say(f"{totals['nodes']} nodes, {totals['edges']} edges, {totals['synapses']:,} synapses, {totals['params']:,} "
+        f"stored parameters, {totals['file_bytes'] / 1e6:.2f} MB; edges valid" + (f"; from {src}" if src else ""))
+    q = md.get("quant")
+    if isinstance(q, dict):
+        say(f"fixed point: {int(q['weight_bits'])}-bit weight mantissas (exponents "
+            f"{min(q['weight_exponents'].values())}..{max(q['weight_exponents'].values())}), "
+            f"{int(q['state_bits'])}-bit state in units of 2^{int(q['state_exponent'])}, "
+            f"{int(q['input_bits'])}-bit input in units of 2^{int(q['input_exponent'])}, "
+            f"{len(q['round_nodes'])} convs rounding graded inputs")
+    if md.get("scale_tables"):
+        say(f"TSM: {len(md['scale_tables'])} per-step input scales and per-step biases in the metadata "
+            "(apply with neurosdm.exporters.nir.graph_at)")

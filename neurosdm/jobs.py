@@ -1,0 +1,249 @@
+"""The CLI's jobs that need more than one library call, one function each: it loads, runs, writes its data files
+and returns what the command shows; it never prints. Messages go through a ``say(line)`` callback and progress
+through ``wrap(iterable) -> iterable`` wrappers (or a ``progress(description) -> wrap`` factory where the
+description is only known inside). :mod:`neurosdm.cli` declares the options, calls one of these (or one library
+function) and renders the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from neurosdm import config as C
+from neurosdm import train as T  # T.train looked up at call time (tests replace neurosdm.train.train)
+from neurosdm.checkpoint import load_checkpoint, load_model
+from neurosdm.data import load_dataset
+from neurosdm.diffusion import GaussianDiffusion
+from neurosdm.diffusion.analytic import estimate_gamma, load_gamma, save_gamma
+from neurosdm.diffusion.samplers import DPM_SOLVER_ORDERS, SAMPLERS
+from neurosdm.distributed import process_group
+from neurosdm.energy import estimate, with_ann_baseline
+from neurosdm.errors import ConfigError
+from neurosdm.exporters.pipeline import export_checkpoint
+from neurosdm.exporters.rewrite import write_for_peer
+from neurosdm.graph.inspect import inspect_nir
+from neurosdm.graph.program import load_program
+from neurosdm.io import atomic_path, image_grid, save_npy, save_png
+from neurosdm.sample import sample_to_dir
+from neurosdm.simulators.foreign import (describe_discretisation, load_any, load_foreign_input, save_foreign_outputs,
+                                         save_foreign_spikes_nird, simulate_foreign)
+from neurosdm.simulators.run import is_denoiser_export, save_spikes_nird, simulate_sharded
+from neurosdm.simulators.run import simulate as simulate_images
+from neurosdm.simulators.stats import RunStats
+
+Say = Callable[[str], None]
+
+__all__ = ["Simulation", "check_sampler", "energy_report", "export_nir", "gamma", "needs_gamma", "run_foreign",
+           "sample", "simulate", "train"]
+
+
+def train(out: Path, preset: str = "tiny", dataset: Optional[str] = None, steps: Optional[int] = None,
+          batch_size: Optional[int] = None, lr: Optional[float] = None, num_steps: Optional[int] = None,
+          tsm: Optional[bool] = None, head: Optional[str] = None, data_dir: Optional[str] = None,
+          init: Optional[Path] = None, qat: bool = False, qat_bits: Optional[int] = None, ann: bool = False,
+          ann_bits: Optional[int] = None, seed: Optional[int] = None, bf16: Optional[bool] = None,
+          ckpt_every: Optional[int] = None, sample_every: Optional[int] = None, sample_images: int = 64,
+          resume: bool = True, device: str = "cpu", progress=None) -> Path:
+    """``neurosdm train``: the preset (architecture and schedule from ``init`` when given), the options that are
+    not None on top, then :func:`neurosdm.train.train` (under torchrun on this rank's device). Returns the
+    checkpoint path."""
+    if qat_bits is not None and not qat:
+        raise ConfigError("--qat-bits needs --qat")
+    if ann_bits is not None and not ann:
+        raise ConfigError("--ann-bits needs --ann")
+    if ann and num_steps is None:
+        num_steps = 1  # the ANN runs one step
+    base = C.preset(preset)
+    if init:  # the architecture and schedule come from the checkpoint whose weights we start from
+        init_cfg = load_checkpoint(init).config
+        base.model, base.diffusion = init_cfg.model, init_cfg.diffusion
+    cfg = T.config_with_overrides(
+        base, **{"train.dataset": dataset, "train.steps": steps, "train.batch_size": batch_size,
+                 "train.lr": lr, "model.num_steps": num_steps, "model.tsm": tsm, "model.head": head,
+                 "train.data_dir": data_dir, "train.seed": seed, "train.bf16": bf16,
+                 "train.ckpt_every": ckpt_every, "train.sample_every": sample_every,
+                 "train.qat": qat or None, "train.qat_weight_bits": qat_bits,
+                 "model.qcfs_bits": ann_bits, "model.activation": "qcfs" if ann else None})
+    with T.distributed(device) as dev:
+        return T.train(cfg, out, resume=resume, init=str(init) if init else None, device=dev, progress=progress,
+                       num_sample_images=sample_images)
+
+
+def needs_gamma(sampler: str) -> bool:
+    """Whether ``sampler`` needs a Gamma table (the analytic samplers, :mod:`neurosdm.diffusion.analytic`)."""
+    return sampler.startswith("analytic")
+
+
+def check_sampler(sampler: str, order: int, gamma_file: Optional[Path], source: Path, steps: int):
+    """Check ``--sampler`` (one of :data:`neurosdm.diffusion.samplers.SAMPLERS`), ``--order`` and ``--gamma``;
+    returns the analytic samplers' Gamma table (or None)."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    if order not in DPM_SOLVER_ORDERS:
+        raise ConfigError(f"--order must be 1, 2 or 3, got {order}")
+    if gamma_file is not None:
+        if not gamma_file.is_file():
+            raise ConfigError(f"Gamma table not found: {gamma_file} (make one with `neurosdm gamma CKPT --dataset "
+                              "NAME`)")
+        return load_gamma(gamma_file)
+    if needs_gamma(sampler):
+        raise ConfigError(f"--sampler {sampler} needs --gamma FILE.npz: estimate it once with `neurosdm gamma "
+                          f"{source} --dataset NAME --steps {steps} --out gamma.npz`")
+    return None
+
+
+def sample(ckpt: Path, out: Path, num_images: int = 64, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+           order: int = 3, gamma_file: Optional[Path] = None, seed: int = 0, threshold_scale: float = 1.0,
+           batch_size: int = 64, device: str = "cpu", progress=None) -> Optional[Path]:
+    """``neurosdm sample``: the sampler options checked, then :func:`neurosdm.sample.sample_to_dir` (under torchrun
+    each rank samples its share, rank 0 merges; ``progress`` shows on rank 0). Returns the PNG path on rank 0,
+    None on the other ranks."""
+    table = check_sampler(sampler, order, gamma_file, ckpt, steps)
+    with process_group(device) as world:
+        return sample_to_dir(ckpt, out, num_images, seed=seed, sampler=sampler, num_sample_steps=steps, eta=eta,
+                             threshold_scale=threshold_scale, batch_size=batch_size, device=world.device,
+                             progress=progress if world.is_main else None, order=order, gamma=table, world=world)
+
+
+def gamma(ckpt: Path, dataset: str, out: Path, steps: int = 50, num_samples: int = 100,
+          data_dir: Optional[str] = None, seed: int = 0) -> tuple[list[int], torch.Tensor]:
+    """``neurosdm gamma``: Analytic-DPM's Gamma_t at the timesteps of a ``steps``-step sampler, estimated on the
+    training data of ``dataset``, written to ``out``. Returns ``(timesteps, values)``."""
+    model, config = load_model(ckpt)
+    model.eval()
+    data = load_dataset(dataset, data_dir, split="train", image_size=config.model.image_size)
+    diffusion = GaussianDiffusion(config.diffusion)
+    timesteps = diffusion.timesteps(steps)
+    with torch.no_grad():
+        values = estimate_gamma(model, data, diffusion, timesteps, num_samples,
+                                generator=torch.Generator().manual_seed(seed))
+    with atomic_path(out) as tmp:
+        save_gamma(tmp, timesteps, values, diffusion.num_diffusion_steps, num_samples)
+    return timesteps, values
+
+
+def export_nir(ckpt: Path, out: Optional[Path] = None, quantize: str = "none", force: bool = False,
+               calibration: Optional[str] = None, data_dir: Optional[str] = None, calibration_images: int = 64,
+               junctions: str = "scale", peer: Optional[str] = None) -> tuple[Path, dict]:
+    """``neurosdm export --to nir``: export (rewritten for ``peer``'s NIR reader when given; the file is removed
+    if that fails), then inspect it. Returns ``(path, totals)`` of :func:`neurosdm.graph.inspect.inspect_nir`."""
+    path = export_checkpoint(ckpt, out, quantize=quantize, force=force, calibration=calibration, data_dir=data_dir,
+                             calibration_images=calibration_images, junctions=junctions)
+    if peer is not None:
+        write_for_peer(path, peer, discard_on_error=True)
+    _, totals = inspect_nir(path)
+    return path, totals
+
+
+@dataclass
+class Simulation:
+    """What ``neurosdm simulate`` ran: the engine, its counts, whether the graph was foreign (outputs.npz) or a
+    denoiser (images), and the spiking layers written to spikes.nird for a foreign graph (None: not written)."""
+
+    engine: str
+    stats: RunStats
+    foreign: bool
+    spike_layers: Optional[list[str]] = None
+
+
+def run_foreign(file: Path, program, origin: dict, engine: Optional[str], input: Optional[Path], device: str,
+                record: bool, say: Say) -> tuple[str, dict, RunStats]:
+    """Read the input of a foreign graph, say the discretisation, run it (default engine: torch). Returns
+    ``(engine name, result, stats)``."""
+    if input is None:
+        inp = program.by_name[program.inputs[0]] if len(program.inputs) == 1 else None
+        shape = f" [T, B, {', '.join(map(str, inp.in_shape))}]" if inp is not None else ""
+        raise ConfigError(f"{file.name} is not a neurosdm denoiser export: give its input with --input FILE "
+                          f"(.npy/.npz{shape}, or NIR data)")
+    name = engine or "torch"
+    x = load_foreign_input(input, program)
+    say(describe_discretisation(program, origin))
+    say(f"running {file.name} on the {name} engine: {x.shape[0]} steps x {x.shape[1]} sample(s) from {input.name}")
+    res, stats = simulate_foreign(program, x, name, device, record=record)
+    stats.meta.update(input=str(input), graph_file=str(file))
+    return name, res, stats
+
+
+def simulate(file: Path, out: Path, engine: Optional[str] = None, num_images: int = 4, sampler: str = "ddim",
+             steps: int = 20, seed: int = 0, eta: float = 0.0, order: int = 3, gamma_file: Optional[Path] = None,
+             batch_size: int = 16, device: str = "cpu", save_spikes: bool = False,
+             threshold_scale: Optional[float] = None, input: Optional[Path] = None, dt: Optional[float] = None,
+             method: Optional[str] = None, reset: Optional[str] = None, comparison: Optional[str] = None,
+             progress: Optional[Callable[[str], Callable]] = None, say: Say = lambda line: None
+             ) -> Optional[Simulation]:
+    """``neurosdm simulate``: a denoiser export generates images inside the sampler (images.npy, images.png,
+    stats.json; under torchrun each rank runs its share and rank 0 merges, the others return None); a foreign graph
+    runs once on ``input`` (outputs.npz, stats.json). ``save_spikes``: also spikes.nird. ``progress(description)``
+    makes the progress wrapper of the denoiser run."""
+    program, origin = load_any(file, dt, method, reset, comparison)
+    if origin is not None:
+        if threshold_scale is not None:
+            raise ConfigError("--threshold-scale needs a neurosdm denoiser export (its metadata records the "
+                              "threshold)")
+        name, res, stats = run_foreign(file, program, origin, engine, input, device, save_spikes, say)
+        save_foreign_outputs(res, out / "outputs.npz")
+        stats.save(out / "stats.json")
+        layers = save_foreign_spikes_nird(res, program, out / "spikes.nird") if save_spikes else None
+        return Simulation(name, stats, foreign=True, spike_layers=layers)
+    if input is not None:
+        raise ConfigError("--input is for foreign graphs; a neurosdm denoiser export generates images from noise")
+    engine = engine or "event"
+    table = check_sampler(sampler, order, gamma_file, file, steps)
+    with process_group(device) as world:  # under torchrun: each rank runs its share, rank 0 merges
+        res = simulate_sharded(program, engine, num_images, sampler, steps, seed, eta, batch_size, world.device,
+                               record=save_spikes, threshold_scale=threshold_scale,
+                               progress=progress(f"{engine} engine") if progress and world.is_main else None,
+                               world=world, shard_dir=out, order=order, gamma=table)
+    if res is None:
+        return None
+    images, stats, den = res
+    save_npy(images.numpy(), out / "images.npy")
+    save_png(image_grid(images.numpy()), out / "images.png")
+    stats.save(out / "stats.json")
+    if save_spikes:
+        save_spikes_nird(den, program, out / "spikes.nird")
+    return Simulation(engine, stats, foreign=False)
+
+
+def energy_report(file: Path, profile: str = "loihi2", baseline: str = "cmos45-fp32", host: Optional[str] = None,
+                  graph: Optional[Path] = None, num_images: int = 1, steps: int = 10, seed: int = 0,
+                  input: Optional[Path] = None, dt: Optional[float] = None, method: Optional[str] = None,
+                  reset: Optional[str] = None, comparison: Optional[str] = None,
+                  say: Say = lambda line: None) -> dict:
+    """``neurosdm energy``: the counts (a stats.json of ``neurosdm simulate``; or the event engine on a denoiser
+    .nir, DDIM; or the torch engine on a foreign .nir with ``input``), priced on ``profile``
+    (:func:`neurosdm.energy.estimate`), with the ANN baseline on ``baseline`` when the denoiser graph is known
+    (:func:`neurosdm.energy.with_ann_baseline`). Returns the report dict (``foreign``: True for a foreign graph)."""
+    if not file.exists():
+        raise ConfigError(f"file not found: {file}")
+    program = None
+    if file.suffix == ".json":
+        try:
+            stats = RunStats.load(file)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ConfigError(f"{file} is not a RunStats file written by `neurosdm simulate`: {e}") from None
+        if graph is not None:
+            program = load_program(graph)
+            if not is_denoiser_export(program):
+                program = None  # a foreign graph: no ANN baseline
+    else:
+        program, origin = load_any(file, dt, method, reset, comparison)
+        if origin is not None:
+            _, _, stats = run_foreign(file, program, origin, None, input, "cpu", False, say)
+            program = None
+        else:
+            if input is not None:
+                raise ConfigError("--input is for foreign graphs; a neurosdm denoiser export generates from noise")
+            say(f"simulating {file.name} on the event engine: {num_images} image(s), DDIM {steps} steps, seed {seed}")
+            _, stats, _ = simulate_images(program, "event", num_images, "ddim", steps, seed)
+    report = estimate(stats, profile, host)
+    if stats.meta.get("graph") == "foreign":
+        report["foreign"] = True
+    if program is not None:
+        report = with_ann_baseline(report, program, baseline)
+    return report
+
