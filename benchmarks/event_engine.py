@@ -74,8 +74,8 @@ def main(argv=None) -> int:
 
     from neurosdm.data import load_dataset
     from neurosdm.diffusion.schedules import GaussianDiffusion
-    from neurosdm.exporters.fixed_point import quantize_input
-    from neurosdm.exporters.nir import export_checkpoint
+    from neurosdm.exporters.pipeline import export_checkpoint
+    from neurosdm.graph.dialect import quantize_input
     from neurosdm.simulators.event import HAVE_NUMBA, EventEngine, _scatter
     from neurosdm.simulators.program import load_program
     from neurosdm.simulators.run import config_of

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, machine_info, machine_line, markdown_table, write_json_atomic  # noqa: E402
 
 from neurosdm.checkpoint import load_model  # noqa: E402
-from neurosdm.exporters.nir import export_checkpoint  # noqa: E402
+from neurosdm.exporters.pipeline import export_checkpoint  # noqa: E402
 from neurosdm.sample import generate  # noqa: E402
 from neurosdm.simulators import run as r  # noqa: E402
 from neurosdm.simulators.program import load_program  # noqa: E402

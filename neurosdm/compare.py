@@ -39,7 +39,8 @@ def _program_from(source: Path, calibration, data_dir, calibration_images: int, 
     if source.suffix == ".nir":
         return load_program(source), None, f"{source.name}"
     from neurosdm.checkpoint import build_model, load_checkpoint
-    from neurosdm.exporters.nir import _quantize, to_nir_graph
+    from neurosdm.exporters.nir import to_nir_graph
+    from neurosdm.exporters.pipeline import quantize_export
 
     ckpt = load_checkpoint(source)
     state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
@@ -47,7 +48,7 @@ def _program_from(source: Path, calibration, data_dir, calibration_images: int, 
     if graph_file is not None:
         return load_program(graph_file), (model, ckpt.config), f"{source.name}, {Path(graph_file).name}"
     graph, md = to_nir_graph(model, diffusion=ckpt.config.diffusion, dtype=np.float64)
-    graph, md = _quantize(graph, md, ckpt.config, calibration, data_dir, calibration_images, seed=0)
+    graph, md = quantize_export(graph, md, ckpt.config, calibration, data_dir, calibration_images, seed=0)
     return load_program(graph), (model, ckpt.config), f"{source.name}, int8 export in memory"
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import nir
 import numpy as np
 
 from neurosdm.errors import QuantizationError
@@ -195,8 +196,6 @@ def loihi_params_from_nir(node, dt: float = 1.0, unit_exponent: int = 0, bias=No
     (the graph's reset rule: ``"subtract"`` raises). A CubaLIF's bias enters Lava's ``v`` directly, not through
     the current. Gains other than 1 (fold them into the weights first), other node types and the
     non-representable values of :func:`loihi_params` raise :class:`QuantizationError`."""
-    import nir
-
     e = int(unit_exponent)
     kind = type(node).__name__
     if not isinstance(node, (nir.IF, nir.LIF, nir.CubaLIF)):

@@ -27,7 +27,7 @@ def run_demo(ckpt, out_dir, num_images: int = 4, steps: int = 20, seed: int = 0,
     """Run every stage for ``ckpt`` into ``out_dir``; returns the path of ``report.html``."""
     from neurosdm.checkpoint import file_sha256
     from neurosdm.compare import compare
-    from neurosdm.exporters.nir import export_checkpoint
+    from neurosdm.exporters.pipeline import export_checkpoint
     from neurosdm.simulators.program import load_program
     from neurosdm.simulators.stats import RunStats
 

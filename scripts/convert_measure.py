@@ -30,10 +30,11 @@ from neurosdm.config import ModelConfig
 from neurosdm.convert import convert_model, finetune
 from neurosdm.data import load_dataset
 from neurosdm.diffusion import GaussianDiffusion
-from neurosdm.exporters.nir import run_reference, to_nir_graph
+from neurosdm.exporters.nir import to_nir_graph
 from neurosdm.io import atomic_path
 from neurosdm.models import SpikingUNet
 from neurosdm.neurons import QCFS
+from neurosdm.simulators.reference import run_reference
 
 
 class _ClipOnly(torch.nn.Module):

@@ -29,7 +29,7 @@ def main() -> None:
 
     from neurosdm import energy as E
     from neurosdm.energy_plots import write_plots
-    from neurosdm.exporters.nir import export_checkpoint
+    from neurosdm.exporters.pipeline import export_checkpoint
     from neurosdm.io import atomic_path
     from neurosdm.simulators.program import load_program
     from neurosdm.simulators.run import simulate

@@ -45,11 +45,12 @@ def main(argv=None) -> int:
     from neurosdm.checkpoint import load_checkpoint
     from neurosdm.data import load_dataset
     from neurosdm.diffusion.schedules import GaussianDiffusion
-    from neurosdm.exporters.fixed_point import quantize_input
     from neurosdm.exporters.lava import write_netx
-    from neurosdm.exporters.nir import export_checkpoint, graph_at, run_reference
+    from neurosdm.exporters.pipeline import export_checkpoint
+    from neurosdm.graph.dialect import graph_at, quantize_input
     from neurosdm.io import atomic_path
     from neurosdm.simulators.program import load_program
+    from neurosdm.simulators.reference import run_reference
     from neurosdm.simulators.run import make_engine
 
     torch.set_num_threads(1)

@@ -34,7 +34,8 @@ from neurosdm.compare import psnr
 from neurosdm.data import load_dataset
 from neurosdm.diffusion import GaussianDiffusion, sample
 from neurosdm.exporters.fixed_point import calibrate, calibration_inputs, quantize_graph
-from neurosdm.exporters.nir import run_reference, to_nir_graph
+from neurosdm.exporters.nir import to_nir_graph
+from neurosdm.simulators.reference import run_reference
 
 STEPS = (10, 100, 250, 500, 750, 999)
 

@@ -97,7 +97,7 @@ def energy(ckpt: Path, out: Path, num_images: int, threshold_scale: float | None
     """int8 export, ``num_images`` images (DDIM 20, seed 0) on the event engine, priced on loihi2; the ANN
     baseline of the same graph (fp32, 45 nm)."""
     from neurosdm import energy as E
-    from neurosdm.exporters.nir import export_checkpoint
+    from neurosdm.exporters.pipeline import export_checkpoint
     from neurosdm.simulators.program import load_program
     from neurosdm.simulators.run import simulate
 

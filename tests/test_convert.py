@@ -12,11 +12,13 @@ from neurosdm.config import Config, DiffusionConfig, ModelConfig
 from neurosdm.convert import convert_model, neuron_conv_pairs
 from neurosdm.errors import ConfigError, NeuroSDMError
 from neurosdm.exporters.fixed_point import calibrate, calibration_inputs, quantize_graph
-from neurosdm.exporters.nir import UnsupportedModelError, export_checkpoint, run_reference, to_nir_graph
+from neurosdm.exporters.nir import UnsupportedModelError, to_nir_graph
+from neurosdm.exporters.pipeline import export_checkpoint
 from neurosdm.models import SpikingUNet
 from neurosdm.neurons import QCFS, SpikingNeurons, qcfs
 from neurosdm.quantize import QuantSpec
 from neurosdm.simulators.program import load_program
+from neurosdm.simulators.reference import run_reference
 from neurosdm.simulators.run import simulate
 from test_export_cli import assert_one_line_error, neurosdm, tiny_checkpoint
 from test_export_nir import perturb_batchnorm

@@ -16,7 +16,7 @@ from neurosdm.config import DiffusionConfig
 from neurosdm.diffusion import GaussianDiffusion, ImageNoise, image_stream, sample
 from neurosdm.distributed import World, gather_shards, shard_range, world_from_env
 from neurosdm.errors import ConfigError
-from neurosdm.exporters.nir import export_checkpoint
+from neurosdm.exporters.pipeline import export_checkpoint
 from neurosdm.simulators.program import load_program
 from neurosdm.simulators.run import merge_stats, simulate, simulate_sharded
 from neurosdm.simulators.stats import RunStats

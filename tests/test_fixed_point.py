@@ -7,10 +7,11 @@ import torch
 
 from neurosdm.config import DiffusionConfig
 from neurosdm.errors import QuantizationError
-from neurosdm.exporters.fixed_point import calibrate, calibration_inputs, quantize_graph, quantize_input
-from neurosdm.exporters.nir import run_reference, to_nir_graph
+from neurosdm.exporters.fixed_point import calibrate, calibration_inputs, quantize_graph
+from neurosdm.exporters.nir import to_nir_graph
+from neurosdm.graph.dialect import quantize_input
 from neurosdm.quantize import QuantSpec
-from neurosdm.simulators.reference import GraphError, run_graph
+from neurosdm.simulators.reference import GraphError, run_graph, run_reference
 from test_export_nir import _model
 
 DIFF = DiffusionConfig(num_diffusion_steps=50)

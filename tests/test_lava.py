@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from neurosdm import cli
 from neurosdm.errors import GraphError, QuantizationError
 from neurosdm.exporters.lava import feedforward_chain, write_netx
-from neurosdm.exporters.nir import graph_at
+from neurosdm.graph.dialect import graph_at
 from neurosdm.simulators.reference import run_graph
 
 ROOT = Path(__file__).resolve().parents[1]

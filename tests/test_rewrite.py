@@ -7,9 +7,9 @@ import torch
 from test_export_nir import _model
 
 from neurosdm.errors import ConfigError
-from neurosdm.exporters.nir import run_reference, to_nir_graph
+from neurosdm.exporters.nir import to_nir_graph
 from neurosdm.exporters.rewrite import inline_junctions, is_identity_scale
-from neurosdm.simulators.reference import run_graph
+from neurosdm.simulators.reference import run_graph, run_reference
 
 STEPS = (0, 31)
 

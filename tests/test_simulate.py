@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from neurosdm import cli
 from neurosdm.diffusion.samplers import host_ops_per_pixel
-from neurosdm.exporters.nir import export_checkpoint
+from neurosdm.exporters.pipeline import export_checkpoint
 from neurosdm.simulators.program import load_program
 from neurosdm.simulators.run import host_counts, simulate
 from neurosdm.simulators.stats import RunStats

@@ -1,15 +1,7 @@
-"""Exporters of trained spiking denoisers to other formats (currently: float NIR graphs)."""
+"""Exporters of trained spiking denoisers: graph builders (:mod:`~neurosdm.exporters.nir`: core-NIR graphs;
+:mod:`~neurosdm.exporters.lava`: lava-dl netx files), the fixed-point pass (:mod:`~neurosdm.exporters.fixed_point`),
+exact rewrites for other readers (:mod:`~neurosdm.exporters.rewrite`), and the export pipeline on top
+(:mod:`~neurosdm.exporters.pipeline`: load, calibrate, quantise, rewrite, write).
 
-from neurosdm.exporters.nir import (  # noqa: F401
-    UnsupportedModelError,
-    eps_from_outputs,
-    export_checkpoint,
-    graph_size,
-    host_head,
-    inspect_nir,
-    to_nir_graph,
-    graph_at,
-    step_graphs,
-    with_diffusion_step,
-)
-from neurosdm.exporters.rewrite import inline_junctions  # noqa: F401
+The metadata conventions of an export (tables, fixed point, host head) are :mod:`neurosdm.graph.dialect` and
+:mod:`neurosdm.graph.host`; inspection is :mod:`neurosdm.graph.inspect`."""

@@ -3,7 +3,9 @@
 ``quantize_graph(graph, metadata, calibration)`` turns the float graph of :func:`neurosdm.exporters.nir.to_nir_graph`
 into the integer model it stands for. The quantised file is still plain core NIR; every value it holds is an
 integer in one unit, so a float reader that runs it gets the integer arithmetic wherever no rounding is needed, and
-:class:`neurosdm.simulators.reference.FixedPoint` (from ``metadata["quant"]``) gives it exactly.
+:class:`neurosdm.graph.dialect.FixedPoint` (from ``metadata["quant"]``) gives it exactly; the host's input encoding
+is :func:`neurosdm.graph.dialect.quantize_input` and the rule written in the metadata
+:data:`neurosdm.graph.dialect.UNITS_RULE`.
 
 Fixed-point model (``metadata["quant"]``, the numbers from :class:`neurosdm.quantize.QuantSpec`)::
 
@@ -44,18 +46,13 @@ import nir
 import numpy as np
 import torch
 
-from neurosdm.errors import ConfigError, QuantizationError
+from neurosdm.diffusion.schedules import GaussianDiffusion
+from neurosdm.errors import QuantizationError
+from neurosdm.graph.dialect import UNITS_RULE, as_str, meta_value
 from neurosdm.quantize import QuantSpec, bias_units, choose_exponent, quantize_weight, threshold_units
+from neurosdm.simulators.reference import run_reference
 
-__all__ = ["calibration_inputs", "calibrate", "quantize_graph", "quantize_input", "UNITS_RULE"]
-
-UNITS_RULE = ("every value of the graph is an integer in units of 2**state_exponent; convs in round_nodes round "
-              "their output half to even; IF: v <- clip(v + x, +-(2**(state_bits-1)-1)), spike when v >= "
-              "v_threshold, reset to 0; LI: v <- sign(v*d)*(|v*d| >> 12) + x, d = round(4096*(1 - dt/tau)), "
-              "clipped; the host sends x_int = clip(round_half_even(x / 2**input_exponent), "
-              "+-(2**(input_bits-1)-1)) and reads eps from output * 2**output_exponent; weight mantissas are "
-              "weight / 2**(weight_exponents[node] + u_in - state_exponent), u_in = 0 for spikes, "
-              "input_exponent for the image, state_exponent for streams, plus tsm_exponents for TSM inputs")
+__all__ = ["calibration_inputs", "calibrate", "quantize_graph"]
 
 HEADROOM = 2.0  # calibrated maxima must fit the state with this factor to spare
 
@@ -63,8 +60,6 @@ HEADROOM = 2.0  # calibrated maxima must fit the state with this factor to spare
 def calibration_inputs(images: torch.Tensor, diffusion, steps: int = 8, seed: int = 0) -> list[tuple[int, np.ndarray]]:
     """``[(t, x_t [B, C, H, W] float64)]`` for ``steps`` diffusion steps spread over the schedule (both ends
     included), the images split evenly between them, noise from ``seed``."""
-    from neurosdm.diffusion.schedules import GaussianDiffusion
-
     n_diff = int(diffusion.num_diffusion_steps)
     ts = np.unique(np.linspace(0, n_diff - 1, steps).round().astype(int))
     chunks = torch.chunk(images.float(), len(ts))
@@ -81,8 +76,6 @@ def calibrate(graph: nir.NIRGraph, metadata: dict, inputs: list[tuple[int, np.nd
     """Run the float graph (reference interpreter) on calibration inputs ``[(t, x_t)]`` and return
     ``{"max_abs": {node: max |output|}, "input_max_abs": float, "images": n, "diffusion_steps": [t...]}`` over the
     non-spiking nodes (convs, Scale nodes, readout)."""
-    from neurosdm.exporters.nir import run_reference
-
     max_abs: dict[str, float] = {}
     x_max, n = 0.0, 0
     for t, x in inputs:
@@ -111,15 +104,6 @@ def _f32(a, what: str) -> np.ndarray:
     if not np.array_equal(b.astype(np.float64), a):
         raise QuantizationError(f"{what}: a quantised value is not exact in float32")
     return b
-
-
-def quantize_input(x: np.ndarray, metadata: dict) -> tuple[np.ndarray, int]:
-    """The host's input encoding of a quantised export: ``(x_int as float64, clipped pixels)``."""
-    q = metadata["quant"]
-    e_in, bits = int(np.asarray(q["input_exponent"])), int(np.asarray(q["input_bits"]))
-    lim = (1 << (bits - 1)) - 1
-    k = np.round(np.asarray(x, np.float64) * 2.0 ** -e_in)
-    return np.clip(k, -lim, lim) + 0.0, int(np.count_nonzero(np.abs(k) > lim))
 
 
 def quantize_graph(graph: nir.NIRGraph, metadata: dict, calibration: dict, spec: QuantSpec | None = None,
@@ -157,9 +141,9 @@ def quantize_graph(graph: nir.NIRGraph, metadata: dict, calibration: dict, spec:
     if not spiking:
         raise QuantizationError("no conv reads spikes; cannot choose the state unit")
     e_state = min(w_exp[c] for c in spiking)
-    n_steps = int(np.asarray(metadata["num_steps"]))
+    n_steps = int(meta_value(metadata, "num_steps"))
     # largest value to hold: the calibrated maxima, an IF membrane integrating up to num_steps inputs, the threshold
-    bound = max([n_steps * v for v in calibration["max_abs"].values()] + [float(metadata["v_threshold"])])
+    bound = max([n_steps * v for v in calibration["max_abs"].values()] + [float(meta_value(metadata, "v_threshold"))])
     need = math.ceil(math.log2(HEADROOM * bound)) + 1  # bits above the unit, sign excluded
     e_state = max(e_state, need - (spec.state_bits - 1))
     rerounded = {c: e_state - w_exp[c] for c in binary if w_exp[c] < e_state}
@@ -245,12 +229,10 @@ def _reset_offsets(nodes: dict, edges: list, metadata: dict) -> dict[str, str]:
     """Rewrite (in place) every IF node with ``v_reset != 0`` into the fixed-point form of the module docstring
     (``v_reset = 0`` and a recurrent ``<if>.reset_offset`` Scale node of ``v_reset``); returns ``{offset node: IF
     node}``. Only with reset by subtraction (a hard reset to a non-zero value has no fixed-point form here)."""
-    from neurosdm.exporters.nir import meta_value
-
     shifted = [n for n, node in nodes.items() if isinstance(node, nir.IF) and np.any(np.asarray(node.v_reset) != 0)]
     if not shifted:
         return {}
-    if str(meta_value(metadata, "reset", "zero")) != "subtract":
+    if as_str(metadata.get("reset", "zero")) != "subtract":
         raise QuantizationError(f"node {shifted[0]!r}: a non-zero v_reset needs reset by subtraction in fixed point")
     out = {}
     for name in shifted:

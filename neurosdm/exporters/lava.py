@@ -48,7 +48,11 @@ import nir
 import numpy as np
 
 from neurosdm.errors import ConfigError, GraphError, QuantizationError
+from neurosdm.exporters.pipeline import export_checkpoint
+from neurosdm.graph.dialect import Discretisation, graph_at, meta_value
+from neurosdm.graph.inspect import inspect_nir
 from neurosdm.io import atomic_path
+from neurosdm.loihi import loihi_params_from_nir
 
 __all__ = ["Chain", "ChainLayer", "feedforward_chain", "write_netx", "export_lava", "NEURON_TYPES"]
 
@@ -227,10 +231,6 @@ def write_netx(path: str | os.PathLike, graph: nir.NIRGraph, metadata: dict | No
     layers get (default: the graph's stored step). Returns ``(path, chain)``."""
     import h5py
 
-    from neurosdm.exporters.nir import graph_at, meta_value
-    from neurosdm.loihi import loihi_params_from_nir
-    from neurosdm.simulators.reference import Discretisation
-
     metadata = dict(graph.metadata if metadata is None else metadata)
     if diffusion_step is not None:
         if not metadata.get("bias_tables"):
@@ -243,9 +243,9 @@ def write_netx(path: str | os.PathLike, graph: nir.NIRGraph, metadata: dict | No
                                 "v > vth << 6 is exact for neurosdm's '>=' rule on integers")
     chain = feedforward_chain(graph, metadata)
     quant = metadata.get("quant") if isinstance(metadata.get("quant"), dict) else {}
-    e_state = int(np.asarray(quant.get("state_exponent", 0)))
+    e_state = int(meta_value(quant, "state_exponent", 0))
     w_exps = quant.get("weight_exponents", {}) or {}
-    num_steps = int(np.asarray(meta_value(metadata, "num_steps", 1)))
+    num_steps = int(meta_value(metadata, "num_steps", 1))
 
     in_shape = _output_shape(graph, chain.input_node)
     layers = []
@@ -272,7 +272,7 @@ def write_netx(path: str | os.PathLike, graph: nir.NIRGraph, metadata: dict | No
         layers.append(dict(conv=layer.conv, neuron=layer.neuron, weight=w, bias=params.netx_bias(), stride=stride,
                            padding=pad, dilation=dilation, groups=groups, shape=out_shape, in_channels=shape[0],
                            params=params, loihi_weight_exponent=k,
-                           weight_exponent=int(np.asarray(w_exps.get(layer.conv, 0)))))
+                           weight_exponent=int(meta_value(w_exps, layer.conv, 0))))
         shape = out_shape
 
     path = Path(path)
@@ -317,7 +317,7 @@ def write_netx(path: str | os.PathLike, graph: nir.NIRGraph, metadata: dict | No
             meta.attrs["stop_node"] = chain.stop_node
             meta.attrs["stop_reason"] = chain.stop_reason
             meta.attrs["state_exponent"] = e_state
-            meta.attrs["diffusion_step"] = int(np.asarray(meta_value(metadata, "diffusion_step", 0)))
+            meta.attrs["diffusion_step"] = int(meta_value(metadata, "diffusion_step", 0))
             meta.attrs["num_steps"] = num_steps
             meta.attrs["reset_interval"] = num_steps
             meta.attrs["reset_offset"] = 1
@@ -342,11 +342,9 @@ def _output_shape(graph: nir.NIRGraph, name: str) -> tuple[int, ...]:
 def export_lava(source: str | os.PathLike, out: str | os.PathLike | None = None, force: bool = False,
                 diffusion_step: int | None = None, **quant_options) -> tuple[Path, Chain]:
     """``neurosdm export SOURCE --to lava``: SOURCE is a checkpoint (exported and quantised to int8 first, with
-    ``quant_options`` as :func:`neurosdm.exporters.nir.export_checkpoint` takes them) or a ``.nir`` file with
+    ``quant_options`` as :func:`neurosdm.exporters.pipeline.export_checkpoint` takes them) or a ``.nir`` file with
     integer weights (a ``--quantize int8`` export, or a foreign spiking conv chain). Writes ``out`` (default:
     SOURCE with suffix ``.net``; ``DIR/model.net`` for a run directory). Returns ``(path, chain)``."""
-    from neurosdm.exporters.nir import export_checkpoint, inspect_nir
-
     source = Path(source)
     if out is None:
         out = source / "model.net" if source.is_dir() else source.with_suffix(".net")

@@ -5,21 +5,14 @@
 stored as ``graph.metadata`` (so ``nir.write`` keeps it); every value is a str, a number, an array or a dict of
 those (NIR metadata cannot hold None).
 
-Semantics (recorded in the metadata): discrete steps with ``dt = 1``, IF neurons ``v <- v + x``, fire when
-``v >= v_threshold`` (comparison ``">="``), then reset to ``v_reset = 0`` (reset ``"zero"``); every neuron starts
-at 0 at each network call.
-
-Converted SNNs (:mod:`neurosdm.convert`): one threshold per IF layer, reset by subtraction (``metadata["reset"] =
-"subtract"``: ``v <- v - (v_threshold - v_reset)`` where it fires) and an initial membrane ``v(0) = a theta``
-(``a = metadata["v_init"]``, 1/2). NIR neurons start at 0, so the membrane is stored shifted by ``-a theta``:
-``u = v - a theta`` starts at 0 and the IF node holds ``v_threshold = (1 - a) theta`` and ``v_reset = -a theta``.
-Then ``u >= (1 - a) theta  <=>  v >= theta``, a spike removes ``v_threshold - v_reset = theta``, and a hard reset
-sets ``u = -a theta``, i.e. ``v = 0``: the same neuron, exactly, per node (no extra input is needed, so IF nodes
-shared by several consumers of a stream stay exact). With ``a = 0`` this is the usual ``(theta, 0)``. IF nodes on a
-stream are shared by the consumers whose neurons are identical; a consumer with another threshold gets its own
-node ``<stream>.if@<block>``. The single Input node ``"input"`` takes the analog image x_t ``(C, H, W)``, the same at
-every one of the ``num_steps`` spiking steps (direct encoding). Model semantics are eval-mode (BatchNorm running
-statistics).
+Semantics (recorded in the metadata; :mod:`neurosdm.graph.dialect` reads them): discrete steps with ``dt = 1``,
+IF neurons ``v <- v + x`` firing on ``v >= v_threshold``, reset to ``v_reset``, every neuron starting at 0 at each
+network call; converted SNNs (:mod:`neurosdm.convert`: per-layer thresholds, reset by subtraction, initial membrane
+``a theta``) store the membrane shifted by ``-a theta`` (``v_threshold = (1 - a) theta``, ``v_reset = -a theta``).
+IF nodes on a stream are shared by the consumers whose neurons are identical; a consumer with another threshold
+gets its own node ``<stream>.if@<block>``. The single Input node ``"input"`` takes the analog image x_t ``(C, H,
+W)`` at every one of the ``num_steps`` spiking steps (direct encoding). Model semantics are eval-mode (BatchNorm
+running statistics).
 
 Lowering (each step exact; the tests compare the graph run by :func:`neurosdm.simulators.reference.run_graph`
 with the torch model):
@@ -42,8 +35,8 @@ with the torch model):
 - the time embedding (non-spiking MLP) is, per ResBlock, a per-channel bias added before IF2: it is put into the
   bias of ``<blk>.conv1`` (after BN folding). ``metadata["bias_tables"][node]`` is ``[num_diffusion_steps, C']``,
   the TOTAL bias of that node at every diffusion step; rule (``metadata["bias_table_rule"]``): at diffusion step
-  ``t`` set ``node.bias := bias_tables[node][t]`` (:func:`with_diffusion_step`). The graph as returned holds the
-  biases of ``diffusion_step`` (``metadata["diffusion_step"]``).
+  ``t`` set ``node.bias := bias_tables[node][t]`` (:func:`neurosdm.graph.dialect.graph_at`). The graph as returned
+  holds the biases of ``diffusion_step`` (``metadata["diffusion_step"]``).
 
 Heads:
 
@@ -53,10 +46,11 @@ Heads:
   ``nir.LI`` with ``tau = dt / (1 - d)``, ``r = 1 / (1 - d)``, ``v_leak = 0``: forward Euler
   ``v <- v + dt/tau (v_leak - v + r x)`` is ``v <- d v + x`` (``nir.I`` with ``r = 1`` if ``d = 1``). The output
   is the LI membrane; eps is its value at the last spiking step (``metadata["readout"] = "last_step"``),
-  unpacked by the host with ``depth_to_space`` (:func:`eps_from_outputs`).
+  unpacked by the host with ``depth_to_space`` (:func:`neurosdm.graph.host.eps_from_outputs`).
 - ``"sdm"``: the Swish head is analog and stays on the host: the graph ends at the last junction (the analog
   boundary before ``tail_bn``) and its Output gives that junction's value at every spiking step.
-  ``metadata["host_head"]`` holds the head's weights and :func:`host_head` (numpy) finishes the computation.
+  ``metadata["host_head"]`` holds the head's weights and :func:`neurosdm.graph.host.host_head` (numpy) finishes
+  the computation.
 
 TSM (a learnable per-spiking-step scale ``p[k]`` on every conv's output, bias included, before its BN): a per-step
 scale cannot be a time-invariant NIR weight, so it moves to the conv's input,
@@ -64,17 +58,17 @@ scale cannot be a time-invariant NIR weight, so it moves to the conv's input,
 node ``<conv>.tsm`` sits between the conv and its source (for spikes it makes them graded, payload ``p[k]``), and
 the conv's bias varies with the spiking step. Both are tables in the metadata: ``scale_tables[<conv>.tsm]`` is
 ``[num_steps]`` (rule ``scale_table_rule``) and the conv's ``bias_tables`` entry ``[A, num_steps, C]``. A
-simulator applies them with :func:`graph_at` / :func:`step_graphs`; the stored nodes hold spiking step 0.
+simulator applies them with :func:`neurosdm.graph.dialect.graph_at` / ``step_graphs``; the stored nodes hold
+spiking step 0.
 
 Quantisation to Loihi-style fixed point is a separate pass over this graph
-(:mod:`neurosdm.exporters.fixed_point`).
+(:mod:`neurosdm.exporters.fixed_point`); loading, calibration, quantisation, rewrites and writing a file are
+:mod:`neurosdm.exporters.pipeline`.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import nir
 import numpy as np
@@ -83,12 +77,11 @@ from torch import nn
 
 import neurosdm
 from neurosdm.config import DiffusionConfig
-from neurosdm.errors import ConfigError, GraphError, NeuroSDMError
-from neurosdm.io import atomic_path, describe_head, first_line
-from neurosdm.neurons.functional import leaky_readout
+from neurosdm.diffusion.schedules import make_betas
+from neurosdm.errors import ConfigError, NeuroSDMError
+from neurosdm.graph.dialect import BIAS_TABLE_RULE, SCALE_TABLE_RULE
 from neurosdm.lowering import (
     affine_of_batchnorm,
-    depth_to_space,
     full_to_packed_conv,
     pack_bias,
     packed_weight_overhead,
@@ -97,20 +90,12 @@ from neurosdm.lowering import (
     split_concat_conv,
     upsample_conv_phases,
 )
+from neurosdm.models.spiking_unet import DownSample, ResBlock, UpSample
+from neurosdm.neurons import QCFS, SpikingNeurons
 
-__all__ = ["UnsupportedModelError", "to_nir_graph", "graph_at", "step_graphs", "with_diffusion_step", "host_head",
-           "eps_from_outputs", "run_reference",
-           "graph_size", "export_checkpoint", "default_output_path", "inspect_nir", "QUANTIZE_CHOICES"]
+__all__ = ["UnsupportedModelError", "to_nir_graph", "MAX_STORED_WEIGHTS"]
 
-QUANTIZE_CHOICES = ("none", "int8")
 MAX_STORED_WEIGHTS = 2**28  # 1 GB of float32 conv weights
-JUNCTION_CHOICES = ("scale", "edges")
-
-BIAS_TABLE_RULE = ("at diffusion step t and spiking step k, every node in bias_tables (a table [A, K, C]) gets "
-                   "bias := table[t if A > 1 else 0, k if K > 1 else 0] (the total bias: folded BatchNorm, the "
-                   "time embedding, TSM's p[k] times the conv bias)")
-SCALE_TABLE_RULE = ("at spiking step k, every Scale node in scale_tables (a table [K]) gets scale := table[k] at "
-                    "every element (TSM: the per-step scale p[k] of the conv it feeds, applied to its input)")
 
 
 class UnsupportedModelError(NeuroSDMError, NotImplementedError):
@@ -263,8 +248,6 @@ def _check_model(model) -> tuple[float, float, str, float]:
     """``(base threshold, threshold scale, reset, v_init)`` of the model's IF neurons: all IF (decay 1) with one
     reset rule, one initial membrane fraction and one threshold scale; the thresholds may differ per layer (the
     base threshold is the config's)."""
-    from neurosdm.neurons import QCFS, SpikingNeurons
-
     if any(isinstance(m, QCFS) for m in model.modules()):
         raise UnsupportedModelError("this is a QCFS ANN (activation 'qcfs'), which has no spiking form to export; "
                                     "convert it first: neurosdm convert ANN_CKPT --out SNN_CKPT")
@@ -327,15 +310,13 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
     """Export ``model`` (a :class:`~neurosdm.models.SpikingUNet`, eval semantics) as a float NIR graph.
 
     diffusion_step: the diffusion step whose time-embedding biases the graph holds (default 0); the biases of
-        every step are in ``metadata["bias_tables"]`` (:func:`graph_at`).
+        every step are in ``metadata["bias_tables"]`` (:func:`neurosdm.graph.dialect.graph_at`).
     diffusion: the diffusion schedule recorded in the metadata (default: the linear DDPM schedule with the
         model's ``num_diffusion_steps``).
     dtype: dtype of the stored arrays (weights are folded and lowered in float64 first).
 
     Returns ``(graph, metadata)``; ``graph.metadata is metadata``. See the module docstring for the layout.
     """
-    from neurosdm.models.spiking_unet import DownSample, ResBlock, UpSample
-
     cfg = model.cfg
     threshold, threshold_scale, reset, v_init = _check_model(model)
     stored = packed_weight_overhead(model)
@@ -355,8 +336,6 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
     if int(diffusion.num_diffusion_steps) != n_diff:
         raise ConfigError(f"the diffusion schedule has {diffusion.num_diffusion_steps} steps but the model's time "
                           f"embedding has {n_diff}")
-    from neurosdm.diffusion.schedules import make_betas
-
     b = _Builder(lambda m: float(m.threshold) * threshold_scale, v_init, dtype)
     with torch.no_grad():
         device = next(model.parameters()).device
@@ -513,309 +492,3 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
     graph = nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata=metadata)
     return graph, metadata
 
-
-def meta_value(metadata: dict, key: str, default=None):
-    """A metadata value as written (``nir.read`` returns 0-d arrays and bytes for numbers and strings)."""
-    v = metadata.get(key, default)
-    if isinstance(v, np.ndarray) and v.ndim == 0:
-        v = v.item()
-    if isinstance(v, bytes):
-        v = v.decode("utf8")
-    return v
-
-
-def _table_index(table: np.ndarray, t: int, k: int):
-    return table[t if table.shape[0] > 1 else 0, k if table.shape[1] > 1 else 0]
-
-
-def graph_at(graph: nir.NIRGraph, metadata: dict | None, t: int, k: int = 0) -> nir.NIRGraph:
-    """A copy of ``graph`` holding the parameters of diffusion step ``t`` and spiking step ``k``: every node in
-    ``bias_tables`` gets its bias, every Scale node in ``scale_tables`` its scale (``BIAS_TABLE_RULE``,
-    ``SCALE_TABLE_RULE``)."""
-    metadata = dict(graph.metadata if metadata is None else metadata)
-    n = int(meta_value(metadata, "num_diffusion_steps"))
-    t, k = int(t), int(k)
-    if not 0 <= t < n:
-        raise ConfigError(f"diffusion step must lie in 0..{n - 1}, got {t}")
-    nodes = dict(graph.nodes)
-    for name, table in metadata.get("bias_tables", {}).items():
-        node = nodes[name]
-        nodes[name] = nir.Conv2d(input_shape=node.input_shape, weight=node.weight, stride=node.stride,
-                                 padding=node.padding, dilation=node.dilation, groups=node.groups,
-                                 bias=np.asarray(_table_index(np.asarray(table), t, k)).astype(node.weight.dtype))
-    for name, table in metadata.get("scale_tables", {}).items():
-        node = nodes[name]
-        value = np.asarray(table).reshape(-1)
-        nodes[name] = nir.Scale(scale=np.full(np.shape(node.scale), value[k if value.size > 1 else 0],
-                                              np.asarray(node.scale).dtype))
-    metadata["diffusion_step"] = t
-    return nir.NIRGraph(nodes=nodes, edges=[tuple(e) for e in graph.edges], metadata=metadata)
-
-
-def step_graphs(graph: nir.NIRGraph, metadata: dict | None, t: int) -> list[nir.NIRGraph]:
-    """The graphs of the spiking steps of diffusion step ``t`` (one graph when no table varies with the spiking
-    step), for ``run_graph(..., step_graphs=...)``."""
-    metadata = dict(graph.metadata if metadata is None else metadata)
-    varying = any(np.asarray(v).shape[1] > 1 for v in metadata.get("bias_tables", {}).values()) or \
-        any(np.asarray(v).size > 1 for v in metadata.get("scale_tables", {}).values())
-    k_steps = int(meta_value(metadata, "num_steps")) if varying else 1
-    return [graph_at(graph, metadata, t, k) for k in range(k_steps)]
-
-
-def with_diffusion_step(graph: nir.NIRGraph, metadata: dict | None, t: int) -> nir.NIRGraph:
-    """``graph_at(graph, metadata, t, 0)``: enough for a graph without per-spiking-step tables (no TSM)."""
-    return graph_at(graph, metadata, t, 0)
-
-
-def _conv3x3(x: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """``conv2d(x, w, bias, padding=1)`` for ``x [..., Cin, H, W]`` (float64 numpy)."""
-    h, wd = x.shape[-2:]
-    xp = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)])
-    out = np.zeros((*x.shape[:-3], w.shape[0], h, wd))
-    for ky in range(3):
-        for kx in range(3):
-            out += np.einsum("oi,...ihw->...ohw", w[:, :, ky, kx], xp[..., ky:ky + h, kx:kx + wd])
-    return out + bias[:, None, None]
-
-
-def _silu(z: np.ndarray) -> np.ndarray:
-    return z / (1.0 + np.exp(-z))
-
-
-def host_head(per_step_values: np.ndarray, metadata: dict) -> np.ndarray:
-    """Finish the analog "sdm" head on the host: ``per_step_values [num_steps, B, C', H', W']`` (the graph's
-    output at every spiking step, packed as the graph stores it) -> eps ``[B, img_ch, H, W]`` (float64)."""
-    hh = metadata["host_head"]
-    a = {k: np.asarray(v, dtype=np.float64) for k, v in hh.items() if k != "formula"}
-    levels = int(meta_value(metadata, "packed_levels"))
-    x = np.asarray(per_step_values, dtype=np.float64)
-    if levels:
-        x = depth_to_space(x, levels=levels)
-    if float(a.get("average_input", 0.0)):  # readout "mean": the head runs once on the time-averaged stream
-        x = x.mean(axis=0, keepdims=True)
-    z = x * a["tail_bn_scale"][:, None, None] + a["tail_bn_shift"][:, None, None]
-    p = a["tail_conv_tsm"].reshape(-1)[:x.shape[0]].reshape(-1, *([1] * (x.ndim - 1)))  # (averaged: 1 step)
-    h = _conv3x3(_silu(z), a["tail_conv_weight"], a["tail_conv_bias"]) * p
-    g = _conv3x3(h, a["T_output_weight"], a["T_output_bias"])
-    h = _silu(g * a["last_bn_scale"][:, None, None] + a["last_bn_shift"][:, None, None]) + h
-    return leaky_readout(h, float(a["readout_decay"]))
-
-
-def eps_from_outputs(outputs: np.ndarray, metadata: dict) -> np.ndarray:
-    """eps ``[B, img_ch, H, W]`` from the graph's output at every spiking step ``[num_steps, B, ...]``, for
-    either head (spiking: the last step, unpacked; sdm: :func:`host_head`); a quantised export's integer output
-    is first scaled by ``2**quant.output_exponent``."""
-    out = np.asarray(outputs, dtype=np.float64)
-    quant = metadata.get("quant")
-    if isinstance(quant, dict):
-        out = out * 2.0 ** int(np.asarray(quant["output_exponent"]))
-    if meta_value(metadata, "head") == "sdm":
-        return host_head(out, metadata)
-    levels = int(meta_value(metadata, "packed_levels"))
-    return depth_to_space(out[-1], levels=levels) if levels else out[-1]
-
-
-def run_reference(graph: nir.NIRGraph, metadata: dict | None, x_t, t: int, record: bool = False, fixed="auto"):
-    """One denoiser call of an exported graph in the reference interpreter: ``(eps [B, C, H, W], run_graph's
-    result)`` for ``x_t [B, C, H, W]`` at diffusion step ``t``, with the per-step tables applied; a quantised
-    export gets the host's input encoding and (``fixed="auto"``) its fixed-point arithmetic."""
-    from neurosdm.exporters.fixed_point import quantize_input
-    from neurosdm.simulators.reference import FixedPoint, run_graph
-
-    md = graph.metadata if metadata is None else metadata
-    if isinstance(fixed, str) and fixed == "auto":
-        fixed = FixedPoint.from_metadata(md)
-    x = np.asarray(x_t, np.float64)
-    if isinstance(md.get("quant"), dict):
-        x, _ = quantize_input(x, md)
-    res = run_graph(graph, x[None], num_steps=int(meta_value(md, "num_steps")), record=record,
-                    step_graphs=step_graphs(graph, md, t), fixed=fixed)
-    return eps_from_outputs(res["outputs"]["output"], md), res
-
-
-def graph_size(graph: nir.NIRGraph) -> dict:
-    """Stored array sizes: ``{"nodes", "conv_weights", "conv_biases", "conv_nonzero", "neuron_params",
-    "total"}`` (all arrays of all nodes, neuron parameters included in ``total``)."""
-    conv_w = conv_b = nonzero = other = 0
-    for node in graph.nodes.values():
-        if isinstance(node, nir.Conv2d):
-            conv_w += node.weight.size
-            nonzero += int(np.count_nonzero(node.weight))
-            conv_b += np.asarray(node.bias).size
-        else:
-            for field in ("r", "v_threshold", "v_reset", "tau", "v_leak", "scale"):
-                v = getattr(node, field, None)
-                if v is not None:
-                    other += np.asarray(v).size
-    return dict(nodes=len(graph.nodes), conv_weights=conv_w, conv_biases=conv_b, conv_nonzero=nonzero,
-                neuron_params=other, total=conv_w + conv_b + other)
-
-
-def default_output_path(ckpt_path: str | os.PathLike) -> Path:
-    """``CKPT.nir`` next to a checkpoint file; ``DIR/model.nir`` for a run directory holding ``ckpt.pt``."""
-    ckpt_path = Path(ckpt_path)
-    if ckpt_path.is_dir():
-        return ckpt_path / "model.nir"
-    return ckpt_path.with_suffix(".nir")
-
-
-def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None,
-                      quantize: str = "none", force: bool = False, calibration: str | None = None,
-                      data_dir: str | None = None, calibration_images: int = 64, seed: int = 0,
-                      junctions: str = "scale") -> Path:
-    """Export a checkpoint (any layout, EMA weights when present) as a NIR file; returns the written path.
-
-    quantize: ``"none"`` (float32 graph) or ``"int8"`` (:mod:`neurosdm.exporters.fixed_point`, calibrated on
-        ``calibration_images`` images of the dataset ``calibration`` (default: the checkpoint's training dataset)
-        noised at 8 diffusion steps from ``seed``).
-    junctions: ``"scale"`` (identity Scale nodes sum residual streams) or ``"edges"`` (the sums as fan-in edges
-        into every consumer and an identity 1x1 conv before the Output, for readers without Scale:
-        :func:`neurosdm.exporters.rewrite.inline_junctions`; see docs/peer-readers.md).
-
-    The graph holds the biases of diffusion step 0 (all steps are in ``metadata["bias_tables"]``) and records the
-    checkpoint's diffusion schedule, ``source_checkpoint`` (file name) and ``source_checkpoint_sha256``. The file
-    is written atomically: an error or Ctrl-C leaves no partial output. An existing output is kept unless
-    ``force``."""
-    from neurosdm.checkpoint import build_model, file_sha256, load_checkpoint
-
-    if quantize not in QUANTIZE_CHOICES:
-        raise ConfigError(f"unknown --quantize {quantize!r}; expected one of {', '.join(QUANTIZE_CHOICES)}")
-    if junctions not in JUNCTION_CHOICES:
-        raise ConfigError(f"unknown --junctions {junctions!r}; expected one of {', '.join(JUNCTION_CHOICES)}")
-    if calibration_images < 1:
-        raise ConfigError(f"--calibration-images must be at least 1, got {calibration_images}")
-    ckpt_path = Path(ckpt_path)
-    out_path = default_output_path(ckpt_path) if out_path is None else Path(out_path)
-    if out_path.is_dir():
-        raise ConfigError(f"output {out_path} is a directory; pass a file name such as {out_path / 'model.nir'}")
-    if out_path.exists() and not force:
-        raise ConfigError(f"output {out_path} already exists; use --force to overwrite it")
-    ckpt = load_checkpoint(ckpt_path)
-    state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
-    model = build_model(ckpt.config.model, state, source=str(ckpt_path)).eval()
-    graph, metadata = to_nir_graph(model, diffusion=ckpt.config.diffusion,
-                                   dtype=np.float32 if quantize == "none" else np.float64)
-    if quantize == "int8":
-        graph, metadata = _quantize(graph, metadata, ckpt.config, calibration, data_dir, calibration_images, seed)
-    if junctions == "edges":
-        from neurosdm.exporters.rewrite import inline_junctions
-
-        graph = inline_junctions(graph, metadata, output_junction="conv")  # no Scale left: spikingjelly reads it
-        metadata = graph.metadata
-    ckpt_file = ckpt_path / "ckpt.pt" if ckpt_path.is_dir() else ckpt_path
-    metadata["source_checkpoint"] = ckpt_file.name
-    metadata["source_checkpoint_sha256"] = file_sha256(ckpt_file)
-    metadata["weights"] = "ema" if ckpt.ema_state is not None else "model"
-    with atomic_path(out_path) as tmp:
-        nir.write(tmp, graph)
-    return out_path
-
-
-def _quantize(graph, metadata, config, calibration, data_dir, n_images: int, seed: int):
-    """PTQ of an exported graph on real images (see :func:`export_checkpoint`)."""
-    from neurosdm.data import load_dataset
-    from neurosdm.exporters.fixed_point import calibrate, calibration_inputs, quantize_graph
-
-    from neurosdm.errors import DatasetError
-
-    cfg = config.model
-    name = calibration or config.train.dataset
-    try:
-        images = load_dataset(name, data_dir or config.train.data_dir, split="train", image_size=cfg.image_size,
-                              limit=n_images)
-    except DatasetError:
-        if calibration is not None or (cfg.img_ch, cfg.image_size) != (1, 28):
-            raise
-        name = "builtin"  # the training set is not on this machine: the shipped Fashion-MNIST sample (recorded)
-        images = load_dataset(name, split="train", limit=n_images)
-    if tuple(images.shape[1:]) != (cfg.img_ch, cfg.image_size, cfg.image_size):
-        raise ConfigError(f"calibration data {name!r} has images {tuple(images.shape[1:])}, the model takes "
-                          f"{(cfg.img_ch, cfg.image_size, cfg.image_size)}; pass --calibration DATASET")
-    cal = calibrate(graph, metadata, calibration_inputs(images, config.diffusion, seed=seed))
-    graph, metadata = quantize_graph(graph, metadata, cal)
-    metadata["quant"]["calibration"]["dataset"] = str(name)
-    return graph, metadata
-
-
-_WEIGHTED = (nir.Conv2d, nir.Affine, nir.Linear) + ((nir.Conv1d,) if hasattr(nir, "Conv1d") else ())
-
-
-def _array_size(v) -> int:
-    if isinstance(v, dict):
-        return sum(_array_size(x) for x in v.values())
-    if isinstance(v, np.ndarray) and v.dtype.kind == "f":  # weights and neuron parameters, not shapes or strides
-        return int(v.size)
-    return 0
-
-
-def _topological_order(names: list[str], edges: list[tuple]) -> list[str]:
-    """Nodes from the inputs to the outputs (``nir.read`` returns them sorted by name); nodes on a cycle come
-    last, in name order."""
-    indeg = {n: 0 for n in names}
-    succ: dict[str, list[str]] = {n: [] for n in names}
-    for src, dst in edges:
-        succ[src].append(dst)
-        indeg[dst] += 1
-    ready = [n for n in names if indeg[n] == 0]
-    order = []
-    while ready:
-        n = ready.pop(0)
-        order.append(n)
-        for m in succ[n]:
-            indeg[m] -= 1
-            if indeg[m] == 0:
-                ready.append(m)
-    return order + [n for n in names if n not in set(order)]
-
-
-def inspect_nir(path: str | os.PathLike) -> tuple[list[dict], dict]:
-    """Read a NIR file and summarise it: one row per node ``{"name", "type", "shape", "synapses", "fan_in",
-    "params"}`` and totals ``{"nodes", "edges", "synapses", "params", "file_bytes", "metadata"}``.
-
-    synapses: the weight size of Conv2d/Affine/Linear nodes (0 otherwise); fan_in: incoming edges; params: the
-    size of every float array of the node (weights, biases, neuron parameters; not shapes or strides).
-    Raises :class:`GraphError` (one line) for a file nir cannot read and for an invalid graph (an edge to a
-    missing node, no Input or no Output node; ``nir.read`` already rejects most of these)."""
-    import h5py
-
-    path = Path(path)
-    if not path.exists():
-        raise GraphError(f"NIR file not found: {path}")
-    if path.is_dir():
-        raise GraphError(f"{path} is a directory; pass a .nir file")
-    if not h5py.is_hdf5(path):
-        raise GraphError(f"{path} is not a NIR file (found {describe_head(path)}); expected an HDF5 file written "
-                         f"by nir.write")
-    try:
-        graph = nir.read(path)
-    except Exception as e:  # truncated HDF5, unknown node types, missing fields, ...
-        raise GraphError(f"{path} is truncated or not a readable NIR graph: {type(e).__name__}: {first_line(e)}") \
-            from None
-    if not isinstance(graph, nir.NIRGraph):
-        raise GraphError(f"{path} holds a single {type(graph).__name__} node, not a NIR graph")
-    edges = [tuple(e) for e in graph.edges]
-    missing = sorted({n for e in edges for n in e if n not in graph.nodes})
-    if missing:
-        raise GraphError(f"{path}: edges refer to nodes that do not exist: {', '.join(missing[:5])}")
-    kinds = {type(n) for n in graph.nodes.values()}
-    for needed in (nir.Input, nir.Output):
-        if needed not in kinds:
-            raise GraphError(f"{path}: the graph has no {needed.__name__} node")
-    fan_in = {name: 0 for name in graph.nodes}
-    for _, dst in edges:
-        fan_in[dst] += 1
-    rows = []
-    for name in _topological_order(list(graph.nodes), edges):
-        node = graph.nodes[name]
-        out_types = (getattr(node, "output_type", None) or {}).values()
-        shapes = [tuple(int(d) for d in np.asarray(v).ravel()) for v in out_types]
-        synapses = int(np.asarray(node.weight).size) if isinstance(node, _WEIGHTED) else 0
-        params = sum(_array_size(v) for k, v in vars(node).items()
-                     if k not in ("input_type", "output_type", "metadata"))
-        rows.append(dict(name=name, type=type(node).__name__,
-                         shape=" ".join("x".join(map(str, s)) for s in shapes) or "-",
-                         synapses=synapses, fan_in=fan_in[name], params=params))
-    totals = dict(nodes=len(rows), edges=len(edges), synapses=sum(r["synapses"] for r in rows),
-                  params=sum(r["params"] for r in rows), file_bytes=path.stat().st_size,
-                  metadata=dict(graph.metadata or {}))
-    return rows, totals

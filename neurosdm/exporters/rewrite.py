@@ -65,12 +65,16 @@ Nothing can make a peer read ``nir.LI`` (the readout of a head="spiking" export)
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from pathlib import Path
 
 import nir
 import numpy as np
 
 from neurosdm.errors import ConfigError
+from neurosdm.graph.dialect import as_str, meta_value
+from neurosdm.io import atomic_path
 
 __all__ = ["inline_junctions", "is_identity_scale", "OUTPUT_JUNCTION_CHOICES", "for_peer", "PEER_CHOICES",
            "strict_thresholds", "fold_input_gain", "topological_edges", "if_as_lif", "SNNTORCH_DT_S", "write_for_peer"]
@@ -211,7 +215,7 @@ def strict_thresholds(graph: nir.NIRGraph) -> nir.NIRGraph:
     a membrane strictly between the two (one float32 ulp); neurosdm's own engines should read the original graph.
     Applies to IF, LIF and CubaLIF nodes; the metadata records ``comparison = ">"``."""
     md = dict(graph.metadata or {})
-    if str(md.get("comparison", ">=")) == ">":
+    if as_str(md.get("comparison", ">=")) == ">":
         return _copy(graph)
     integer = _on_integer_grid(md)
     nodes = {}
@@ -292,15 +296,35 @@ def fold_input_gain(graph: nir.NIRGraph) -> nir.NIRGraph:
     return _copy(graph, nodes, edges, md)
 
 
+def _breadth_first_order(names: list[str], edges: list[tuple]) -> list[str]:
+    """Kahn's order with a first-in first-out queue (nodes on a cycle last, in the order given). Not the
+    evaluation order (:func:`neurosdm.graph.structure.order`): an edge-list order for Norse's executor, which
+    runs the shipped export to its Output with this order and stops at a 32-channel node with the depth-first one
+    (measured)."""
+    indeg = {n: 0 for n in names}
+    succ: dict[str, list[str]] = {n: [] for n in names}
+    for src, dst in edges:
+        succ[src].append(dst)
+        indeg[dst] += 1
+    ready = [n for n in names if indeg[n] == 0]
+    out = []
+    while ready:
+        n = ready.pop(0)
+        out.append(n)
+        for m in succ[n]:
+            indeg[m] -= 1
+            if indeg[m] == 0:
+                ready.append(m)
+    return out + [n for n in names if n not in set(out)]
+
+
 def topological_edges(graph: nir.NIRGraph) -> nir.NIRGraph:
     """The same graph with its edge list sorted by (position of the source, position of the destination) in a
-    topological order of the nodes (:func:`neurosdm.exporters.nir._topological_order`; NIR edges are a set, so
-    this changes nothing for a reader that follows NIR). A reader that executes nodes in depth-first pre-order
-    along the edge list (Norse's ``nirtorch.load``) then visits, at every fork, the branch that joins later first."""
-    from neurosdm.exporters.nir import _topological_order
-
+    breadth-first topological order of the nodes (NIR edges are a set, so this changes nothing for a reader that
+    follows NIR). A reader that executes nodes in depth-first pre-order along the edge list (Norse's
+    ``nirtorch.load``) then visits, at every fork, the branch that joins later first."""
     edges = [tuple(e) for e in graph.edges]
-    pos = {k: i for i, k in enumerate(_topological_order(list(graph.nodes), edges))}
+    pos = {k: i for i, k in enumerate(_breadth_first_order(list(graph.nodes), edges))}
     return _copy(graph, edges=sorted(edges, key=lambda e: (pos[e[0]], pos[e[1]])))
 
 
@@ -315,7 +339,7 @@ def if_as_lif(graph: nir.NIRGraph, dt_s: float = SNNTORCH_DT_S) -> nir.NIRGraph:
     integrates exactly; a float64 reader sees a leak of ``2**-40`` per step (1e-12). Needs ``v_reset = 0`` (the
     LIF reset of snnTorch's reader is to zero); raises :class:`ConfigError` otherwise."""
     md = dict(graph.metadata or {})
-    dt = float(np.asarray(md.get("dt", 1.0)).reshape(-1)[0])
+    dt = float(np.asarray(meta_value(md, "dt", 1.0)).reshape(-1)[0])
     k_t = dt_s / dt
     nodes = {}
     for k, n in graph.nodes.items():
@@ -373,11 +397,6 @@ def write_for_peer(path, peer: str, discard_on_error: bool = False):
     """Replace the NIR file at ``path`` by :func:`for_peer` of it (atomically). With ``discard_on_error`` the file
     is removed when the rewrite fails (``neurosdm export --peer`` wrote it a moment before: no output that is not
     what was asked for). Returns ``path``."""
-    import os
-    from pathlib import Path
-
-    from neurosdm.io import atomic_path
-
     path = Path(path)
     try:
         graph = for_peer(nir.read(path), peer)

@@ -2,9 +2,37 @@
 
 - :class:`Discretisation`: how continuous-time NIR neurons become one discrete step (``dt``, method, reset,
   comparison), from the keys ``dt``, ``discretisation``, ``reset``, ``comparison``;
-- :class:`FixedPoint`: the integer arithmetic of a quantised export (``metadata["quant"]``);
-- the per-step tables (``bias_tables``, ``scale_tables``) and their one rule, :func:`table_entry`;
+- :class:`FixedPoint`: the integer arithmetic of a quantised export (``metadata["quant"]``, :data:`UNITS_RULE`),
+  and the host's input encoding of such an export, :func:`quantize_input`;
+- the per-step tables (``bias_tables``, ``scale_tables``) and their one rule, :func:`table_entry`, applied to a
+  graph by :func:`graph_at` / :func:`step_graphs`;
 - :func:`meta_value` / :func:`as_str`: values as ``nir.read`` returns them (0-d arrays, bytes) as Python values.
+
+The host side of a denoiser export (unpacking, the analog "sdm" head) is :mod:`neurosdm.graph.host`.
+
+Semantics of a neurosdm export (:func:`neurosdm.exporters.nir.to_nir_graph`; recorded in the metadata): discrete
+steps with ``dt = 1``, IF neurons ``v <- v + x``, fire when ``v >= v_threshold`` (comparison ``">="``), then reset
+to ``v_reset = 0`` (reset ``"zero"``); every neuron starts at 0 at each network call. The single Input node
+``"input"`` takes the analog image x_t ``(C, H, W)``, the same at every one of the ``num_steps`` spiking steps
+(direct encoding).
+
+Converted SNNs (:mod:`neurosdm.convert`): one threshold per IF layer (``metadata["if_thresholds"]``), reset by
+subtraction (``metadata["reset"] = "subtract"``: ``v <- v - (v_threshold - v_reset)`` where it fires) and an
+initial membrane ``v(0) = a theta`` (``a = metadata["v_init"]``, 1/2). NIR neurons start at 0, so the membrane is
+stored shifted by ``-a theta``: ``u = v - a theta`` starts at 0 and the IF node holds ``v_threshold = (1 - a)
+theta`` and ``v_reset = -a theta``. Then ``u >= (1 - a) theta  <=>  v >= theta``, a spike removes ``v_threshold -
+v_reset = theta``, and a hard reset sets ``u = -a theta``, i.e. ``v = 0``: the same neuron, exactly, per node.
+With ``a = 0`` this is the usual ``(theta, 0)``.
+
+Per-step tables: ``metadata["bias_tables"][node]`` is ``[A, K, C']`` (``A`` diffusion steps or 1, ``K`` spiking
+steps or 1), the TOTAL bias of that conv node (folded BatchNorm, the time embedding, TSM's ``p[k]`` times the conv
+bias); ``metadata["scale_tables"][node]`` is ``[K]``, the scale of a TSM ``<conv>.tsm`` Scale node at every
+spiking step. Rules: :data:`BIAS_TABLE_RULE`, :data:`SCALE_TABLE_RULE` (also written in the metadata); the stored
+nodes hold diffusion step ``metadata["diffusion_step"]`` and spiking step 0.
+
+Packing: ``metadata["node_packing"]`` gives the space-to-depth packing level of every node's output,
+``metadata["packed_levels"]`` that of the graph's output (the host unpacks it with
+:func:`neurosdm.lowering.depth_to_space`).
 """
 
 from __future__ import annotations
@@ -12,21 +40,32 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+import nir
 import numpy as np
 
 from neurosdm.dynamics import METHODS, Reset, parse_method
 from neurosdm.errors import ConfigError
 
 __all__ = ["Discretisation", "FixedPoint", "COMPARISONS", "RESETS", "METHODS", "as_str", "meta_value",
-           "table_entry", "BIAS_TABLE_RULE", "SCALE_TABLE_RULE"]
+           "table_entry", "tables_vary_per_step", "graph_at", "step_graphs", "with_diffusion_step",
+           "quantize_input", "BIAS_TABLE_RULE", "SCALE_TABLE_RULE", "UNITS_RULE"]
 
 RESETS = tuple(r.value for r in Reset)
 COMPARISONS = (">=", ">")
 
+# the rule texts as every export writes them (metadata "bias_table_rule", "scale_table_rule", quant "units_rule")
 BIAS_TABLE_RULE = ("at diffusion step t and spiking step k, every node in bias_tables (a table [A, K, C]) gets "
-                   "bias := table[t if A > 1 else 0, k if K > 1 else 0]")
+                   "bias := table[t if A > 1 else 0, k if K > 1 else 0] (the total bias: folded BatchNorm, the "
+                   "time embedding, TSM's p[k] times the conv bias)")
 SCALE_TABLE_RULE = ("at spiking step k, every Scale node in scale_tables (a table [K]) gets scale := table[k] at "
-                    "every element (table[0] if K = 1)")
+                    "every element (TSM: the per-step scale p[k] of the conv it feeds, applied to its input)")
+UNITS_RULE = ("every value of the graph is an integer in units of 2**state_exponent; convs in round_nodes round "
+              "their output half to even; IF: v <- clip(v + x, +-(2**(state_bits-1)-1)), spike when v >= "
+              "v_threshold, reset to 0; LI: v <- sign(v*d)*(|v*d| >> 12) + x, d = round(4096*(1 - dt/tau)), "
+              "clipped; the host sends x_int = clip(round_half_even(x / 2**input_exponent), "
+              "+-(2**(input_bits-1)-1)) and reads eps from output * 2**output_exponent; weight mantissas are "
+              "weight / 2**(weight_exponents[node] + u_in - state_exponent), u_in = 0 for spikes, "
+              "input_exponent for the image, state_exponent for streams, plus tsm_exponents for TSM inputs")
 
 
 def as_str(value: Any) -> str:
@@ -62,6 +101,51 @@ def tables_vary_per_step(metadata: dict) -> bool:
     """Whether any table changes with the spiking step (TSM exports)."""
     return any(np.asarray(v).shape[1] > 1 for v in metadata.get("bias_tables", {}).values()) or \
         any(np.asarray(v).size > 1 for v in metadata.get("scale_tables", {}).values())
+
+
+def graph_at(graph: nir.NIRGraph, metadata: dict | None, t: int, k: int = 0) -> nir.NIRGraph:
+    """A copy of ``graph`` holding the parameters of diffusion step ``t`` and spiking step ``k``: every node in
+    ``bias_tables`` gets its bias, every Scale node in ``scale_tables`` its scale (:func:`table_entry`)."""
+    metadata = dict(graph.metadata if metadata is None else metadata)
+    n = int(meta_value(metadata, "num_diffusion_steps"))
+    t, k = int(t), int(k)
+    if not 0 <= t < n:
+        raise ConfigError(f"diffusion step must lie in 0..{n - 1}, got {t}")
+    nodes = dict(graph.nodes)
+    for name, table in metadata.get("bias_tables", {}).items():
+        node = nodes[name]
+        nodes[name] = nir.Conv2d(input_shape=node.input_shape, weight=node.weight, stride=node.stride,
+                                 padding=node.padding, dilation=node.dilation, groups=node.groups,
+                                 bias=np.asarray(table_entry(table, t, k)).astype(node.weight.dtype))
+    for name, table in metadata.get("scale_tables", {}).items():
+        node = nodes[name]
+        nodes[name] = nir.Scale(scale=np.full(np.shape(node.scale), table_entry(np.asarray(table).reshape(-1), t, k),
+                                              np.asarray(node.scale).dtype))
+    metadata["diffusion_step"] = t
+    return nir.NIRGraph(nodes=nodes, edges=[tuple(e) for e in graph.edges], metadata=metadata)
+
+
+def step_graphs(graph: nir.NIRGraph, metadata: dict | None, t: int) -> list[nir.NIRGraph]:
+    """The graphs of the spiking steps of diffusion step ``t`` (one graph when no table varies with the spiking
+    step), for ``run_graph(..., step_graphs=...)``."""
+    metadata = dict(graph.metadata if metadata is None else metadata)
+    k_steps = int(meta_value(metadata, "num_steps")) if tables_vary_per_step(metadata) else 1
+    return [graph_at(graph, metadata, t, k) for k in range(k_steps)]
+
+
+def with_diffusion_step(graph: nir.NIRGraph, metadata: dict | None, t: int) -> nir.NIRGraph:
+    """``graph_at(graph, metadata, t, 0)``: enough for a graph without per-spiking-step tables (no TSM)."""
+    return graph_at(graph, metadata, t, 0)
+
+
+def quantize_input(x: np.ndarray, metadata: dict) -> tuple[np.ndarray, int]:
+    """The host's input encoding of a quantised export (:data:`UNITS_RULE`): ``(x_int as float64, clipped
+    pixels)``, ``x_int = clip(round_half_even(x / 2**input_exponent), +-(2**(input_bits-1) - 1))``."""
+    q = metadata["quant"]
+    e_in, bits = int(meta_value(q, "input_exponent")), int(meta_value(q, "input_bits"))
+    lim = (1 << (bits - 1)) - 1
+    k = np.round(np.asarray(x, np.float64) * 2.0 ** -e_in)
+    return np.clip(k, -lim, lim) + 0.0, int(np.count_nonzero(np.abs(k) > lim))
 
 
 @dataclass

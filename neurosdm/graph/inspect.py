@@ -1,0 +1,105 @@
+"""Inspection of NIR graphs and files: stored sizes (:func:`graph_size`) and a per-node summary of a file read
+with one-line errors (:func:`inspect_nir`, ``neurosdm inspect``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nir
+import numpy as np
+
+from neurosdm.errors import GraphError
+from neurosdm.graph.structure import order
+from neurosdm.io import describe_head, first_line
+
+__all__ = ["graph_size", "inspect_nir"]
+
+_WEIGHTED = (nir.Conv2d, nir.Affine, nir.Linear) + ((nir.Conv1d,) if hasattr(nir, "Conv1d") else ())
+
+
+def graph_size(graph: nir.NIRGraph) -> dict:
+    """Stored array sizes: ``{"nodes", "conv_weights", "conv_biases", "conv_nonzero", "neuron_params",
+    "total"}`` (all arrays of all nodes, neuron parameters included in ``total``)."""
+    conv_w = conv_b = nonzero = other = 0
+    for node in graph.nodes.values():
+        if isinstance(node, nir.Conv2d):
+            conv_w += node.weight.size
+            nonzero += int(np.count_nonzero(node.weight))
+            conv_b += np.asarray(node.bias).size
+        else:
+            for field in ("r", "v_threshold", "v_reset", "tau", "v_leak", "scale"):
+                v = getattr(node, field, None)
+                if v is not None:
+                    other += np.asarray(v).size
+    return dict(nodes=len(graph.nodes), conv_weights=conv_w, conv_biases=conv_b, conv_nonzero=nonzero,
+                neuron_params=other, total=conv_w + conv_b + other)
+
+
+def _array_size(v) -> int:
+    if isinstance(v, dict):
+        return sum(_array_size(x) for x in v.values())
+    if isinstance(v, np.ndarray) and v.dtype.kind == "f":  # weights and neuron parameters, not shapes or strides
+        return int(v.size)
+    return 0
+
+
+def _read(path: Path) -> nir.NIRGraph:
+    """``nir.read(path)`` with one-line :class:`GraphError` messages for everything it cannot read."""
+    import h5py
+
+    if not path.exists():
+        raise GraphError(f"NIR file not found: {path}")
+    if path.is_dir():
+        raise GraphError(f"{path} is a directory; pass a .nir file")
+    if not h5py.is_hdf5(path):
+        raise GraphError(f"{path} is not a NIR file (found {describe_head(path)}); expected an HDF5 file written "
+                         f"by nir.write")
+    try:
+        graph = nir.read(path)
+    except Exception as e:  # truncated HDF5, unknown node types, missing fields, ...
+        raise GraphError(f"{path} is truncated or not a readable NIR graph: {type(e).__name__}: {first_line(e)}") \
+            from None
+    if not isinstance(graph, nir.NIRGraph):
+        raise GraphError(f"{path} holds a single {type(graph).__name__} node, not a NIR graph")
+    return graph
+
+
+def inspect_nir(path: str | os.PathLike) -> tuple[list[dict], dict]:
+    """Read a NIR file and summarise it: one row per node ``{"name", "type", "shape", "synapses", "fan_in",
+    "params"}`` in evaluation order (:func:`neurosdm.graph.structure.order`, from the inputs to the outputs) and
+    totals ``{"nodes", "edges", "synapses", "params", "file_bytes", "metadata"}``.
+
+    synapses: the weight size of Conv2d/Affine/Linear nodes (0 otherwise); fan_in: incoming edges; params: the
+    size of every float array of the node (weights, biases, neuron parameters; not shapes or strides).
+    Raises :class:`GraphError` (one line) for a file nir cannot read and for an invalid graph (an edge to a
+    missing node, no Input or no Output node; ``nir.read`` already rejects most of these)."""
+    path = Path(path)
+    graph = _read(path)
+    edges = [tuple(e) for e in graph.edges]
+    missing = sorted({n for e in edges for n in e if n not in graph.nodes})
+    if missing:
+        raise GraphError(f"{path}: edges refer to nodes that do not exist: {', '.join(missing[:5])}")
+    kinds = {type(n) for n in graph.nodes.values()}
+    for needed in (nir.Input, nir.Output):
+        if needed not in kinds:
+            raise GraphError(f"{path}: the graph has no {needed.__name__} node")
+    fan_in = {name: 0 for name in graph.nodes}
+    for _, dst in edges:
+        fan_in[dst] += 1
+    rows = []
+    roots = [k for k, n in graph.nodes.items() if isinstance(n, nir.Input)]
+    for name in order(list(graph.nodes), edges, roots)[0]:
+        node = graph.nodes[name]
+        out_types = (getattr(node, "output_type", None) or {}).values()
+        shapes = [tuple(int(d) for d in np.asarray(v).ravel()) for v in out_types]
+        synapses = int(np.asarray(node.weight).size) if isinstance(node, _WEIGHTED) else 0
+        params = sum(_array_size(v) for k, v in vars(node).items()
+                     if k not in ("input_type", "output_type", "metadata"))
+        rows.append(dict(name=name, type=type(node).__name__,
+                         shape=" ".join("x".join(map(str, s)) for s in shapes) or "-",
+                         synapses=synapses, fan_in=fan_in[name], params=params))
+    totals = dict(nodes=len(rows), edges=len(edges), synapses=sum(r["synapses"] for r in rows),
+                  params=sum(r["params"] for r in rows), file_bytes=path.stat().st_size,
+                  metadata=dict(graph.metadata or {}))
+    return rows, totals
