@@ -28,7 +28,7 @@ from neurosdm import __version__
 from neurosdm.config import Config, DiffusionConfig, ModelConfig
 from neurosdm.errors import CheckpointError
 from neurosdm.io import atomic_path, describe_head, first_line
-from neurosdm.models import SpikingUNet
+from neurosdm.models import count_parameters, SpikingUNet
 
 DEFAULT_SDDPM_NUM_STEPS = 4  # SDDPM checkpoints (no TSM) do not record num_steps; the papers' default
 
@@ -212,8 +212,6 @@ def save_checkpoint(path: str | os.PathLike, config: Config, model: torch.nn.Mod
 
 def describe(path: str | os.PathLike) -> dict:
     """What ``neurosdm info`` prints: layout, architecture, parameter count, training state, notes."""
-    from neurosdm.models import count_parameters
-
     ckpt = load_checkpoint(path)
     model = build_model(ckpt.config.model, ckpt.model_state, source=str(path))
     m, d = ckpt.config.model, ckpt.config.diffusion

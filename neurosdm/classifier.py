@@ -26,7 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from neurosdm import data as D
 from neurosdm.errors import CheckpointError, DatasetError
+from neurosdm.io import atomic_path, first_line
 
 __all__ = ["ClassifierConfig", "SmallClassifier", "load_classifier", "save_classifier", "load_labels",
            "SHIPPED_CLASSIFIER", "shipped_classifier_path"]
@@ -83,8 +85,6 @@ def shipped_classifier_path() -> Path:
 
 def save_classifier(path: str | os.PathLike, model: SmallClassifier, **info) -> None:
     """Write a weights-only checkpoint (atomically). ``info``: plain values (dataset, accuracy, epochs...)."""
-    from neurosdm.io import atomic_path
-
     cfg = dataclasses.asdict(model.config)
     cfg["widths"] = list(cfg["widths"])
     payload = {"format": FORMAT, "version": 1, "config": cfg,
@@ -106,8 +106,6 @@ def load_classifier(path: str | os.PathLike | None = None, device: str | torch.d
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not our file"
-        from neurosdm.io import first_line
-
         raise CheckpointError(f"{path} is not a loadable classifier checkpoint: {first_line(e)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a neurosdm classifier checkpoint (no format {FORMAT!r}); train one "
@@ -127,9 +125,7 @@ def load_classifier(path: str | os.PathLike | None = None, device: str | torch.d
 def load_labels(name: str, split: str = "train", data_dir: str | None = None) -> np.ndarray:
     """Class labels (uint8 ``[N]``) of ``builtin`` or ``fashion-mnist``/``mnist`` IDX data, in the order of
     ``neurosdm.data.load_dataset(name, data_dir, split)``."""
-    from neurosdm import data as D
-
-    key = D._normalise_name(name)
+    key = D.normalise_name(name)
     if key == "builtin":
         resource = importlib.resources.files("neurosdm") / "assets" / D.BUILTIN_ASSET
         with importlib.resources.as_file(resource) as p, np.load(p, allow_pickle=False) as npz:

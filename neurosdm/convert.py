@@ -32,10 +32,15 @@ from pathlib import Path
 
 import torch
 
+from neurosdm.checkpoint import load_checkpoint, load_model, save_checkpoint
 from neurosdm.config import Config, ModelConfig
+from neurosdm.data import load_dataset
+from neurosdm.diffusion import GaussianDiffusion
 from neurosdm.errors import CheckpointError, ConfigError
 from neurosdm.models import SpikingUNet
+from neurosdm.models.spiking_unet import DownSample, ResBlock, UpSample
 from neurosdm.neurons import QCFS
+from neurosdm.train import freeze_batchnorm, step_generator
 
 __all__ = ["neuron_conv_pairs", "converted_config", "convert_model", "finetune", "convert_checkpoint"]
 
@@ -44,8 +49,6 @@ def neuron_conv_pairs(model: SpikingUNet) -> list[tuple[str, str]]:
     """``(activation module name, name of the conv that reads its output)`` for every IF/QCFS layer: the stem's
     ``neuron`` -> ``conv_identity``; per ResBlock ``neuron1`` -> ``conv1``, ``neuron2`` -> ``conv2``; per Down/UpSample
     ``neuron`` -> ``conv``; the spiking head's ``tail_neuron`` -> ``tail_conv``."""
-    from neurosdm.models.spiking_unet import DownSample, ResBlock, UpSample
-
     pairs = [("neuron", "conv_identity")]
     for name, m in model.named_modules():
         if isinstance(m, ResBlock):
@@ -93,9 +96,6 @@ def finetune(model: SpikingUNet, config: Config, data: torch.Tensor, steps: int,
     """Fine-tune a converted SNN in place with the denoising loss ``E ||eps - model(x_t, t)||^2`` (surrogate
     gradients through the IF neurons), Adam, gradient clipping at 1, BatchNorm statistics frozen (the running
     statistics of the ANN), thresholds fixed. Returns the loss of every step; leaves the model in eval mode."""
-    from neurosdm.diffusion import GaussianDiffusion
-    from neurosdm.train import _generator, freeze_batchnorm
-
     if steps < 0 or batch_size < 1 or not lr > 0:
         raise ConfigError(f"fine-tuning needs steps >= 0, batch size >= 1 and lr > 0, got {steps}, {batch_size}, {lr}")
     diffusion = GaussianDiffusion(config.diffusion)
@@ -104,8 +104,8 @@ def finetune(model: SpikingUNet, config: Config, data: torch.Tensor, steps: int,
     model.train()
     freeze_batchnorm(model)
     for k in range(steps):
-        idx = torch.randint(0, len(data), (batch_size,), generator=_generator(seed, k))
-        loss = diffusion.loss(model, data[idx], generator=_generator(seed, k, 1))
+        idx = torch.randint(0, len(data), (batch_size,), generator=step_generator(seed, k))
+        loss = diffusion.loss(model, data[idx], generator=step_generator(seed, k, 1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -121,8 +121,6 @@ def convert_checkpoint(ann_path: str | os.PathLike, out_path: str | os.PathLike,
     """Convert the QCFS ANN checkpoint ``ann_path`` (its EMA weights when present) and write the SNN checkpoint
     ``out_path`` (atomically; an existing file only with ``force``). ``finetune_steps > 0`` fine-tunes it on
     ``dataset`` (default: the ANN's training dataset). Returns a summary (thresholds, steps, fine-tuning losses)."""
-    from neurosdm.checkpoint import load_checkpoint, load_model, save_checkpoint
-
     ann_path, out_path = Path(ann_path), Path(out_path)
     if out_path.is_dir():
         raise ConfigError(f"output {out_path} is a directory; pass a file name such as {out_path / 'snn.pt'}")
@@ -137,8 +135,6 @@ def convert_checkpoint(ann_path: str | os.PathLike, out_path: str | os.PathLike,
     snn_config = dataclasses.replace(config, model=snn.cfg)
     losses: list[float] = []
     if finetune_steps:
-        from neurosdm.data import load_dataset
-
         data = load_dataset(dataset or config.train.dataset, data_dir or config.train.data_dir, "train",
                             snn.cfg.image_size)
         losses = finetune(snn, snn_config, data, finetune_steps, lr=lr, batch_size=batch_size, seed=seed)

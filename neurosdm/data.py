@@ -89,7 +89,7 @@ def dataset_info(name: str) -> dict:
     pixels, ``None`` for ``folder``), ``num_classes``, ``num_train`` and ``num_test`` (full-size counts;
     ``None`` where unknown).
     """
-    key = _normalise_name(name)
+    key = normalise_name(name)
     return {"name": key, "description": DATASETS[key], **_INFO[key]}
 
 
@@ -113,7 +113,7 @@ def load_dataset(
     Raises:
         DatasetError: unknown name or split, bad ``image_size``/``limit``, missing or malformed files.
     """
-    key = _normalise_name(name)
+    key = normalise_name(name)
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r} for dataset {key!r}; use one of: {', '.join(SPLITS)}")
     image_size = _check_positive_int("image_size", image_size)
@@ -251,7 +251,7 @@ def read_image_folder(
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _normalise_name(name: str) -> str:
+def normalise_name(name: str) -> str:
     key = str(name).strip().lower().replace("_", "-")
     if key not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; use one of: {', '.join(DATASETS)}")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from neurosdm.errors import ConfigError
 from neurosdm.io import atomic_path
@@ -95,8 +96,6 @@ def process_group(device: str = "cpu"):
     if world.size == 1:
         yield world
         return
-    import torch.distributed as dist
-
     if dist.is_initialized():
         yield world
         return
@@ -130,8 +129,6 @@ def barrier(world: World) -> None:
     """Wait for every rank (nothing to do in a one-process world)."""
     if world.size == 1:
         return
-    import torch.distributed as dist
-
     if world.device.startswith("cuda"):
         dist.barrier(device_ids=[world.local_rank])
     else:
@@ -140,8 +137,6 @@ def barrier(world: World) -> None:
 
 def _token(world: World) -> str:
     """A name drawn by rank 0 and broadcast to all ranks (the shard folder of this gather)."""
-    import torch.distributed as dist
-
     box = [uuid.uuid4().hex[:16] if world.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return str(box[0])

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from neurosdm.checkpoint import load_model
 from neurosdm.config import Config
 from neurosdm.diffusion import GaussianDiffusion, ImageNoise, sample
+from neurosdm.distributed import World, gather_shards
 from neurosdm.errors import ConfigError
 from neurosdm.io import image_grid, save_npy, save_png
-
-if TYPE_CHECKING:
-    from neurosdm.distributed import World
 
 
 @torch.no_grad()
@@ -62,8 +60,6 @@ def generate_sharded(model, config: Config, num_images: int, world: World | None
     merged on rank 0 in image order (:func:`neurosdm.distributed.gather_shards`, shard files in ``shard_dir``).
     Returns all ``num_images`` images on rank 0 (in a one-process world: just :func:`generate`) and ``None`` on
     the other ranks. ``kwargs`` go to :func:`generate`."""
-    from neurosdm.distributed import World, gather_shards
-
     world = world or World()
     mine = world.shard(num_images, batch_size)
     images = generate(model, config, len(mine), batch_size=batch_size, first_image=mine.start, **kwargs)
@@ -83,8 +79,6 @@ def sample_to_dir(ckpt, out_dir, num_images: int, seed: int = 0, sampler: str = 
     Under torchrun (``world``, a :class:`neurosdm.distributed.World` of size > 1) every rank samples its share,
     rank 0 merges, writes and returns the path; the other ranks return ``None``. The images are those of a
     one-process run."""
-    from neurosdm.checkpoint import load_model
-
     model, config = load_model(ckpt, device=device)
     model.set_threshold_scale(threshold_scale)
     images = generate_sharded(model, config, num_images, world, out_dir, batch_size, seed=seed, sampler=sampler,

@@ -25,12 +25,16 @@ from neurosdm.checkpoint import load_checkpoint, save_checkpoint
 from neurosdm.config import Config
 from neurosdm.data import load_dataset
 from neurosdm.diffusion import GaussianDiffusion
+from neurosdm.distributed import process_group
 from neurosdm.errors import ConfigError
 from neurosdm.io import image_grid, save_npy, save_png
 from neurosdm.models import SpikingUNet
+from neurosdm.sample import generate
 
 
-def _generator(*key: int) -> torch.Generator:
+def step_generator(*key: int) -> torch.Generator:
+    """A torch CPU generator seeded from ``key`` (e.g. ``(seed, step, stream)``) through numpy's SeedSequence: the
+    draws of a training step depend on the seed and the step only, so a resumed run repeats them exactly."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1))
 
 
@@ -66,7 +70,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, data: torch.Tensor, diffusion:
         bn.momentum = None  # cumulative moving average
     was_training = model.training
     model.train()
-    g = _generator(seed, 2**31 - 1)
+    g = step_generator(seed, 2**31 - 1)
     device = next(model.parameters()).device
     for _ in range(num_batches):
         idx = torch.randint(0, len(data), (min(batch_size, len(data)),), generator=g)
@@ -173,7 +177,7 @@ class Trainer:
         tc = self.config.train
         k = self.step_count
         local = tc.batch_size // self.world
-        idx = torch.randint(0, len(self.data), (tc.batch_size,), generator=_generator(tc.seed, k))
+        idx = torch.randint(0, len(self.data), (tc.batch_size,), generator=step_generator(tc.seed, k))
         x_0 = self.data[idx[self.rank * local:(self.rank + 1) * local]].to(self.device)
         for group in self.opt.param_groups:
             group["lr"] = learning_rate(k, tc)
@@ -181,7 +185,7 @@ class Trainer:
         if tc.qat:  # BN statistics frozen: QAT trains the weights for the folding the export will do
             freeze_batchnorm(self.model)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
-            loss = self.diffusion.loss(self.net, x_0, generator=_generator(tc.seed, k, self.rank + 1))
+            loss = self.diffusion.loss(self.net, x_0, generator=step_generator(tc.seed, k, self.rank + 1))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:
@@ -206,8 +210,6 @@ def train(config: Config, out_dir: str | os.PathLike, resume: bool = True, init:
           device: str = "cpu", progress=None, num_sample_images: int = 64) -> Path:
     """Train ``config`` into ``out_dir`` (``ckpt.pt``, ``log.jsonl``, sample grids). Resumes from
     ``out_dir/ckpt.pt`` when it exists and ``resume`` is set. Returns the checkpoint path."""
-    from neurosdm.sample import generate
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
@@ -268,7 +270,5 @@ def config_with_overrides(config: Config, **overrides) -> Config:
 def distributed(device: str = "cpu"):
     """Join the torchrun process group when ``WORLD_SIZE`` > 1 (:func:`neurosdm.distributed.process_group`: gloo
     on CPU, nccl on CUDA); yield this rank's device. Outside torchrun it only yields ``device``."""
-    from neurosdm.distributed import process_group
-
     with process_group(device) as world:
         yield world.device
