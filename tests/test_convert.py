@@ -17,11 +17,10 @@ from neurosdm.exporters.pipeline import export_checkpoint
 from neurosdm.models import SpikingUNet
 from neurosdm.neurons import QCFS, SpikingNeurons, qcfs
 from neurosdm.quantize import QuantSpec
-from neurosdm.simulators.program import load_program
+from neurosdm.graph.program import load_program
 from neurosdm.simulators.reference import run_reference
 from neurosdm.simulators.run import simulate
-from test_export_cli import assert_one_line_error, neurosdm, tiny_checkpoint
-from test_export_nir import perturb_batchnorm
+from conftest import assert_one_line_error, neurosdm, perturb_batchnorm, tiny_checkpoint
 
 DIFF = DiffusionConfig(num_diffusion_steps=50)
 runner = CliRunner()
@@ -211,8 +210,8 @@ def test_threshold_guidance_on_a_converted_float_export():
     assert len(ifs) > 3
     for layer in ifs:
         got = program.by_name[layer.name]
-        np.testing.assert_allclose(got.threshold, layer.threshold, rtol=1e-6)
-        np.testing.assert_allclose(got.v_reset, layer.v_reset, rtol=1e-6)
+        np.testing.assert_allclose(got.neuron.threshold, layer.neuron.threshold, rtol=1e-6)
+        np.testing.assert_allclose(got.neuron.v_reset, layer.neuron.v_reset, rtol=1e-6)
     quantized = load_program(graph)
     quantized.metadata = dict(quantized.metadata, quant={"state_bits": 24})
     with pytest.raises(ConfigError, match="per-layer thresholds"):

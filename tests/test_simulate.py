@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 from neurosdm import cli
 from neurosdm.diffusion.samplers import host_ops_per_pixel
 from neurosdm.exporters.pipeline import export_checkpoint
-from neurosdm.simulators.program import load_program
+from neurosdm.graph.program import load_program
 from neurosdm.simulators.run import host_counts, simulate
 from neurosdm.simulators.stats import RunStats
-from test_export_cli import tiny_checkpoint
+from conftest import tiny_checkpoint
 
 runner = CliRunner()
 
@@ -155,7 +155,7 @@ def test_threshold_guidance_at_simulation_time(exported):
         expect = 1.3 * float(md["threshold"])
         if kind == "int8":
             expect = math.ceil(expect / 2.0 ** int(md["quant"]["state_exponent"]))
-        assert all(np.all(layer.threshold == expect) for layer in ifs)
+        assert all(np.all(layer.v_threshold == expect) for layer in ifs)
     kw = dict(num_images=2, steps=3, seed=0)
     _, low, _ = simulate(load_program(exported["spiking"]["int8"]), "torch", threshold_scale=0.7, **kw)
     _, high, _ = simulate(load_program(exported["spiking"]["int8"]), "torch", threshold_scale=1.5, **kw)

@@ -124,6 +124,12 @@ class Layer:
         return self.kind in SPIKING
 
     @property
+    def v_threshold(self):
+        """A neuron layer's firing threshold in the graph's units (``neuron.threshold``, or ``threshold_int`` in
+        fixed point)."""
+        return self.neuron.threshold if self.neuron is not None else self.threshold_int
+
+    @property
     def macs(self) -> int:
         """Dense synaptic operations of one image and one step (every input, its nonzero fan-out)."""
         return int(self.fanout.sum()) if self.fanout is not None else 0
