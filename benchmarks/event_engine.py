@@ -13,9 +13,10 @@
     indices, per-tap counts; its shared output buffer) + the peak of what one call allocates (tracemalloc:
     activations, neuron state, outputs, temporaries). Against: the graph's weights (every conv weight and bias,
     float64, as the Program holds them) + the neuron state (one float64 per neuron of the I/LI/IF layers);
-(f) whole calls at forced activity: every IF layer's output replaced by random spikes at 1..50 % (the engine's
-    private benchmark hook ``_force_rate``; the same random draw for every repeat), plus the real activity;
-    the levels timed round robin, median of ``--repeats`` calls each; fitted ``call time = a + b * events``
+(f) whole calls at forced activity: every IF layer's output replaced by random spikes at 1..50 %
+    (``EventEngine(program, force_rate=rate, force_seed=1)``: a fresh engine for every call, built outside the
+    timed call, so the same random draw at every repeat), plus the real activity (a fresh engine too); the levels
+    timed round robin, median of ``--repeats`` calls each; fitted ``call time = a + b * events``
     (events = the input events of all event convs over the call), and the ratio of each call time to the
     real-activity call time.
 
@@ -76,8 +77,8 @@ def main(argv=None) -> int:
     from neurosdm.diffusion.schedules import GaussianDiffusion
     from neurosdm.exporters.pipeline import export_checkpoint
     from neurosdm.graph.dialect import quantize_input
-    from neurosdm.simulators.event import HAVE_NUMBA, EventEngine, _scatter
-    from neurosdm.simulators.program import load_program
+    from neurosdm.simulators.event import HAVE_NUMBA, EventEngine, scatter_kernel
+    from neurosdm.graph.program import load_program
     from neurosdm.simulators.run import config_of
 
     info = machine_info()
@@ -117,11 +118,11 @@ def main(argv=None) -> int:
             out = np.zeros(plan.buffer_size)
             a = (xk, out, plan.rptr, plan.rstart, plan.rlen, plan.roff, plan.wv, plan.nnz, plan.cls_nnz, plan.sh,
                  plan.sw, plan.pt, plan.pl, plan.Ho, plan.Wo, plan.Hp, plan.Wp, plan.tY, plan.tX, plan.Co)
-            ev_k, ops_k = _scatter(*a)
+            ev_k, ops_k = scatter_kernel(*a)
             assert ev_k == addr.size
             ops += ops_k
-            kernel_s += _median_time(lambda: _scatter(*a), args.repeats)  # the scan and the scatter, no zeroing
-            wrapped_s += _median_time(lambda: plan.scatter(inp[k], True, eng._buf), args.repeats)
+            kernel_s += _median_time(lambda: scatter_kernel(*a), args.repeats)  # the scan and the scatter, no zeroing
+            wrapped_s += _median_time(lambda: plan.scatter(inp[k], True, eng.backend.buf), args.repeats)
         key = "synops" if layer.input == "spikes" else "graded_ops"
         assert ops == int(counts[layer.name][key].sum())
         real[layer.name] = {"events": int(counts[layer.name]["events_in"].sum()), "synops": int(ops),
@@ -153,8 +154,8 @@ def main(argv=None) -> int:
         pts = []
         for rate in RATES:
             s = (rng.random((1, *layer.in_shape)) < rate).astype(np.float64)
-            _, ev, ops = plan.scatter(s, True, eng._buf)
-            sec = _median_time(lambda: plan.scatter(s, True, eng._buf), args.repeats)
+            _, ev, ops = plan.scatter(s, True, eng.backend.buf)
+            sec = _median_time(lambda: plan.scatter(s, True, eng.backend.buf), args.repeats)
             pts.append((rate, ev, ops, sec))
             xs_syn.append(ops)
             ys.append(sec)
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
     state = sum(layer.size * 8 for layer in prog.layers if layer.kind in ("if", "li", "i"))
     step_acts = sum(layer.size * 8 for layer in prog.layers)
     plans = sum(p.weight_bytes for p in eng.plans.values())
-    buf_bytes = int(eng._buf.nbytes)
+    buf_bytes = int(eng.backend.buf.nbytes)
     wv32 = all(p.wv.dtype == np.float32 for p in eng.plans.values() if p.event)
     tracemalloc.start()
     eng.run(x, t)
@@ -202,14 +203,10 @@ def main(argv=None) -> int:
         return sum(int(res["counts"][layer.name]["events_in"].sum()) for layer in event_layers)
 
     def one_call(rate):
-        eng._force_rate = rate
-        eng._force_rng = np.random.default_rng(1)  # the same draw at every repeat
-        try:
-            t0 = time.perf_counter()
-            res = eng.run(x, t)
-            return call_events(res), time.perf_counter() - t0
-        finally:
-            eng._force_rate = None
+        forced_eng = EventEngine(prog, force_rate=rate, force_seed=1)  # the same draw at every repeat
+        t0 = time.perf_counter()
+        res = forced_eng.run(x, t)
+        return call_events(res), time.perf_counter() - t0
 
     levels = (None, *RATES)
     for rate in levels:

@@ -1,6 +1,7 @@
-"""SANA-FE's side of the comparison: build each suite network of ``scripts/sanafe_suite.py`` on SANA-FE's Loihi and run
-the same input. Runs with .venv-sanafe's python (``scripts/sanafe_env.sh``): needs sanafe, nir and numpy, no torch
-and no neurosdm. SANA-FE (GPL-3.0) is called through its Python API, never copied.
+"""SANA-FE's side of the comparison: build each suite network (:mod:`neurosdm.hardware.sanafe`, written by
+``scripts/sanafe_suite.py build``) on SANA-FE's Loihi and run the same input. Runs with .venv-sanafe's python
+(``scripts/sanafe_env.sh``): needs sanafe, nir and numpy, no torch and no neurosdm (so it imports nothing from the
+package). SANA-FE (GPL-3.0) is called through its Python API, never copied.
 
     .venv-sanafe/bin/python scripts/sanafe_compare.py OUT_DIR [--no-dense-unit]
 

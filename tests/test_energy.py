@@ -143,7 +143,7 @@ def test_paper_energy_by_hand():
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory):
     from neurosdm.exporters.pipeline import export_checkpoint
-    from test_export_cli import tiny_checkpoint
+    from conftest import tiny_checkpoint
 
     d = tmp_path_factory.mktemp("energy")
     ckpt = tiny_checkpoint(d / "sdm.pt", head="sdm")

@@ -12,8 +12,7 @@ from neurosdm.simulators.event import HAVE_NUMBA, EventEngine
 from neurosdm.graph.program import load_program
 from neurosdm.graph.geometry import conv2d
 from neurosdm.simulators.reference import run_graph
-from test_export_nir import _model
-from test_fixed_point import _quantized
+from conftest import quantized, tiny_model
 
 T = 17  # diffusion step: any step with its own biases
 
@@ -26,10 +25,10 @@ def _graph(head, tsm, ch_mult, quant, junctions="scale"):
     """A random tiny export (float64 or int8) and its (encoded) input."""
     x = _x()
     if quant:
-        _, _, _, graph, md = _quantized(head, tsm, ch_mult=ch_mult)
+        _, _, _, graph, md = quantized(head, tsm, ch_mult=ch_mult)
         x, _ = quantize_input(x, md)
     else:
-        graph, md = to_nir_graph(_model(head, ch_mult, tsm=tsm), dtype=np.float64)
+        graph, md = to_nir_graph(tiny_model(head, ch_mult, tsm=tsm), dtype=np.float64)
     if junctions == "edges":
         graph = inline_junctions(graph, md, output_junction="none")
         md = graph.metadata

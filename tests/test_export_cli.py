@@ -1,53 +1,21 @@
 """``neurosdm export --to nir`` and ``neurosdm inspect``: the float NIR export wired into the CLI."""
 
-import subprocess
-import sys
-
 import h5py
 import nir
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import assert_one_line_error, invoke, neurosdm, tiny_checkpoint
 
 from neurosdm import cli
-from neurosdm.checkpoint import file_sha256, save_checkpoint
-from neurosdm.config import Config, DiffusionConfig, ModelConfig
+from neurosdm.checkpoint import file_sha256
+from neurosdm.config import ModelConfig
 from neurosdm.errors import ConfigError, GraphError
 from neurosdm.exporters.pipeline import default_output_path, export_checkpoint
 from neurosdm.graph.host import eps_from_outputs
 from neurosdm.graph.inspect import inspect_nir
 from neurosdm.simulators.reference import run_graph
 from neurosdm.models import SpikingUNet
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(cli.app, [str(a) for a in args])
-
-
-def neurosdm(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "neurosdm", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, check=False)
-
-
-def assert_one_line_error(r, *needles):
-    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr
-    for needle in needles:
-        assert needle in r.stderr, r.stderr
-
-
-def tiny_checkpoint(path, head="spiking", ema=True, seed=0):
-    torch.manual_seed(seed)
-    cfg = Config(ModelConfig(img_ch=1, image_size=8, ch=4, ch_mult=(1, 2), num_res_blocks=1, num_steps=2,
-                             num_diffusion_steps=20, head=head), DiffusionConfig(num_diffusion_steps=20))
-    model = SpikingUNet(cfg.model)
-    ema_model = SpikingUNet(cfg.model) if ema else None
-    save_checkpoint(path, cfg, model, ema_model, step=3)
-    return path
 
 
 def test_help_lists_export_and_inspect():

@@ -4,8 +4,8 @@ import nir
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 
-from neurosdm.config import ModelConfig
 from neurosdm.errors import ConfigError
 from neurosdm.exporters.nir import to_nir_graph
 from neurosdm.graph.dialect import graph_at
@@ -17,33 +17,6 @@ from neurosdm.simulators.reference import run_graph
 CORE = (nir.Input, nir.Output, nir.Conv2d, nir.Scale, nir.IF, nir.LI)
 STEPS = (0, 17, 49)
 ATOL = 1e-5
-
-
-def perturb_batchnorm(mod) -> None:
-    """Random running statistics and affine parameters for a BatchNorm2d (anything else is left alone), so that
-    folding BN into the convs is exercised (call under ``torch.no_grad()``)."""
-    if isinstance(mod, torch.nn.BatchNorm2d):
-        mod.running_mean.uniform_(-0.5, 0.5)
-        mod.running_var.uniform_(0.5, 2.0)
-        mod.weight.uniform_(0.5, 1.5)
-        mod.bias.uniform_(-0.3, 0.3)
-
-
-def _model(head="spiking", ch_mult=(1, 2), image_size=8, ch=4, num_steps=3, seed=0, tsm=False):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(img_ch=1, image_size=image_size, ch=ch, ch_mult=ch_mult, num_res_blocks=1,
-                      num_steps=num_steps, num_diffusion_steps=50, head=head, threshold_scale=0.97, tsm=tsm)
-    m = SpikingUNet(cfg)
-    with torch.no_grad():  # random BN statistics and biases, so that folding is exercised
-        for mod in m.modules():
-            perturb_batchnorm(mod)
-            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)) and mod.bias is not None:
-                mod.bias.uniform_(-0.3, 0.3)
-            if getattr(mod, "tsmp", None) is not None:  # distinct per-step scales, one near 0 and one negative
-                mod.tsmp.copy_(torch.linspace(1.4, -0.3, mod.tsmp.numel()).roll(int(mod.tsmp.numel() > 2))
-                               .reshape(mod.tsmp.shape))
-        m.tail_conv.weight.normal_(0.0, 0.3)  # the default init (gain 1e-5) would make eps almost 0
-    return m.eval()
 
 
 def _torch_eps(model, x, t):
@@ -65,7 +38,7 @@ CASES = [("spiking", (1, 2), 8, 4, 3, False), ("sdm", (1, 2), 8, 4, 3, False), (
 
 @pytest.mark.parametrize("head,ch_mult,size,ch,num_steps,tsm", CASES)
 def test_export_matches_torch(head, ch_mult, size, ch, num_steps, tsm):
-    model = _model(head, ch_mult, image_size=size, ch=ch, num_steps=num_steps, tsm=tsm)
+    model = tiny_model(head, ch_mult, image_size=size, ch=ch, num_steps=num_steps, tsm=tsm)
     x = torch.randn(2, 1, size, size, generator=torch.Generator().manual_seed(1))
     graph, md = to_nir_graph(model)
     assert md["diffusion_step"] == 0 and graph.metadata is md
@@ -94,7 +67,7 @@ def test_export_matches_torch(head, ch_mult, size, ch, num_steps, tsm):
 
 @pytest.mark.parametrize("head", ["spiking", "sdm"])
 def test_default_step_and_bias_tables(head):
-    model = _model(head)
+    model = tiny_model(head)
     graph, md = to_nir_graph(model, diffusion_step=17)
     assert md["diffusion_step"] == 17
     for name, table in md["bias_tables"].items():
@@ -111,7 +84,7 @@ def test_default_step_and_bias_tables(head):
 @pytest.mark.parametrize("head,ch_mult,tsm", [("spiking", (1, 2), False), ("sdm", (1, 2, 2), False),
                                               ("spiking", (1, 2), True)])
 def test_write_read_round_trip(tmp_path, head, ch_mult, tsm):
-    model = _model(head, ch_mult, tsm=tsm)
+    model = tiny_model(head, ch_mult, tsm=tsm)
     graph, md = to_nir_graph(model)
     path = tmp_path / "model.nir"
     nir.write(path, graph)
@@ -130,7 +103,7 @@ def test_write_read_round_trip(tmp_path, head, ch_mult, tsm):
 
 
 def test_graph_contents():
-    model = _model("spiking", (1, 2))
+    model = tiny_model("spiking", (1, 2))
     graph, md = to_nir_graph(model)
     assert all(type(n) in CORE for n in graph.nodes.values())
     ifs = [n for n in graph.nodes.values() if isinstance(n, nir.IF)]
@@ -149,7 +122,7 @@ def test_graph_contents():
     for name, n in graph.nodes.items():
         if isinstance(n, nir.Scale):
             assert name.endswith(".sum") and np.all(n.scale == 1)
-    tsm_graph, tsm_md = to_nir_graph(_model("spiking", (1, 2), tsm=True))
+    tsm_graph, tsm_md = to_nir_graph(tiny_model("spiking", (1, 2), tsm=True))
     convs = [n for n, node in tsm_graph.nodes.items() if isinstance(node, nir.Conv2d)]
     assert sorted(tsm_md["scale_tables"]) == sorted(f"{c}.tsm" for c in convs)  # one TSM scale per conv input
     for c in convs:
@@ -173,7 +146,7 @@ def test_graph_contents():
 
 def test_host_head_matches_torch_head():
     """host_head alone, on a random analog stream, against the torch head (SDM)."""
-    model = _model("sdm", (1, 2))
+    model = tiny_model("sdm", (1, 2))
     _, md = to_nir_graph(model)
     rng = np.random.default_rng(0)
     h = rng.normal(size=(3, 2, 4, 8, 8))  # [num_steps, B, C, H, W] unpacked at full resolution
@@ -193,7 +166,7 @@ def test_host_head_matches_torch_head():
 
 
 def test_size_report():
-    model = _model("spiking", (1, 2))
+    model = tiny_model("spiking", (1, 2))
     size = graph_size(to_nir_graph(model)[0])
     assert size["nodes"] > 0 and size["conv_nonzero"] <= size["conv_weights"]
 

@@ -3,27 +3,11 @@
 import nir
 import numpy as np
 import pytest
-import torch
+from conftest import quantized
 
-from neurosdm.config import DiffusionConfig
 from neurosdm.errors import QuantizationError
-from neurosdm.exporters.fixed_point import calibrate, calibration_inputs, quantize_graph
-from neurosdm.exporters.nir import to_nir_graph
 from neurosdm.graph.dialect import quantize_input
-from neurosdm.quantize import QuantSpec
 from neurosdm.simulators.reference import GraphError, run_graph, run_reference
-from test_export_nir import _model
-
-DIFF = DiffusionConfig(num_diffusion_steps=50)
-
-
-def _quantized(head="spiking", tsm=False, bits=8, ch_mult=(1, 2)):
-    model = _model(head, ch_mult, tsm=tsm)
-    graph, md = to_nir_graph(model, dtype=np.float64)
-    images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
-    cal = calibrate(graph, md, calibration_inputs(images, DIFF, steps=4))
-    qg, qmd = quantize_graph(graph, md, cal, QuantSpec(weight_bits=bits))
-    return model, graph, md, qg, qmd
 
 
 def _x(b=4, seed=7):
@@ -32,7 +16,7 @@ def _x(b=4, seed=7):
 
 @pytest.mark.parametrize("head,tsm", [("spiking", False), ("sdm", False), ("spiking", True), ("sdm", True)])
 def test_stored_values_are_the_fixed_point_model(head, tsm):
-    model, graph, md, qg, qmd = _quantized(head, tsm)
+    model, graph, md, qg, qmd = quantized(head, tsm)
     q = qmd["quant"]
     e_state, e_in = q["state_exponent"], q["input_exponent"]
     assert set(q["weight_exponents"]) == {n for n, v in graph.nodes.items() if isinstance(v, nir.Conv2d)}
@@ -68,13 +52,13 @@ def test_stored_values_are_the_fixed_point_model(head, tsm):
 def test_quantised_model_converges_to_the_float_model(head, tsm):
     """8-bit weights flip a few percent of the spikes of these small random nets (which changes eps a lot: the
     nets are chaotic); finer grids flip fewer, and 16-bit mantissas reproduce the float eps."""
-    _, graph, md, _, _ = _quantized(head, tsm)
+    _, graph, md, _, _ = quantized(head, tsm)
     x = _x()
     ref, ref_run = run_reference(graph, md, x, 20, record=True)
     ifs = [n for n, v in graph.nodes.items() if isinstance(v, nir.IF)]
     errs, flips = {}, {}
     for bits in (8, 12, 16):
-        _, _, _, g, m = _quantized(head, tsm, bits=bits)
+        _, _, _, g, m = quantized(head, tsm, bits=bits)
         eps, res = run_reference(g, m, x, 20, record=True)
         assert not res["saturations"]
         errs[bits] = ((eps - ref) ** 2).mean() / ref.var()
@@ -84,7 +68,7 @@ def test_quantised_model_converges_to_the_float_model(head, tsm):
 
 
 def test_fixed_point_run_is_integer_and_survives_the_file(tmp_path):
-    _, _, _, qg, qmd = _quantized("spiking", True)
+    _, _, _, qg, qmd = quantized("spiking", True)
     x = _x()
     eps, res = run_reference(qg, qmd, x, 30, record=True)
     for name, rec in res["records"].items():  # every value the graph carries is an integer (of the unit)
@@ -99,14 +83,14 @@ def test_fixed_point_run_is_integer_and_survives_the_file(tmp_path):
 
 
 def test_fixed_point_refuses_non_integer_values():
-    _, graph, md, qg, qmd = _quantized("spiking")
+    _, graph, md, qg, qmd = quantized("spiking")
     with pytest.raises(GraphError, match="non-integer"):  # the float graph run with integer rules
         run_graph(graph, _x()[None], num_steps=3, fixed=type(run_graph).__call__ and __import__(
             "neurosdm.simulators.reference", fromlist=["FixedPoint"]).FixedPoint())
 
 
 def test_saturation_is_counted():
-    _, _, _, qg, qmd = _quantized("spiking")
+    _, _, _, qg, qmd = quantized("spiking")
     q = dict(qmd["quant"], state_bits=12)  # a narrow state: the readout and membranes clip
     md = dict(qmd, quant=q)
     _, res = run_reference(qg, md, _x() * 50, 0)
@@ -114,7 +98,7 @@ def test_saturation_is_counted():
 
 
 def test_input_encoding_clips_and_counts():
-    _, _, _, qg, qmd = _quantized("spiking")
+    _, _, _, qg, qmd = quantized("spiking")
     e_in = qmd["quant"]["input_exponent"]
     lim = 2**15 - 1
     x = np.array([0.0, 2.0 ** e_in * 2.5, 1e9, -1e9])
@@ -124,7 +108,7 @@ def test_input_encoding_clips_and_counts():
 
 
 def test_already_quantised_and_bad_graphs_are_refused():
-    _, graph, md, qg, qmd = _quantized("spiking")
+    _, graph, md, qg, qmd = quantized("spiking")
     cal = {"max_abs": {}, "input_max_abs": 1.0, "images": 1, "diffusion_steps": np.array([0])}
     with pytest.raises(QuantizationError, match="already"):
         quantize_graph(qg, qmd, cal)

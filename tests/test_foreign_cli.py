@@ -163,7 +163,7 @@ def test_event_engine_on_a_foreign_graph(tmp_path):
 
 
 def test_snntorch_conv_net_simulate_and_energy(tmp_path):
-    from test_foreign_graphs import snntorch_conv_net
+    from conftest import snntorch_conv_net
 
     _, graph = snntorch_conv_net()
     nir.write(tmp_path / "snn.nir", graph)

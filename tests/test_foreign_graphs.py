@@ -14,6 +14,7 @@ import numpy as np
 import nir
 import pytest
 import torch
+from conftest import snntorch_conv_net
 
 from neurosdm.errors import GraphError
 from neurosdm.graph.program import load_program
@@ -373,24 +374,6 @@ def _snntorch_run(net, x):
 # v <- beta v + x. Its spike is [mem - threshold > 0] (">"). Exact parity needs reset_delay=False (immediate
 # reset, the reference's rule) and reset_mechanism="zero" (see docs/foreign-graphs.md for "subtract").
 SNNTORCH_DISC = Discretisation(dt=1e-4, method="euler", reset="zero", comparison=">")
-
-
-def snntorch_conv_net():
-    """snnTorch conv -> Leaky -> Flatten -> Linear -> Leaky (seed 0) and its own NIR export."""
-    snn = pytest.importorskip("snntorch", reason="snntorch is not installed")
-    from snntorch.export_nir import export_to_nir
-
-    torch.manual_seed(0)
-
-    def leaky(shape, beta, **kw):  # per-neuron parameters: nir 1.0.8 cannot infer the types of scalar ones
-        return snn.Leaky(beta=torch.full(shape, beta), threshold=torch.ones(shape), init_hidden=True,
-                         reset_delay=False, reset_mechanism="zero", **kw)
-
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), leaky((4, 6, 6), 0.8), torch.nn.Flatten(),
-                              torch.nn.Linear(4 * 6 * 6, 5), leaky((5,), 0.9, output=True))
-    with torch.no_grad():
-        net[3].weight.mul_(4.0)
-    return net, export_to_nir(net, torch.zeros(2, 1, 6, 6), ignore_dims=[0])
 
 
 def test_snntorch_conv_leaky_exact():

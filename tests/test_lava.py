@@ -68,9 +68,9 @@ def test_netx_layout_of_a_spiking_chain(tmp_path):
 
 def test_netx_of_the_int8_denoiser_export(tmp_path):
     """The int8 export's stem chain, values as the export holds them, biases of the chosen diffusion step."""
-    from test_fixed_point import _quantized
+    from conftest import quantized
 
-    _, _, _, qg, qmd = _quantized("spiking")
+    _, _, _, qg, qmd = quantized("spiking")
     chain = feedforward_chain(qg, qmd)
     assert chain.input_node == "stem.conv.if"  # stem.conv reads the analog image: it stays on the host
     assert [(L.conv, L.neuron) for L in chain.layers] == [("stem.conv_identity", "stem.conv_identity.if"),
@@ -95,7 +95,7 @@ def test_netx_of_the_int8_denoiser_export(tmp_path):
         assert f["neurosdm"].attrs["diffusion_step"] == t
         assert f["neurosdm"].attrs["state_exponent"] == int(qmd["quant"]["state_exponent"])
         assert f["simulation/tSample"][()] == int(qmd["num_steps"])
-    _, _, _, tg, tmd = _quantized("spiking", tsm=True)
+    _, _, _, tg, tmd = quantized("spiking", tsm=True)
     with pytest.raises(GraphError, match="'stem.conv_identity.tsm' is a TSM scale"):
         feedforward_chain(tg, tmd)
 
@@ -136,7 +136,7 @@ def test_cli_export_checkpoint_to_lava(tmp_path):
     """A checkpoint goes through the int8 export first. This random tiny model's time-embedding biases are too
     large for Loihi's 13-bit bias mantissa at its state unit: a one-line error naming the layer (the shipped
     checkpoint exports: docs/lava.md)."""
-    from test_export_cli import tiny_checkpoint
+    from conftest import tiny_checkpoint
 
     tiny_checkpoint(tmp_path / "m.pt")
     r = runner.invoke(cli.app, ["export", str(tmp_path / "m.pt"), "--to", "lava", "--calibration", "builtin",

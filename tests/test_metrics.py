@@ -14,7 +14,7 @@ from neurosdm.data import load_dataset
 from neurosdm.errors import CheckpointError, ConfigError
 from neurosdm.metrics import (ClassifierFeatures, InceptionFeatures, default_inception_path, fid_from_features,
                               frechet_distance, gaussian_stats, inception_score, reference_stats)
-from test_export_cli import tiny_checkpoint
+from conftest import tiny_checkpoint
 
 runner = CliRunner()
 

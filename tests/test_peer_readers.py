@@ -11,18 +11,20 @@ test fails: rerun ``python scripts/peer_readers.py`` and review the new matrix.
 """
 
 import importlib.metadata
-import importlib.util
 import json
-import sys
 import warnings
 from pathlib import Path
 
 import nir
 import numpy as np
 import pytest
-from test_export_cli import invoke, tiny_checkpoint
+import torch
+from conftest import invoke, tiny_checkpoint
 
+from neurosdm.config import DiffusionConfig
 from neurosdm.errors import ConfigError
+from neurosdm.exporters.fixed_point import calibrate, calibration_inputs, quantize_graph
+from neurosdm.exporters.nir import to_nir_graph
 from neurosdm.exporters.rewrite import (
     fold_input_gain,
     for_peer,
@@ -30,27 +32,31 @@ from neurosdm.exporters.rewrite import (
     strict_thresholds,
     topological_edges,
 )
-from neurosdm.simulators.reference import Discretisation, run_graph
+from neurosdm.graph.dialect import Discretisation
+from neurosdm.simulators import peers as pr
+from neurosdm.simulators.peers import snntorch as snn_peer
+from neurosdm.simulators.reference import run_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_JSON = ROOT / "docs" / "data" / "peer_readers.json"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("peer_readers", ROOT / "scripts" / "peer_readers.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, mod)  # dataclasses look the module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-pr = _load_script()
+def export_tiny(model, quantize=False):
+    """What scripts/peer_readers.py exports for the suite: ``to_nir_graph`` float32, or int8 fixed point
+    calibrated on 8 random images (seed ``pr.SEED``)."""
+    graph, md = to_nir_graph(model, dtype=np.float64 if quantize else np.float32)
+    if quantize:
+        images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(pr.SEED)) * 2 - 1
+        cal = calibrate(graph, md, calibration_inputs(images, DiffusionConfig(num_diffusion_steps=50), steps=2))
+        graph, md = quantize_graph(graph, md, cal)
+        graph = nir.NIRGraph(nodes=graph.nodes, edges=graph.edges, metadata=md)
+    return graph
 
 
 @pytest.fixture(scope="module")
 def features():
     """The suite without the shipped checkpoint's whole graph (the slowest row; the tiny whole UNet stays)."""
-    return pr.suite(shipped=False)
+    return pr.feature_graphs(export_tiny)
 
 
 def _installed(dist):
@@ -77,7 +83,7 @@ def test_matrix_regenerates(features):
     peers = [p for p in pr.PEERS if _installed(p.dist)]
     if not peers:
         pytest.skip("none of spikingjelly, norse, snntorch is installed: nothing to regenerate")
-    fresh = pr.survey(features, peers=peers)
+    fresh = pr.survey(features, for_peer, peers=peers)
     assert set(fresh["features"]) == set(data["features"]) - {"whole_shipped"}
     for p in peers:
         old, new = data["peers"][p.name], fresh["peers"][p.name]
@@ -227,10 +233,10 @@ def test_for_peer_forms(features):
 def test_snntorch_builds_integrators(features):
     sn = pytest.importorskip("snntorch.import_nir", reason="snnTorch is not installed")
     g, _ = features["conv_if"]
-    default = _quiet(pr._snn_load, sn, g, 1.0)
+    default = _quiet(snn_peer.load, sn, g, 1.0)
     betas = [float(m.beta) for m in default.modules() if hasattr(m, "reset_mechanism")]
     assert betas and all(abs(b - 0.9) < 1e-6 for b in betas)  # snnTorch's IF import: beta 0.9, a constant
-    model = _quiet(pr._snn_load, sn, for_peer(g, "snntorch"), 1e-4)
+    model = _quiet(snn_peer.load, sn, for_peer(g, "snntorch"), 1e-4)
     leaky = [m for m in model.modules() if hasattr(m, "reset_mechanism")]
     assert len(leaky) == 2
     for m in leaky:

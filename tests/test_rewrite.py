@@ -4,7 +4,7 @@ import nir
 import numpy as np
 import pytest
 import torch
-from test_export_nir import _model
+from conftest import tiny_model
 
 from neurosdm.errors import ConfigError
 from neurosdm.exporters.nir import to_nir_graph
@@ -24,7 +24,7 @@ def _snapshot(graph):
 
 @pytest.mark.parametrize("head,tsm", [("spiking", False), ("sdm", False), ("spiking", True), ("sdm", True)])
 def test_inline_junctions_is_exact(head, tsm, tmp_path):
-    model = _model(head, (1, 2), image_size=8, ch=4, num_steps=3, tsm=tsm)
+    model = tiny_model(head, (1, 2), image_size=8, ch=4, num_steps=3, tsm=tsm)
     graph, md = to_nir_graph(model, dtype=np.float64)
     before = _snapshot(graph)
     junctions = [k for k, n in graph.nodes.items() if is_identity_scale(n) and k not in md["scale_tables"]]
@@ -73,7 +73,7 @@ def test_inline_junctions_is_exact(head, tsm, tmp_path):
 
 @pytest.mark.parametrize("form", ["conv", "none"])
 def test_output_junction_forms(form):
-    model = _model("sdm", (1, 2), image_size=8, ch=4, num_steps=3, tsm=False)
+    model = tiny_model("sdm", (1, 2), image_size=8, ch=4, num_steps=3, tsm=False)
     graph, md = to_nir_graph(model, dtype=np.float64)
     last = [a for a, b in graph.edges if b == "output"][0]
     new = inline_junctions(graph, output_junction=form)

@@ -351,7 +351,7 @@ def test_cli_dpm_solver_order_and_analytic_with_gamma(tmp_path):
     from typer.testing import CliRunner
 
     from neurosdm import cli
-    from test_export_cli import tiny_checkpoint
+    from conftest import tiny_checkpoint
 
     ckpt = tiny_checkpoint(tmp_path / "t.pt")
     run = CliRunner().invoke

@@ -1,9 +1,8 @@
-"""neurosdm against SANA-FE (docs/sanafe.md): the suite of scripts/sanafe_suite.py builds, neurosdm's counts of a tiny
+"""neurosdm against SANA-FE (docs/sanafe.md): the suite of neurosdm.hardware.sanafe builds, neurosdm's counts of a tiny
 network equal hand counts, the energy options that model SANA-FE's accounting are priced right by hand, and (when
 .venv-sanafe exists: scripts/sanafe_env.sh, `make test` builds it) one network runs through SANA-FE itself with
 identical spikes and counts and the same energy by part."""
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -14,8 +13,9 @@ import pytest
 
 from neurosdm import energy as E
 from neurosdm.errors import ConfigError
-from neurosdm.simulators.program import load_program
-from neurosdm.simulators.run import simulate_foreign
+from neurosdm.graph.program import load_program
+from neurosdm.hardware import sanafe
+from neurosdm.simulators.foreign import simulate_foreign
 from neurosdm.simulators.stats import RunStats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,31 +23,19 @@ SANAFE_PY = ROOT / ".venv-sanafe" / "bin" / "python"
 SANAFE_READY = ROOT / ".venv-sanafe" / ".sanafe-installed"  # written by scripts/sanafe_env.sh once it succeeded
 
 
-def _suite():
-    spec = importlib.util.spec_from_file_location("sanafe_suite", ROOT / "scripts" / "sanafe_suite.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def suite():
-    return _suite()
-
-
-def test_suite_graphs_build(suite):
-    for name in suite.SUITE:
-        graph, x = suite.build_graph(name)
+def test_suite_graphs_build():
+    for name in sanafe.SUITE:
+        graph, x = sanafe.build_graph(name)
         program = load_program(graph)
         assert set(np.unique(x)) <= {0.0, 1.0} and x.shape[1] == 1 and 0 < x.mean() < 1
         weights = [np.asarray(n.weight) for n in graph.nodes.values() if isinstance(n, (nir.Affine, nir.Conv2d))]
         for w in weights:  # Loihi's grid: int8 integers, zeros present (SANA-FE charges them)
             assert np.array_equal(w, np.rint(w)) and np.abs(w).max() <= 127 and (w == 0).any()
-        mp = suite.mapping(program)
+        mp = sanafe.mapping(program)
         for info in mp["layers"].values():
-            assert info["threshold"] == int(info["threshold"]) and info["size"] <= suite.CORE_NEURONS
+            assert info["threshold"] == int(info["threshold"]) and info["size"] <= sanafe.CORE_NEURONS
         assert mp["depth"] == 2 and mp["cores_used"] <= 4
-        place = suite.placement(mp, {n: 0 for n in mp["layers"]})
+        place = sanafe.placement(mp, {n: 0 for n in mp["layers"]})
         last = [n for n, i in mp["layers"].items() if not i["destinations"]]
         assert len(last) == 1 and place["layers"][last[0]]["packets_per_spike"] == 0
 
@@ -153,14 +141,15 @@ def test_placement_errors(placement, needle):
 @pytest.mark.skipif(not SANAFE_READY.exists(), reason=".venv-sanafe is missing (build it with scripts/sanafe_env.sh or "
                                                       "make test; sanafe has cp310/cp311 wheels only): SANA-FE runs "
                                                       "only in its own environment")
-def test_cross_check_against_sanafe(suite, tmp_path):
-    ns = suite.run_neurosdm("mixed", tmp_path)
+def test_cross_check_against_sanafe(tmp_path):
+    ns = sanafe.run_neurosdm("mixed", tmp_path,
+                             lambda stats, placement=None: E.estimate(stats, "loihi-sanafe", placement=placement))
     script = ROOT / "scripts" / "sanafe_compare.py"
     out = subprocess.run([str(SANAFE_PY), str(script), str(tmp_path), "--no-dense-unit"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     sf = json.loads((tmp_path / "mixed.sanafe.json").read_text())
-    r = suite.compare(ns, sf)
+    r = sanafe.compare(ns, sf)
     assert all(layer["spike_trains_identical"] and layer["spikes_sanafe_outside_window"] == 0
                for layer in r["layers"].values())
     c = r["counts"]

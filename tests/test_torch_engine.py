@@ -14,7 +14,7 @@ from neurosdm.exporters.rewrite import inline_junctions
 from neurosdm.graph.program import load_program
 from neurosdm.simulators.reference import run_graph
 from neurosdm.simulators.torch_engine import TorchEngine
-from test_fixed_point import _quantized
+from conftest import quantized
 
 STEPS = (0, 31)
 
@@ -22,7 +22,7 @@ STEPS = (0, 31)
 @functools.lru_cache(maxsize=None)
 def _graphs(head, ch_mult, tsm):
     """(float64 graph, int8 graph) of a small random model (test_fixed_point._quantized)."""
-    _, graph, _, qg, _ = _quantized(head, tsm, ch_mult=ch_mult)
+    _, graph, _, qg, _ = quantized(head, tsm, ch_mult=ch_mult)
     return graph, qg
 
 
