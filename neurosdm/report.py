@@ -28,7 +28,7 @@ def run_demo(ckpt, out_dir, num_images: int = 4, steps: int = 20, seed: int = 0,
     from neurosdm.checkpoint import file_sha256
     from neurosdm.compare import compare
     from neurosdm.exporters.pipeline import export_checkpoint
-    from neurosdm.simulators.program import load_program
+    from neurosdm.graph.program import load_program
     from neurosdm.simulators.stats import RunStats
 
     out = Path(out_dir)

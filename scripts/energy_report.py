@@ -31,7 +31,7 @@ def main() -> None:
     from neurosdm.energy_plots import write_plots
     from neurosdm.exporters.pipeline import export_checkpoint
     from neurosdm.io import atomic_path
-    from neurosdm.simulators.program import load_program
+    from neurosdm.graph.program import load_program
     from neurosdm.simulators.run import simulate
 
     ckpt = ROOT / "neurosdm" / "assets" / "tiny_fashion.pt"

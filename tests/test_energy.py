@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from neurosdm import cli
 from neurosdm import energy as E
 from neurosdm.errors import ConfigError
+from neurosdm.hardware.profiles import EVIDENCE, list_profiles, load_profile
 from neurosdm.simulators.stats import RunStats
 
 runner = CliRunner()
@@ -55,12 +56,13 @@ EXPECTED = {  # profile: (chip pJ, host pJ, static pJ, unpriced terms)
 
 
 def test_every_shipped_profile_is_tested_and_documented():
-    assert set(E.list_profiles()) == set(EXPECTED)
-    for name in E.list_profiles():
-        p = E.load_profile(name)
+    assert set(list_profiles()) == set(EXPECTED)
+    for name in list_profiles():
+        p = load_profile(name)
         assert p.name == name and p.description and p.sources
         for section, term, c in p.constants():
-            assert c.source in p.sources and c.evidence in E.EVIDENCE and c.unit
+            assert c.source in p.sources and c.evidence in EVIDENCE and c.unit
+    assert E.load_profile is load_profile and E.list_profiles is list_profiles  # re-exported by neurosdm.energy
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -110,7 +112,7 @@ def bad_profile(tmp_path, text):
 def test_malformed_profile_one_line_error(tmp_path, text, needle):
     p = bad_profile(tmp_path, text)
     with pytest.raises(ConfigError) as e:
-        E.load_profile(p)
+        load_profile(p)
     msg = str(e.value)
     assert needle in msg and str(p) in msg and "\n" not in msg
 
@@ -152,7 +154,7 @@ def graph(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(graph):
-    from neurosdm.simulators.program import load_program
+    from neurosdm.graph.program import load_program
     from neurosdm.simulators.run import simulate
 
     program = load_program(graph)
@@ -196,14 +198,30 @@ def test_paper_formula_on_measured_rates(run):
     assert checked >= 2
 
 
-def test_plots(run, tmp_path):
-    from neurosdm.energy_plots import plot_layer_terms, plot_profiles, plot_spikes
+def test_ann_baseline_per_image_one_rule(run):
+    """price_all's baselines and ratios are with_ann_baseline's: per call x denoising steps, SNN / ANN per image."""
+    program, stats, _ = run
+    priced = E.price_all(stats, program, profiles=["loihi2"])
+    report = E.with_ann_baseline(E.estimate(stats, "loihi2"), program, "cmos45-fp32")
+    base = report["ann_baseline"]
+    assert base["pj_per_image"] == base["pj_per_call"] * len(stats.timesteps) == \
+        priced["ann_baseline"]["cmos45-fp32"]["pj_per_image"]
+    assert base["ratio_snn_to_ann"] == report["totals"]["per_image_pj"] / base["pj_per_image"] == \
+        priced["summary"]["loihi2"]["vs_ann_fp32"]
+    assert E.snn_to_ann_ratio(report, dict(base, pj_per_image=0)) is None
 
-    _, stats, _ = run
+
+def test_plots(run, tmp_path):
+    from neurosdm.energy_plots import plot_layer_terms, plot_profiles, plot_spikes, write_plots
+
+    program, stats, _ = run
     r = E.estimate(stats, "loihi2")
     for p in (plot_layer_terms(r, tmp_path / "a.png"), plot_spikes(stats, tmp_path / "b.png"),
               plot_profiles({"loihi2": r["totals"]["per_image_pj"]}, {"fp32": 1e9}, tmp_path / "c.png")):
         assert p.read_bytes()[:4] == b"\x89PNG"
+    paths = write_plots(E.price_all(stats, program, profiles=["loihi2"]), stats, tmp_path / "all")
+    assert sorted(paths) == ["layers", "profiles", "spikes"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths.values())
 
 
 def test_cli_energy_and_profiles(graph, run, tmp_path):
@@ -225,6 +243,13 @@ def test_cli_energy_and_profiles(graph, run, tmp_path):
                                 "--graph", str(graph)])
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[0] == "layer,kind,term,count,pJ" and ",synop," in r.output
+    assert r.stdout_bytes.decode() == E.report_csv(E.estimate(stats, "cmos45-int8"))  # the library's CSV, as is
+    r = runner.invoke(cli.app, ["energy", str(tmp_path / "stats.json"), "--profile", "loihi2", "--json",
+                                "--graph", str(graph), "--baseline", "cmos45-int8"])
+    assert r.exit_code == 0, r.output
+    program = run[0]
+    lib = E.with_ann_baseline(E.estimate(stats, "loihi2"), program, "cmos45-int8")
+    assert json.loads(r.stdout)["ann_baseline"] == json.loads(json.dumps(lib["ann_baseline"]))
     r = runner.invoke(cli.app, ["profiles"])
     assert r.exit_code == 0 and "loihi2" in r.output and "Davies" in r.output
 
