@@ -96,11 +96,6 @@ def build_graph(name: str) -> tuple[nir.NIRGraph, np.ndarray]:
     return graph, x
 
 
-def _threshold(layer):
-    """A spiking layer's (float) threshold: the neuron's, or a Threshold node's."""
-    return layer.neuron.threshold if layer.neuron is not None else layer.threshold
-
-
 def mapping(program) -> dict:
     """SANA-FE mapping of the spiking layers (the encoder first): consecutive cores from core 0, each layer on
     ``ceil(size / 1024)`` cores of its own; ``depth`` (steps of latency behind the input), the synaptic layer that
@@ -125,7 +120,7 @@ def mapping(program) -> dict:
                               "depth": 0 if src is None else layers[src]["depth"] + 1,
                               "synapse_layer": None if src is None else syn.name, "source": src,
                               "kind": "input" if src is None else syn.kind,
-                              "threshold": float(np.asarray(_threshold(layer)).flat[0])}
+                              "threshold": float(np.asarray(layer.v_threshold).flat[0])}
     for name, info in layers.items():
         info["destinations"] = [d for d, i in layers.items() if i["source"] == name]
     return {"layers": layers, "depth": max(i["depth"] for i in layers.values()), "cores_used": core}
