@@ -6,6 +6,7 @@ import pytest
 from conftest import quantized
 
 from neurosdm.errors import QuantizationError
+from neurosdm.exporters.fixed_point import quantize_graph
 from neurosdm.graph.dialect import quantize_input
 from neurosdm.simulators.reference import GraphError, run_graph, run_reference
 
