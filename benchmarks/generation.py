@@ -26,7 +26,7 @@ from neurosdm.checkpoint import load_model  # noqa: E402
 from neurosdm.exporters.pipeline import export_checkpoint  # noqa: E402
 from neurosdm.sample import generate  # noqa: E402
 from neurosdm.simulators import run as r  # noqa: E402
-from neurosdm.simulators.program import load_program  # noqa: E402
+from neurosdm.graph.program import load_program  # noqa: E402
 
 CKPT = Path(__file__).resolve().parents[1] / "neurosdm" / "assets" / "tiny_fashion.pt"
 

@@ -16,8 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from neurosdm.checkpoint import build_model, load_checkpoint
 from neurosdm.errors import ConfigError
-from neurosdm.io import atomic_path, save_npy
+from neurosdm.exporters.nir import to_nir_graph
+from neurosdm.exporters.pipeline import quantize_export
+from neurosdm.graph.program import load_program
+from neurosdm.io import atomic_path, image_grid, save_npy
+from neurosdm.sample import generate
+from neurosdm.simulators.run import make_engine, simulate
 
 __all__ = ["compare", "psnr"]
 
@@ -34,14 +40,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def _program_from(source: Path, calibration, data_dir, calibration_images: int, graph_file=None):
     """(program, float model + config or None, description) for a checkpoint (with its exported ``graph_file``,
     else an int8 export made in memory) or a .nir file."""
-    from neurosdm.simulators.program import load_program
-
     if source.suffix == ".nir":
         return load_program(source), None, f"{source.name}"
-    from neurosdm.checkpoint import build_model, load_checkpoint
-    from neurosdm.exporters.nir import to_nir_graph
-    from neurosdm.exporters.pipeline import quantize_export
-
     ckpt = load_checkpoint(source)
     state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
     model = build_model(ckpt.config.model, state, source=str(source)).eval()
@@ -57,8 +57,6 @@ def _plot(columns: dict[str, np.ndarray], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from neurosdm.io import image_grid
 
     names = list(columns)
     last = names[-1]
@@ -86,9 +84,6 @@ def compare(source, out_dir, num_images: int = 4, steps: int = 20, seed: int = 0
             calibration_images: int = 64, progress=None, graph_file=None) -> dict:
     """Run every path on the same seeds and write the report into ``out_dir``; returns the compare.json dict.
     ``graph_file``: the checkpoint's exported .nir file to simulate (default: an int8 export made in memory)."""
-    from neurosdm.sample import generate
-    from neurosdm.simulators.run import make_engine, simulate
-
     source = Path(source)
     if not source.exists():
         raise ConfigError(f"not found: {source}")

@@ -26,19 +26,25 @@ Feature extractors (``extractor(images) -> (features [N, D] float64, logits [N, 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from neurosdm.checkpoint import file_sha256, load_model
+from neurosdm.classifier import load_classifier, shipped_classifier_path
+from neurosdm.data import load_dataset, normalise_name
+from neurosdm.distributed import World
 from neurosdm.errors import CheckpointError, ConfigError
-
-if TYPE_CHECKING:
-    from neurosdm.distributed import World
+from neurosdm.graph.program import load_program
+from neurosdm.io import atomic_path, first_line
+from neurosdm.sample import generate_sharded
+from neurosdm.simulators.run import simulate_sharded
 
 __all__ = ["frechet_distance", "gaussian_stats", "fid_from_features", "inception_score", "ClassifierFeatures",
            "InceptionFeatures", "make_extractor", "default_inception_path", "reference_stats", "evaluate",
@@ -125,9 +131,6 @@ class ClassifierFeatures:
     kind = "classifier"
 
     def __init__(self, path: str | os.PathLike | None = None, device: str = "cpu", batch_size: int = 500):
-        from neurosdm.checkpoint import file_sha256
-        from neurosdm.classifier import load_classifier, shipped_classifier_path
-
         self.path = Path(path) if path is not None else shipped_classifier_path()
         self.model, self.info = load_classifier(self.path, device)
         self.device, self.batch_size = device, batch_size
@@ -175,8 +178,6 @@ class InceptionFeatures:
 
     def __init__(self, path: str | os.PathLike | None = None, device: str = "cpu", batch_size: int = 50,
                  image_size: int = 299, input_range: tuple[float, float] = INCEPTION_INPUT_RANGE):
-        from neurosdm.checkpoint import file_sha256
-
         if path is None:
             path = default_inception_path()
             if path is None:
@@ -188,8 +189,6 @@ class InceptionFeatures:
         try:
             self.model = torch.jit.load(str(self.path), map_location="cpu").to(device).eval()
         except Exception as e:  # noqa: BLE001 - any load failure means "not a TorchScript file"
-            from neurosdm.io import first_line
-
             raise CheckpointError(f"{self.path} is not a TorchScript module (torch.jit.load failed: "
                                   f"{first_line(e)})") from None
         self.device, self.batch_size, self.image_size, self.input_range = device, batch_size, image_size, input_range
@@ -245,10 +244,7 @@ def reference_stats(dataset: str, extractor, num_images: int | None = None, spli
     ``num_images`` images (all when None) of ``dataset``/``split``, cached in
     ``cache_dir/{dataset}-{split}-{extractor.key}-{N}.npz``. Returns a dict with ``mu``, ``sigma``, ``num_images``,
     ``is`` (or None), ``path`` and ``cached`` (True when read from the cache)."""
-    from neurosdm.data import _normalise_name, load_dataset
-    from neurosdm.io import atomic_path
-
-    name = _normalise_name(dataset)
+    name = normalise_name(dataset)
     cache = Path(cache_dir) if cache_dir is not None else default_stats_cache()
     images = None
     if num_images is None:
@@ -305,16 +301,10 @@ def generate_images(source: str | os.PathLike, num_images: int, steps: int = 20,
     source = _check_source(source, num_images, steps)
     guided = "" if threshold_scale is None else f", threshold scale {float(threshold_scale):g}"
     if source.suffix == ".nir":
-        from neurosdm.simulators.program import load_program
-        from neurosdm.simulators.run import simulate_sharded
-
         res = simulate_sharded(load_program(source), "torch", num_images, sampler, steps, seed,
                                batch_size=batch_size, device=device, progress=progress,
                                threshold_scale=threshold_scale, world=world, shard_dir=shard_dir)
         return (None if res is None else res[0]), f"{source.name} on the torch engine, {sampler} {steps}{guided}"
-    from neurosdm.checkpoint import load_model
-    from neurosdm.sample import generate_sharded
-
     model, config = load_model(source, device=device)
     if threshold_scale is not None:
         if not float(threshold_scale) > 0:
@@ -341,8 +331,6 @@ def evaluate(source: str | os.PathLike, dataset: str, num_images: int = 1000, fe
     Under torchrun (``world`` of size > 1, :mod:`neurosdm.distributed`) every rank generates its share of the
     images (shard files in ``shard_dir``), rank 0 alone computes the reference statistics and the metrics on the
     merged images and returns the dict (the figures of a one-process run); the other ranks return ``None``."""
-    from neurosdm.distributed import World
-
     world = world or World()
     _check_source(source, num_images, steps)  # fail fast, before any heavy work
     if ref_images is not None and ref_images < 2:
@@ -388,10 +376,6 @@ def sweep(source: str | os.PathLike, dataset: str, scales: list[float], out_dir:
           progress: Callable | None = None, **kwargs) -> dict:
     """Threshold guidance sweep: :func:`evaluate` at every threshold scale (same seeds, same reference
     statistics), written to ``out_dir/sweep.json`` and ``out_dir/sweep.png`` (FID and IS against the scale)."""
-    import json
-
-    from neurosdm.io import atomic_path
-
     if not scales:
         raise ConfigError("--scales needs at least one value, e.g. 0.9,1.0,1.1")
     rows = [evaluate(source, dataset, num_images, features, steps=steps, seed=seed, progress=progress,

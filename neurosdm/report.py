@@ -15,9 +15,14 @@ import json
 import time
 from pathlib import Path
 
+from neurosdm.checkpoint import file_sha256
+from neurosdm.compare import compare
 from neurosdm.energy import price_all
 from neurosdm.energy_plots import write_plots
+from neurosdm.exporters.pipeline import export_checkpoint
+from neurosdm.graph.program import load_program
 from neurosdm.io import atomic_path
+from neurosdm.simulators.stats import RunStats
 
 __all__ = ["run_demo", "write_html"]
 
@@ -25,12 +30,6 @@ __all__ = ["run_demo", "write_html"]
 def run_demo(ckpt, out_dir, num_images: int = 4, steps: int = 20, seed: int = 0, progress=None,
              log=print) -> Path:
     """Run every stage for ``ckpt`` into ``out_dir``; returns the path of ``report.html``."""
-    from neurosdm.checkpoint import file_sha256
-    from neurosdm.compare import compare
-    from neurosdm.exporters.pipeline import export_checkpoint
-    from neurosdm.graph.program import load_program
-    from neurosdm.simulators.stats import RunStats
-
     out = Path(out_dir)
     times = {}
     t0 = time.perf_counter()

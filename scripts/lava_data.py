@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from neurosdm.exporters.pipeline import export_checkpoint
     from neurosdm.graph.dialect import graph_at, quantize_input
     from neurosdm.io import atomic_path
-    from neurosdm.simulators.program import load_program
+    from neurosdm.graph.program import load_program
     from neurosdm.simulators.reference import run_reference
     from neurosdm.simulators.run import make_engine
 

@@ -98,7 +98,7 @@ def energy(ckpt: Path, out: Path, num_images: int, threshold_scale: float | None
     baseline of the same graph (fp32, 45 nm)."""
     from neurosdm import energy as E
     from neurosdm.exporters.pipeline import export_checkpoint
-    from neurosdm.simulators.program import load_program
+    from neurosdm.graph.program import load_program
     from neurosdm.simulators.run import simulate
 
     nir_path = out / "model_int8.nir"

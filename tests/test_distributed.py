@@ -17,7 +17,7 @@ from neurosdm.diffusion import GaussianDiffusion, ImageNoise, image_stream, samp
 from neurosdm.distributed import World, gather_shards, shard_range, world_from_env
 from neurosdm.errors import ConfigError
 from neurosdm.exporters.pipeline import export_checkpoint
-from neurosdm.simulators.program import load_program
+from neurosdm.graph.program import load_program
 from neurosdm.simulators.run import merge_stats, simulate, simulate_sharded
 from neurosdm.simulators.stats import RunStats
 

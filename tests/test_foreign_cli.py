@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from neurosdm import cli
-from neurosdm.simulators.program import load_program
+from neurosdm.graph.program import load_program
 from neurosdm.simulators.reference import Discretisation
 from neurosdm.simulators.stats import RunStats
 from neurosdm.simulators.torch_engine import TorchEngine

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from neurosdm.config import ModelConfig
+from neurosdm.exporters.packing import conv_cost, packed_weight_overhead
 from neurosdm.lowering import (
-    _cost,
     affine_of_batchnorm,
     depth_to_space,
     fold_batchnorm,
@@ -17,7 +17,6 @@ from neurosdm.lowering import (
     packed_conv,
     packed_conv1x1,
     packed_conv3x3,
-    packed_weight_overhead,
     space_to_depth,
     split_concat_conv,
     upsample_conv_phases,
@@ -157,7 +156,7 @@ def test_packed_conv(k, levels):
     assert q.shape == (5 * 4**levels, 3 * 4**levels, k, k)
     got = F.conv2d(t(space_to_depth(full, levels)), t(q), t(pack_bias(b, levels)), padding=k // 2).numpy()
     assert np.abs(got - ref).max() < TOL64
-    assert np.count_nonzero(q) == _cost("packed", 5, 3, k, levels)[1]
+    assert np.count_nonzero(q) == conv_cost("packed", 5, 3, k, levels)[1]
 
 
 def test_packed_conv_float32():
@@ -176,7 +175,7 @@ def test_upsample_into_level_two():
     assert q.shape == (2 * 16, 3 * 4, 3, 3)
     got = F.conv2d(t(space_to_depth(x)), t(q), padding=1).numpy()
     assert np.abs(got - ref).max() < TOL64
-    stored, nonzero = _cost("upsample", 2, 3, 3, 2)
+    stored, nonzero = conv_cost("upsample", 2, 3, 3, 2)
     assert q.size == stored and np.count_nonzero(q) == nonzero
 
 
@@ -187,7 +186,7 @@ def test_full_to_packed_conv(k, levels):
     q = full_to_packed_conv(w, levels)
     got = F.conv2d(full, t(q), stride=2**levels, padding=k // 2).numpy()
     assert got.shape == ref.shape and np.abs(got - ref).max() < TOL64
-    stored, nonzero = _cost("skip", 4, 3, k, levels)
+    stored, nonzero = conv_cost("skip", 4, 3, k, levels)
     assert q.size == stored and np.count_nonzero(q) == nonzero
     if k == 3 and levels == 1:
         assert q.shape == (16, 3, 4, 4)  # the stride-2 4x4 conv of reference/nir.md

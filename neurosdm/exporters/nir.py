@@ -79,12 +79,12 @@ import neurosdm
 from neurosdm.config import DiffusionConfig
 from neurosdm.diffusion.schedules import make_betas
 from neurosdm.errors import ConfigError, NeuroSDMError
+from neurosdm.exporters.packing import packed_weight_overhead
 from neurosdm.graph.dialect import BIAS_TABLE_RULE, SCALE_TABLE_RULE
 from neurosdm.lowering import (
     affine_of_batchnorm,
     full_to_packed_conv,
     pack_bias,
-    packed_weight_overhead,
     pack_phases,
     packed_conv,
     split_concat_conv,
