@@ -44,7 +44,7 @@ import nir
 import numpy as np
 
 from neurosdm.dynamics import METHODS, Reset, parse_method
-from neurosdm.errors import ConfigError
+from neurosdm.errors import ConfigError, GraphError
 
 __all__ = ["Discretisation", "FixedPoint", "COMPARISONS", "RESETS", "METHODS", "as_str", "meta_value",
            "table_entry", "tables_vary_per_step", "graph_at", "step_graphs", "with_diffusion_step",
@@ -141,8 +141,10 @@ def with_diffusion_step(graph: nir.NIRGraph, metadata: dict | None, t: int) -> n
 def quantize_input(x: np.ndarray, metadata: dict) -> tuple[np.ndarray, int]:
     """The host's input encoding of a quantised export (:data:`UNITS_RULE`): ``(x_int as float64, clipped
     pixels)``, ``x_int = clip(round_half_even(x / 2**input_exponent), +-(2**(input_bits-1) - 1))``."""
-    q = metadata["quant"]
-    e_in, bits = int(meta_value(q, "input_exponent")), int(meta_value(q, "input_bits"))
+    fixed = FixedPoint.from_metadata(metadata)
+    if fixed is None:
+        raise GraphError("quantize_input needs a quantised export (metadata quant)")
+    e_in, bits = fixed.unit("input_exponent"), fixed.unit("input_bits")
     lim = (1 << (bits - 1)) - 1
     k = np.round(np.asarray(x, np.float64) * 2.0 ** -e_in)
     return np.clip(k, -lim, lim) + 0.0, int(np.count_nonzero(np.abs(k) > lim))
@@ -232,16 +234,47 @@ class FixedPoint:
       rounded toward zero (Loihi); its input gain ``r dt / tau`` (1 for ``IF``/``I``: ``r dt``) must be 1;
       thresholds must be integers; IF fires on ``>=`` and resets to 0 or by subtraction;
     - other neuron types are refused. Saturations are counted per node.
+
+    The host's units (:data:`UNITS_RULE`; None where a graph does not say, e.g. a hand-made fixed-point graph):
+    ``state_exponent`` (one state unit is ``2**state_exponent``), ``input_exponent`` and ``input_bits`` (the
+    input encoding, :func:`quantize_input`), ``output_exponent`` (the output's unit).
     """
 
     state_bits: int = 24
     round_nodes: frozenset = frozenset()
+    state_exponent: int | None = None
+    input_exponent: int | None = None
+    input_bits: int | None = None
+    output_exponent: int | None = None
 
     @classmethod
     def from_metadata(cls, metadata: dict | None) -> "FixedPoint | None":
-        """The fixed-point rules of a quantised export, or None for a float graph."""
+        """The fixed-point rules of a quantised export (every ``quant`` key read here, once), or None for a float
+        graph. :class:`GraphError` for a key of the wrong type or out of range."""
         q = (metadata or {}).get("quant")
         if not isinstance(q, dict):
             return None
-        rounded = q.get("round_nodes", {})
-        return cls(int(np.asarray(q["state_bits"]).reshape(-1)[0]), frozenset(rounded))
+
+        def integer(key: str, lo: int, hi: int, required: bool = False) -> int | None:
+            value = q.get(key)
+            if value is None:
+                if required:
+                    raise GraphError(f"the graph's metadata quant has no {key!r}: not a complete fixed-point export")
+                return None
+            arr = np.asarray(value)
+            if arr.size != 1 or arr.dtype.kind not in "iuf" or not float(arr.reshape(-1)[0]).is_integer() or \
+                    not lo <= int(arr.reshape(-1)[0]) <= hi:
+                raise GraphError(f"metadata quant.{key} must be an integer in {lo}..{hi}, got {value!r}")
+            return int(arr.reshape(-1)[0])
+
+        return cls(integer("state_bits", 2, 53, required=True), frozenset(q.get("round_nodes", {})),
+                   integer("state_exponent", -64, 64), integer("input_exponent", -64, 64),
+                   integer("input_bits", 2, 53), integer("output_exponent", -64, 64))
+
+    def unit(self, key: str) -> int:
+        """One of the host's units (class docstring); :class:`GraphError` if the graph does not record it."""
+        value = getattr(self, key)
+        if value is None:
+            raise GraphError(f"the graph's metadata quant has no {key!r}, which the host needs; use a file written "
+                             "by `neurosdm export --quantize int8`")
+        return value

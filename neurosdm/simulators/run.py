@@ -23,7 +23,7 @@ from neurosdm.diffusion.samplers import host_ops_schedule
 from neurosdm.distributed import World, gather_shards
 from neurosdm.errors import ConfigError
 from neurosdm.graph.dialect import meta_value, quantize_input
-from neurosdm.graph.host import eps_from_outputs
+from neurosdm.graph.host import HostHead, eps_from_outputs
 from neurosdm.graph.program import Program
 from neurosdm.io import atomic_path
 from neurosdm.quantize import threshold_units
@@ -90,13 +90,12 @@ def apply_threshold_scale(program: Program, scale: float) -> Program:
     if "threshold" not in md:
         raise ConfigError("threshold guidance needs a neurosdm export (its metadata records the base threshold)")
     theta = float(np.asarray(md["threshold"])) * scale
-    quant = md.get("quant")
     for layer in program.layers:
         if layer.kind != "if":
             continue
-        if isinstance(quant, dict):
-            layer.threshold_int = np.full(layer.in_shape, int(threshold_units(theta, int(np.asarray(
-                quant["state_exponent"])))), np.int64)
+        if program.fixed is not None:
+            layer.threshold_int = np.full(layer.in_shape, int(threshold_units(
+                theta, program.fixed.unit("state_exponent"))), np.int64)
         else:
             layer.neuron.threshold = np.full(layer.in_shape, theta)
     program.metadata = dict(md, threshold_scale=scale, v_threshold=theta)
@@ -112,14 +111,14 @@ def host_counts(program: Program, batch: int) -> dict[str, int]:
     k = program.num_steps
     c, h, w = (int(v) for v in np.asarray(md["image_shape"]).reshape(-1))
     pixels = c * h * w
-    quant = isinstance(md.get("quant"), dict)
+    quant = program.fixed is not None
     out_size = int(np.prod(program.by_name[program.outputs[0]].out_shape))
     macs = 0
     elem = pixels if quant else 0  # input encoding
-    if meta_value(md, "head") == "sdm":
-        hh = md["host_head"]
-        ch = int(np.asarray(hh["tail_bn_scale"]).size)
-        averaged = bool(float(np.asarray(hh.get("average_input", 0.0))))  # readout "mean": the head runs once
+    head = HostHead.from_metadata(md)
+    if head is not None:
+        ch = head.channels
+        averaged = head.average_input  # readout "mean": the head runs once
         head_steps = 1 if averaged else k
         macs = head_steps * h * w * 9 * (ch * c + c * c)
         # tail BN+Swish; last BN+Swish+add; TSM; readout (and the time average of the input: k adds/multiplies)
@@ -151,7 +150,7 @@ class GraphDenoiser:
         step = ts.pop()
         md = self.program.metadata
         xs = x.detach().double().cpu().numpy()
-        if isinstance(md.get("quant"), dict):
+        if self.program.fixed is not None:
             xs, _ = quantize_input(xs, md)
         res = self.engine.run(xs, step, record=self.record or self.on_result is not None)
         if self.on_result is not None:
