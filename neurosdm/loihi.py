@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import nir
 import numpy as np
 
+from neurosdm.dynamics import fixed_point_step
 from neurosdm.errors import QuantizationError
 from neurosdm.quantize import DECAY_ONE, FixedPointNeuron, bias_units, threshold_units
 
@@ -233,3 +234,20 @@ def loihi_params_from_nir(node, dt: float = 1.0, unit_exponent: int = 0, bias=No
         b_int = flat[:, 0]
     return loihi_params(th, decay, b_int, "hard" if reset in ("zero", "hard") else reset, current, e, name)
 
+
+def run_in_lava_units(a: np.ndarray, params: "LoihiParams") -> tuple[np.ndarray, np.ndarray, int]:
+    """neurosdm's fixed-point step in Lava's internal units (:meth:`LoihiParams.lava_units`) on Lava's input
+    activations ``a [T, B, C, H, W]`` (int): ``(spikes, v, saturations)``, to compare with
+    :func:`neurosdm.hardware.lava.lava_lif_run` bit for bit."""
+
+    n = params.lava_units()
+    b = np.asarray(n.bias_int, np.int64)[..., None, None]  # [B, C, 1, 1]
+    v = np.zeros(a.shape[1:], np.int64)
+    spikes, vs, sat = [], [], 0
+    for t in range(a.shape[0]):
+        x = (a[t].astype(np.int64) << ACT_SHIFT) + b
+        s, v, sat_t = fixed_point_step(v, x, n.threshold_int, n.decay_q12, n.reset, n.state_bits)
+        spikes.append(s)
+        vs.append(v)
+        sat += int(sat_t.sum())
+    return np.stack(spikes), np.stack(vs), sat

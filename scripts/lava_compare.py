@@ -2,9 +2,10 @@
 
 Runs in the Python 3.10 Lava environment (``.venv-lava``, built by scripts/lava_env.sh: lava-nc 0.10, lava-dl 0.6,
 torch 2.3). It reads what scripts/lava_data.py wrote in the main environment (neurosdm's engines need Python 3.11
-and torch 2.13) and imports only neurosdm's torch-free-at-runtime arithmetic (``neurosdm.quantize``,
-``neurosdm.loihi``: numpy functions; both import under Python 3.10 with Lava's torch), so the neurosdm side of the
-comparison is the one implementation of the fixed-point step, not a copy.
+and torch 2.13) and imports only neurosdm's arithmetic (``neurosdm.dynamics``, ``neurosdm.loihi``; they import
+under Python 3.10 with Lava's torch and the nir that lava_env.sh installs) and the Lava runners of
+``neurosdm.hardware.lava``, so the neurosdm side of the comparison is the one implementation of the fixed-point
+step, not a copy.
 
 (a) Neuron arithmetic. For every IF layer of the int8 export of the shipped checkpoint, on real noisy images:
     Lava's ``LIF`` process (``Loihi1SimCfg(select_tag="fixed_pt")`` -> ``PyLifModelBitAcc``) fed by a
@@ -39,8 +40,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# neurosdm is imported inside the functions that use it: neurosdm.quantize imports torch (seconds), which the
-# Lava-only helpers (lava_lif_run, netx_run) do not need
+from neurosdm.hardware.lava import lava_lif_run, netx_run  # noqa: E402  (runs in .venv-lava: see lava_env.sh)
+from neurosdm.loihi import loihi_params, run_in_lava_units  # noqa: E402
+from neurosdm.dynamics import fixed_point_step  # noqa: E402
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -52,57 +54,7 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def lava_lif_run(a: np.ndarray, params) -> tuple[np.ndarray, np.ndarray]:
-    """Lava's bit-accurate LIF on ``a [T, B, C, H, W]`` (int): ``(spikes bool [T, ...], v int64 [T, ...])``,
-    ``v`` read after every step. ``params``: anything with ``du, dv, vth, bias_mant [B, C], bias_exp``
-    (a :class:`neurosdm.loihi.LoihiParams`)."""
-    from lava.magma.core.run_conditions import RunSteps
-    from lava.magma.core.run_configs import Loihi1SimCfg
-    from lava.proc.io.sink import RingBuffer as Sink
-    from lava.proc.io.source import RingBuffer as Source
-    from lava.proc.lif.process import LIF
-
-    T = a.shape[0]
-    shape = a.shape[1:]
-    bias = np.broadcast_to(np.asarray(params.bias_mant)[..., None, None], shape).astype(np.int32)  # [B, C] -> all
-    src = Source(data=np.moveaxis(a.astype(np.int32), 0, -1))
-    lif = LIF(shape=shape, du=params.du, dv=params.dv, vth=params.vth, bias_mant=bias, bias_exp=params.bias_exp)
-    sink = Sink(shape=shape, buffer=T)
-    src.s_out.connect(lif.a_in)
-    lif.s_out.connect(sink.a_in)
-    cfg = Loihi1SimCfg(select_tag="fixed_pt")
-    vs = []
-    try:
-        for _ in range(T):
-            lif.run(condition=RunSteps(num_steps=1), run_cfg=cfg)
-            vs.append(np.asarray(lif.v.get()).astype(np.int64))
-        s = np.moveaxis(np.asarray(sink.data.get()), -1, 0).astype(bool)
-    finally:
-        lif.stop()
-    return s, np.stack(vs)
-
-
-def neurosdm_lava_units(a: np.ndarray, params) -> tuple[np.ndarray, np.ndarray, int]:
-    """neurosdm's fixed_point_step in Lava's internal units: ``(spikes, v, saturations)``."""
-    from neurosdm.loihi import ACT_SHIFT
-    from neurosdm.quantize import fixed_point_step
-
-    n = params.lava_units()
-    b = np.asarray(n.bias_int, np.int64)[..., None, None]  # [B, C, 1, 1]
-    v = np.zeros(a.shape[1:], np.int64)
-    spikes, vs, sat = [], [], 0
-    for t in range(a.shape[0]):
-        x = (a[t].astype(np.int64) << ACT_SHIFT) + b
-        s, v, sat_t = fixed_point_step(v, x, n.threshold_int, n.decay_q12, n.reset, n.state_bits)
-        spikes.append(s)
-        vs.append(v)
-        sat += int(sat_t.sum())
-    return np.stack(spikes), np.stack(vs), sat
-
-
 def part_a(work: Path, data: dict) -> list[dict]:
-    from neurosdm.loihi import loihi_params
-
     z = np.load(work / "layers.npz")
     rows = []
     for name in data["if_layers"]:
@@ -112,7 +64,7 @@ def part_a(work: Path, data: dict) -> list[dict]:
         t0 = time.time()
         s_lava, v_lava = lava_lif_run(a, params)
         dt = time.time() - t0
-        s_ours, v_ours, sat = neurosdm_lava_units(a, params)
+        s_ours, v_ours, sat = run_in_lava_units(a, params)
         s_ref = z[f"{name}/spikes"]
         rows.append({
             "layer": name, "neurons": int(np.prod(a.shape[2:])), "images": int(a.shape[1]),
@@ -141,8 +93,6 @@ def controls_a(work: Path, data: dict, layer: str = "stem.conv.if") -> dict:
     of the decay)."""
     import dataclasses
 
-    from neurosdm.loihi import loihi_params
-    from neurosdm.quantize import fixed_point_step
 
     z = np.load(work / "layers.npz")
     a = z[f"{layer}/a"].astype(np.int64)
@@ -154,7 +104,7 @@ def controls_a(work: Path, data: dict, layer: str = "stem.conv.if") -> dict:
            "naive_vth_equals_T_spike_mismatches": int(np.count_nonzero(s_naive != z[f"{layer}/spikes"]))}
     leak = loihi_params(T, 3686, bias, name=layer)
     s_lava, v_lava = lava_lif_run(a, leak)
-    s_twin, v_twin, _ = neurosdm_lava_units(a, leak)
+    s_twin, v_twin, _ = run_in_lava_units(a, leak)
     v = np.zeros(a.shape[1:], np.int64)
     native = []
     for t in range(a.shape[0]):
@@ -169,45 +119,6 @@ def controls_a(work: Path, data: dict, layer: str = "stem.conv.if") -> dict:
                 "leak_spike_mismatches_lava_vs_neurosdm_units": int(np.count_nonzero(s_lava != np.stack(native)))})
     print(f"(controls a) {out}", flush=True)
     return out
-
-
-def netx_run(net_file: Path, spikes: np.ndarray, num_steps: int, reset: bool = True) -> list[np.ndarray]:
-    """Run the netx file on input spikes ``[T, B, C, H, W]`` (images back to back); returns per layer the spikes
-    ``[T, B, C, H, W]`` aligned with neurosdm's steps (layer ``l`` shifted back by ``l`` steps). ``reset=False``
-    (the negative control) runs without netx's staggered reset."""
-    from lava.lib.dl import netx
-    from lava.magma.core.run_conditions import RunSteps
-    from lava.magma.core.run_configs import Loihi1SimCfg
-    from lava.proc.io.sink import RingBuffer as Sink
-    from lava.proc.io.source import RingBuffer as Source
-
-    T, B = spikes.shape[:2]
-    if T != num_steps:
-        raise SystemExit(f"input has {T} steps, the export {num_steps}")
-    net = netx.hdf5.Network(net_config=str(net_file), reset_interval=num_steps if reset else None,
-                            reset_offset=1 if reset else 0)
-    L = len(net.layers)
-    total = B * T + L
-    seq = np.zeros((B * T + L, *spikes.shape[2:]), np.int32)
-    seq[:B * T] = spikes.transpose(1, 0, 2, 3, 4).reshape(B * T, *spikes.shape[2:])
-    data = seq.transpose(3, 2, 1, 0)  # [W, H, C, time]: netx's (x, y, z) order, time last
-    src = Source(data=data)
-    src.s_out.connect(net.inp)
-    sinks = []
-    for layer in net.layers:
-        sink = Sink(shape=layer.out.shape, buffer=total)
-        layer.out.connect(sink.a_in)
-        sinks.append(sink)
-    try:
-        net.run(condition=RunSteps(num_steps=total), run_cfg=Loihi1SimCfg(select_tag="fixed_pt"))
-        outs = [np.asarray(s.data.get()) for s in sinks]  # [W, H, C, total]
-    finally:
-        net.stop()
-    aligned = []
-    for l, o in enumerate(outs, start=1):
-        o = o.transpose(3, 2, 1, 0)[l:l + B * T]  # [B*T, C, H, W]; Lava step l+1.. is neurosdm's step 1..
-        aligned.append(o.reshape(B, T, *o.shape[1:]).transpose(1, 0, 2, 3, 4).astype(bool))
-    return aligned
 
 
 def control_b(work: Path, data: dict) -> dict:

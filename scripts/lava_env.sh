@@ -26,7 +26,7 @@ find_python310() {
 
 check() {
     "$env_dir/bin/python" - <<'PY'
-import lava.proc.lif.models, lava.lib.dl.netx, h5py, numpy
+import lava.proc.lif.models, lava.lib.dl.netx, h5py, numpy, nir
 print("lava-nc", __import__("importlib.metadata").metadata.version("lava-nc"),
       "lava-dl", __import__("importlib.metadata").metadata.version("lava-dl"), "numpy", numpy.__version__)
 PY
@@ -42,7 +42,7 @@ if [[ ! -x "$env_dir/bin/python" ]]; then
     "$py310" -m venv "$env_dir"
 fi
 "$env_dir/bin/python" -m pip install -q --upgrade pip
-"$env_dir/bin/python" -m pip install -q "lava-nc==0.10.0" "lava-dl==0.6.0" "h5py>=3.7,<4" "numpy>=1.24.4,<2"
+"$env_dir/bin/python" -m pip install -q "lava-nc==0.10.0" "lava-dl==0.6.0" "h5py>=3.7,<4" "numpy>=1.24.4,<2" "nir==1.0.8"
 check
 touch "$stamp"
 echo "Lava environment ready: $env_dir"

@@ -15,6 +15,7 @@ from neurosdm import cli
 from neurosdm.errors import GraphError, QuantizationError
 from neurosdm.exporters.lava import feedforward_chain, write_netx
 from neurosdm.graph.dialect import graph_at
+from neurosdm.loihi import loihi_params, run_in_lava_units
 from neurosdm.simulators.reference import run_graph
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,8 +150,8 @@ def test_cli_export_checkpoint_to_lava(tmp_path):
 LIF_SCRIPT = r"""
 import sys, types
 import numpy as np
-sys.path.insert(0, sys.argv[1] + "/scripts")
-from lava_compare import lava_lif_run
+sys.path.insert(0, sys.argv[1])
+from neurosdm.hardware.lava import lava_lif_run
 z = np.load(sys.argv[2])
 p = types.SimpleNamespace(**{k: int(z[k]) for k in ("du", "dv", "vth", "bias_exp")}, bias_mant=z["bias_mant"])
 s, v = lava_lif_run(z["a"], p)
@@ -161,8 +162,8 @@ print("{}")
 NETX_SCRIPT = r"""
 import json, sys
 import numpy as np
-sys.path.insert(0, sys.argv[1] + "/scripts"); sys.path.insert(0, sys.argv[1])
-from lava_compare import netx_run
+sys.path.insert(0, sys.argv[1])
+from neurosdm.hardware.lava import netx_run
 z = np.load(sys.argv[2])
 outs = netx_run(sys.argv[3], z["spikes"].astype(np.int32), int(z["spikes"].shape[0]))
 print(json.dumps([[int((o != z[f"n{i}"]).sum()), int(o.sum())] for i, o in enumerate(outs, start=1)]))
@@ -180,13 +181,9 @@ def _in_lava(script, *args):
 
 
 @needs_lava
-def test_lava_lif_is_bit_exact(tmp_path, monkeypatch):
+def test_lava_lif_is_bit_exact(tmp_path):
     """Lava's bit-accurate LIF process with a leak (dv = 410) against neurosdm's fixed_point_step in Lava's units
-    (scripts/lava_compare.py's twin): spikes and membranes, every neuron and step."""
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    from lava_compare import neurosdm_lava_units
-
-    from neurosdm.loihi import loihi_params
+    (neurosdm.loihi.run_in_lava_units): spikes and membranes, every neuron and step."""
 
     rng = np.random.default_rng(0)
     a = rng.integers(-400, 700, size=(6, 2, 3, 4, 4))
@@ -194,7 +191,7 @@ def test_lava_lif_is_bit_exact(tmp_path, monkeypatch):
     np.savez(tmp_path / "in.npz", a=a, du=p.du, dv=p.dv, vth=p.vth, bias_exp=p.bias_exp, bias_mant=p.bias_mant)
     _in_lava(LIF_SCRIPT, tmp_path / "in.npz", tmp_path / "out.npz")
     out = np.load(tmp_path / "out.npz")
-    s, v, _ = neurosdm_lava_units(a, p)
+    s, v, _ = run_in_lava_units(a, p)
     assert s.any() and not s.all() and p.dv == 410
     assert np.array_equal(out["s"], s) and np.array_equal(out["v"], v)
 
