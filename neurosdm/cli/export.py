@@ -98,4 +98,4 @@ def inspect(file: Path = typer.Argument(..., help="NIR file (.nir)")):
             f"{len(q['round_nodes'])} convs rounding graded inputs")
     if md.get("scale_tables"):
         say(f"TSM: {len(md['scale_tables'])} per-step input scales and per-step biases in the metadata "
-            "(apply with neurosdm.exporters.nir.graph_at)")
+            "(apply with neurosdm.graph.dialect.graph_at)")

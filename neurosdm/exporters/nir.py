@@ -58,7 +58,7 @@ scale cannot be a time-invariant NIR weight, so it moves to the conv's input,
 node ``<conv>.tsm`` sits between the conv and its source (for spikes it makes them graded, payload ``p[k]``), and
 the conv's bias varies with the spiking step. Both are tables in the metadata: ``scale_tables[<conv>.tsm]`` is
 ``[num_steps]`` (rule ``scale_table_rule``) and the conv's ``bias_tables`` entry ``[A, num_steps, C]``. A
-simulator applies them with :func:`neurosdm.graph.dialect.graph_at` / ``step_graphs``; the stored nodes hold
+simulator applies them with :func:`neurosdm.graph.dialect.table_entry` (``Program.step_params``, ``graph_at``); the stored nodes hold
 spiking step 0.
 
 Quantisation to Loihi-style fixed point is a separate pass over this graph
@@ -463,7 +463,7 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
         tail = _conv_parts(model.tail_conv)
         metadata["readout"] = "host_head"
         metadata["readout_rule"] = ("the output is the analog stream before tail_bn at every spiking step; "
-                                    "neurosdm.exporters.nir.host_head(outputs, metadata) gives eps")
+                                    "neurosdm.graph.host.host_head(outputs, metadata) gives eps")
         metadata["host_head"] = {
             "tail_bn_scale": ts, "tail_bn_shift": tsh,
             "tail_conv_weight": tail.weight, "tail_conv_bias": tail.bias,

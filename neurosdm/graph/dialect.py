@@ -5,7 +5,7 @@
 - :class:`FixedPoint`: the integer arithmetic of a quantised export (``metadata["quant"]``, :data:`UNITS_RULE`),
   and the host's input encoding of such an export, :func:`quantize_input`;
 - the per-step tables (``bias_tables``, ``scale_tables``) and their one rule, :func:`table_entry`, applied to a
-  graph by :func:`graph_at` / :func:`step_graphs`;
+  graph by :func:`graph_at`;
 - :func:`meta_value` / :func:`as_str`: values as ``nir.read`` returns them (0-d arrays, bytes) as Python values.
 
 The host side of a denoiser export (unpacking, the analog "sdm" head) is :mod:`neurosdm.graph.host`.
@@ -47,7 +47,7 @@ from neurosdm.dynamics import METHODS, Reset, parse_method
 from neurosdm.errors import ConfigError, GraphError
 
 __all__ = ["Discretisation", "FixedPoint", "COMPARISONS", "RESETS", "METHODS", "as_str", "meta_value",
-           "table_entry", "tables_vary_per_step", "graph_at", "step_graphs", "with_diffusion_step",
+           "table_entry", "tables_vary_per_step", "graph_at",
            "quantize_input", "BIAS_TABLE_RULE", "SCALE_TABLE_RULE", "UNITS_RULE"]
 
 RESETS = tuple(r.value for r in Reset)
@@ -123,19 +123,6 @@ def graph_at(graph: nir.NIRGraph, metadata: dict | None, t: int, k: int = 0) -> 
                                               np.asarray(node.scale).dtype))
     metadata["diffusion_step"] = t
     return nir.NIRGraph(nodes=nodes, edges=[tuple(e) for e in graph.edges], metadata=metadata)
-
-
-def step_graphs(graph: nir.NIRGraph, metadata: dict | None, t: int) -> list[nir.NIRGraph]:
-    """The graphs of the spiking steps of diffusion step ``t`` (one graph when no table varies with the spiking
-    step), for ``run_graph(..., step_graphs=...)``."""
-    metadata = dict(graph.metadata if metadata is None else metadata)
-    k_steps = int(meta_value(metadata, "num_steps")) if tables_vary_per_step(metadata) else 1
-    return [graph_at(graph, metadata, t, k) for k in range(k_steps)]
-
-
-def with_diffusion_step(graph: nir.NIRGraph, metadata: dict | None, t: int) -> nir.NIRGraph:
-    """``graph_at(graph, metadata, t, 0)``: enough for a graph without per-spiking-step tables (no TSM)."""
-    return graph_at(graph, metadata, t, 0)
 
 
 def quantize_input(x: np.ndarray, metadata: dict) -> tuple[np.ndarray, int]:
