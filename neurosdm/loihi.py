@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import nir
 import numpy as np
 
-from neurosdm.dynamics import fixed_point_step
+from neurosdm.dynamics import Reset, fixed_point_step
 from neurosdm.errors import QuantizationError
 from neurosdm.quantize import DECAY_ONE, FixedPointNeuron, bias_units, threshold_units
 
@@ -136,7 +136,7 @@ def loihi_params(threshold_int, decay_q12: int = DECAY_ONE, bias_int=0, reset: s
     ``bias_int`` 0-d or per channel, all integers. ``current_decay_q12`` is the kept fraction of a synaptic
     current in 1/4096 (0: no current, as neurosdm's neurons). Raises :class:`QuantizationError` (naming ``name``)
     for what Loihi's LIF cannot represent."""
-    if reset != "hard":
+    if Reset.parse(reset) is not Reset.ZERO:
         raise QuantizationError(f"{name}: reset {reset!r}: Lava's LIF resets the voltage to 0 (reset by "
                                 "subtraction needs Loihi 2 microcode, not lava.proc.lif)")
     t = int(_integer(_one_value(threshold_int, "threshold", name), "thresholds", name))
@@ -232,7 +232,7 @@ def loihi_params_from_nir(node, dt: float = 1.0, unit_exponent: int = 0, bias=No
         if np.any(flat != flat[:, :1]):
             raise QuantizationError(f"{name}: the bias varies within a channel; Lava's netx bias is per channel")
         b_int = flat[:, 0]
-    return loihi_params(th, decay, b_int, "hard" if reset in ("zero", "hard") else reset, current, e, name)
+    return loihi_params(th, decay, b_int, reset, current, e, name)
 
 
 def run_in_lava_units(a: np.ndarray, params: "LoihiParams") -> tuple[np.ndarray, np.ndarray, int]:

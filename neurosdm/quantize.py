@@ -64,7 +64,6 @@ from neurosdm.errors import QuantizationError
 
 EXP_MIN = -16
 EXP_MAX = 15
-RESETS = ("hard", "subtract")
 ROUNDINGS = ("nearest-even",)
 
 

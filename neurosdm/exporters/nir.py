@@ -78,6 +78,7 @@ from torch import nn
 import neurosdm
 from neurosdm.config import DiffusionConfig
 from neurosdm.diffusion.schedules import make_betas
+from neurosdm.dynamics import Reset
 from neurosdm.errors import ConfigError, NeuroSDMError
 from neurosdm.exporters.packing import packed_weight_overhead
 from neurosdm.graph.dialect import BIAS_TABLE_RULE, SCALE_TABLE_RULE
@@ -386,7 +387,7 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
         "neurosdm_version": neurosdm.__version__,
         "quantized": "none",
         "dt": 1.0,
-        "reset": "zero" if reset == "hard" else "subtract",
+        "reset": Reset.parse(reset).value,
         "comparison": ">=",
         "discretisation": "euler",
         "num_steps": int(cfg.num_steps),

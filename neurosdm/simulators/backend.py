@@ -40,10 +40,10 @@ class Engine:
         backend.prepare(program)
         self._params: tuple[int, list] | None = None
 
-    def inputs(self, x) -> tuple[dict, int]:
+    def inputs(self, x, num_steps: int | None = None) -> tuple[dict, int]:
         """``({Input node: (backend array, sequence)}, steps)`` from one array (a graph with one Input) or a dict:
-        each ``[B, *shape]`` (the same at each of ``program.num_steps`` steps) or ``[T, B, *shape]`` (``T``
-        steps; every sequence the same length)."""
+        each ``[B, *shape]`` (the same at each of ``num_steps`` steps, default ``program.num_steps``) or
+        ``[T, B, *shape]`` (``T`` steps; every sequence the same length)."""
         prog = self.program
         if not isinstance(x, dict):
             if len(prog.inputs) != 1:
@@ -75,21 +75,25 @@ class Engine:
             raise GraphError(f"the input sequences disagree on the number of steps: {sorted(lengths)}")
         if len(batches) != 1:
             raise GraphError(f"inputs disagree on the batch size: {sorted(batches)}")
-        return out, (lengths.pop() if lengths else prog.num_steps)
+        if num_steps is not None and lengths and lengths != {num_steps}:
+            raise GraphError(f"the input sequences have {sorted(lengths)} steps; expected {num_steps}")
+        return out, (lengths.pop() if lengths else num_steps or prog.num_steps)
 
-    def run(self, x, t: int = 0, record: bool = False, count: bool = True) -> dict:
+    def run(self, x, t: int | None = 0, record: bool = False, count: bool = True,
+            num_steps: int | None = None) -> dict:
         """One network call from a zero state at diffusion step ``t`` (selects ``program.step_params(t)``).
 
         ``x``: the (already encoded) input ``[B, *input_shape]``, the same at each of ``program.num_steps``
         spiking steps (the denoiser path), or a time-varying sequence ``[T, B, *input_shape]`` (``T`` steps); a
-        dict by Input node for graphs with several. Returns ``{"outputs": {output: float64 [K, B, *shape]},
+        dict by Input node for graphs with several. ``num_steps``: the steps of a constant input (default
+        ``program.num_steps``). ``t`` None: the parameters as stored in the graph, at every step. Returns ``{"outputs": {output: float64 [K, B, *shape]},
         "counts": {layer: {counter: int64 [K]}}, "records": {layer: float64 [K, B, *shape]}}`` (records empty
         unless ``record``; counts empty unless ``count``)."""
         with self.backend.running():
-            inputs, steps = self.inputs(x)
-            if self._params is None or self._params[0] != int(t):
-                self._params = (int(t), self.backend.params(self.program.step_params(t)))
-            return loop.run(self.program, self.backend, inputs, steps, t, record, count, self._params[1])
+            inputs, steps = self.inputs(x, num_steps)
+            if self._params is None or self._params[0] != t:
+                self._params = (t, self.backend.params(self.program.step_params(t) if t is not None else [{}]))
+            return loop.run(self.program, self.backend, inputs, steps, self._params[1], record, count)
 
 
 def numpy_stack(trace: list, empty_shape) -> np.ndarray:

@@ -51,21 +51,19 @@ def _free_after(program: Program) -> list[list[str]]:
     return free
 
 
-def run(program: Program, backend, inputs: dict, num_steps: int, t: int = 0, record: bool = False,
-        count: bool = True, params=None) -> dict:
+def run(program: Program, backend, inputs: dict, num_steps: int, params: list, record: bool = False,
+        count: bool = True) -> dict:
     """One call of ``program`` from a zero state on ``backend``.
 
     inputs: per top-level Input node ``(array, sequence)``: the backend array ``[B, *shape]`` used at every step
     (``sequence`` False) or ``[steps, B, *shape]`` read at step ``k`` (True). params: the backend's form of
-    ``program.step_params(t)`` (computed here if None). Returns ``{"outputs": {output: numpy float64 [K, B,
-    *shape]}, "counts": {layer: {counter: int64 [K]}}, "records": {layer: [K, B, *shape]}}`` (records empty
-    unless ``record``; counts empty unless ``count``).
+    ``program.step_params(t)`` (per spiking step, the last one repeated). Returns ``{"outputs": {output: numpy
+    float64 [K, B, *shape]}, "counts": {layer: {counter: int64 [K]}}, "records": {layer: [K, B, *shape]}}``
+    (records empty unless ``record``; counts empty unless ``count``).
     """
     be = backend
     arr0, seq0 = next(iter(inputs.values()))
     batch = int(arr0.shape[1] if seq0 else arr0.shape[0])
-    if params is None:  # t None: the parameters as stored in the graph, at every step
-        params = be.params(program.step_params(t) if t is not None else [{}])
     counts: dict[str, dict[str, list]] = {}
     not_integer: dict[str, list] = {}
 

@@ -20,8 +20,7 @@ from neurosdm.graph.dialect import Discretisation, FixedPoint, meta_value, quant
 from neurosdm.graph.geometry import conv2d, sum_pool2d
 from neurosdm.graph.host import eps_from_outputs
 from neurosdm.graph.program import Layer, Program, load_program
-from neurosdm.simulators import loop
-from neurosdm.simulators.backend import numpy_stack
+from neurosdm.simulators.backend import Engine, numpy_stack
 
 __all__ = ["ReferenceBackend", "run_graph", "run_reference", "Discretisation", "FixedPoint", "GraphError",
            "delay_push", "delay_read"]
@@ -146,28 +145,16 @@ def run_graph(graph: nir.NIRGraph | Program, inputs, num_steps: int | None = Non
     step) pairs whose state was clipped, fixed point only).
     """
     program = graph if isinstance(graph, Program) else load_program(graph, disc, fixed)
-    backend = ReferenceBackend()
-    backend.prepare(program)
     if not isinstance(inputs, dict):
         if len(program.inputs) != 1:
             raise GraphError(f"the graph has {len(program.inputs)} Input nodes {sorted(program.inputs)}; pass a "
                              "dict {input node name: array [num_steps, batch, *shape]}")
         inputs = {program.inputs[0]: inputs}
-    unknown = sorted(set(inputs) - set(program.inputs))
-    if unknown:
-        raise GraphError(f"inputs {unknown} name no Input node of the graph; its Input nodes are "
-                         f"{sorted(program.inputs)}")
-    arrays = {}
-    for name in program.inputs:
-        shape = program.by_name[name].in_shape
-        if name not in inputs:
-            raise GraphError(f"no input given for Input node {name!r} (shape {shape}); pass an array "
-                             "[num_steps, batch, *shape] under that name")
-        arr = np.asarray(inputs[name], dtype=np.float64)
-        if arr.ndim != 2 + len(shape) or arr.shape[2:] != shape:
-            raise GraphError(f"input for Input node {name!r} has shape {arr.shape}; expected "
-                             f"[num_steps, batch, *{shape}]")
-        arrays[name] = arr
+    arrays = {name: np.asarray(a, np.float64) for name, a in inputs.items()}
+    for name, arr in arrays.items():
+        if arr.ndim < 2:
+            raise GraphError(f"input for Input node {name!r} has shape {arr.shape}; expected [num_steps, batch, "
+                             "*shape]")
     if num_steps is None:
         num_steps = max(a.shape[0] for a in arrays.values())
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
@@ -176,10 +163,8 @@ def run_graph(graph: nir.NIRGraph | Program, inputs, num_steps: int | None = Non
         if arr.shape[0] not in (1, num_steps):
             raise GraphError(f"input for Input node {name!r} has {arr.shape[0]} steps; expected {num_steps} "
                              "(or 1, repeated at every step)")
-    if len({a.shape[1] for a in arrays.values()}) != 1:
-        raise GraphError(f"inputs disagree on the batch size: { {n: a.shape[1] for n, a in arrays.items()} }")
-    res = loop.run(program, backend, {n: ((a, True) if a.shape[0] > 1 else (a[0], False))
-                                      for n, a in arrays.items()}, int(num_steps), t, record)
+    constant_or_sequence = {name: (a[0] if a.shape[0] == 1 else a) for name, a in arrays.items()}
+    res = Engine(program, ReferenceBackend()).run(constant_or_sequence, t=t, record=record, num_steps=int(num_steps))
     saturations = {name: int(c["saturations"].sum()) for name, c in res["counts"].items()
                    if "saturations" in c and c["saturations"].sum()}
     return {"outputs": res["outputs"], "records": res["records"], "saturations": saturations}
