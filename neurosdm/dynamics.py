@@ -57,7 +57,8 @@ class Reset(str, Enum):
         for reset, spellings in _RESET_SPELLINGS.items():
             if key in spellings:
                 return reset
-        raise ConfigError(f"unknown reset {name!r}; expected one of {sorted(s for v in _RESET_SPELLINGS.values() for s in v)}")
+        spellings = sorted(s for v in _RESET_SPELLINGS.values() for s in v)
+        raise ConfigError(f"unknown reset {name!r}; expected one of {spellings}")
 
 
 _RESET_SPELLINGS = {Reset.ZERO: ("zero", "hard", "value", "to_value", "reset_value"),

@@ -58,8 +58,8 @@ scale cannot be a time-invariant NIR weight, so it moves to the conv's input,
 node ``<conv>.tsm`` sits between the conv and its source (for spikes it makes them graded, payload ``p[k]``), and
 the conv's bias varies with the spiking step. Both are tables in the metadata: ``scale_tables[<conv>.tsm]`` is
 ``[num_steps]`` (rule ``scale_table_rule``) and the conv's ``bias_tables`` entry ``[A, num_steps, C]``. A
-simulator applies them with :func:`neurosdm.graph.dialect.table_entry` (``Program.step_params``, ``graph_at``); the stored nodes hold
-spiking step 0.
+simulator applies them with :func:`neurosdm.graph.dialect.table_entry` (``Program.step_params``, ``graph_at``);
+the stored nodes hold spiking step 0.
 
 Quantisation to Loihi-style fixed point is a separate pass over this graph
 (:mod:`neurosdm.exporters.fixed_point`); loading, calibration, quantisation, rewrites and writing a file are

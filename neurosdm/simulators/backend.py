@@ -86,9 +86,9 @@ class Engine:
         ``x``: the (already encoded) input ``[B, *input_shape]``, the same at each of ``program.num_steps``
         spiking steps (the denoiser path), or a time-varying sequence ``[T, B, *input_shape]`` (``T`` steps); a
         dict by Input node for graphs with several. ``num_steps``: the steps of a constant input (default
-        ``program.num_steps``). ``t`` None: the parameters as stored in the graph, at every step. Returns ``{"outputs": {output: float64 [K, B, *shape]},
-        "counts": {layer: {counter: int64 [K]}}, "records": {layer: float64 [K, B, *shape]}}`` (records empty
-        unless ``record``; counts empty unless ``count``)."""
+        ``program.num_steps``). ``t`` None: the parameters as stored in the graph, at every step. Returns
+        ``{"outputs": {output: float64 [K, B, *shape]}, "counts": {layer: {counter: int64 [K]}}, "records":
+        {layer: float64 [K, B, *shape]}}`` (records empty unless ``record``; counts empty unless ``count``)."""
         with self.backend.running():
             inputs, steps = self.inputs(x, num_steps)
             if self._params is None or self._params[0] != t:

@@ -57,8 +57,10 @@ def config_of(program: Program) -> Config:
                           "neurosdm denoiser export (use a file written by `neurosdm export`)")
     c, h, w = (int(v) for v in np.asarray(md["image_shape"]).reshape(-1))
     d = md["diffusion"]
-    diffusion = DiffusionConfig(schedule=str(meta_value(d, "schedule")), num_diffusion_steps=int(meta_value(d, "num_diffusion_steps")),
-                                beta_start=float(meta_value(d, "beta_start")), beta_end=float(meta_value(d, "beta_end")))
+    diffusion = DiffusionConfig(schedule=str(meta_value(d, "schedule")),
+                                num_diffusion_steps=int(meta_value(d, "num_diffusion_steps")),
+                                beta_start=float(meta_value(d, "beta_start")),
+                                beta_end=float(meta_value(d, "beta_end")))
     return Config(ModelConfig(img_ch=c, image_size=h, num_steps=program.num_steps,
                               num_diffusion_steps=diffusion.num_diffusion_steps), diffusion)
 
