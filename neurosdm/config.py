@@ -7,9 +7,101 @@ Naming: ``num_steps`` is the number of spiking time steps per network call (T_sn
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
 from dataclasses import dataclass, field
 
 from neurosdm.errors import ConfigError
+
+#: hard bounds of sizes (a file or an option beyond them is refused before anything is allocated); memory is
+#: bounded separately by :func:`check_memory`
+LIMITS = {"img_ch": 64, "image_size": 4096, "ch": 1 << 16, "ch_mult": 64, "levels": 12, "num_res_blocks": 64,
+          "num_steps": 4096, "num_diffusion_steps": 1_000_000, "num_images": 10_000_000, "batch_size": 1 << 20}
+MEMORY_ENV = "NEUROSDM_MEMORY_LIMIT_GB"
+
+
+def memory_limit_bytes() -> int:
+    """The memory a command may plan to use: ``$NEUROSDM_MEMORY_LIMIT_GB`` if set, else 80% of the memory
+    available now (``MemAvailable`` of /proc/meminfo; physical memory where that is unknown)."""
+    env = os.environ.get(MEMORY_ENV)
+    if env:
+        try:
+            value = float(env)
+        except ValueError:
+            raise ConfigError(f"{MEMORY_ENV} must be a number of gigabytes, got {env!r}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{MEMORY_ENV} must be a positive number of gigabytes, got {env!r}")
+        return int(value * 1e9)
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return int(0.8 * kb * 1024)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_memory(what: str, nbytes: float) -> None:
+    """:class:`ConfigError` when ``what`` would need more than :func:`memory_limit_bytes` (checked before
+    allocating it)."""
+    limit = memory_limit_bytes()
+    if nbytes > limit:
+        raise ConfigError(f"{what} needs about {nbytes / 1e9:.3g} GB, more than the {limit / 1e9:.3g} GB this "
+                          f"machine can give (set {MEMORY_ENV} to raise the limit)")
+
+
+def check_count(name: str, value, lo: int = 1, hi: int | None = None) -> int:
+    """The one rule for integer options and sizes: an integer in ``lo..hi`` (``hi``: :data:`LIMITS` of ``name``
+    when not given)."""
+    hi = LIMITS.get(name.lstrip("-").replace("-", "_"), hi) if hi is None else hi
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        raise ConfigError(f"{name} must be in {lo}..{hi}, got {value}" if hi is not None else
+                          f"{name} must be at least {lo}, got {value}")
+    return int(value)
+
+
+def check_positive(name: str, value) -> float:
+    """The one rule for real-valued options that must be positive and finite (learning rate, threshold scale)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+_KINDS = {"int": numbers.Integral, "float": numbers.Real, "bool": bool, "str": str}
+
+
+def check_fields(obj) -> None:
+    """Type check of a config dataclass as read from a checkpoint (any value may have been edited): ints are
+    integers (not bools), floats finite numbers, bools bools, strings strings; numbers become Python numbers."""
+    section = type(obj).__name__
+    for f in dataclasses.fields(obj):
+        value, kind = getattr(obj, f.name), str(f.type).replace(" | None", "")
+        optional = "None" in str(f.type)
+        if value is None and optional:
+            continue
+        if kind in _KINDS:
+            ok = isinstance(value, _KINDS[kind]) and (kind == "bool" or not isinstance(value, bool))
+            if kind == "float" and ok and not math.isfinite(value):
+                ok = False
+            if not ok:
+                expected = {"float": "a finite number", "int": "an integer", "bool": "true or false",
+                            "str": "a string"}[kind]
+                raise ConfigError(f"config {section}.{f.name} must be {expected}, got {value!r}")
+            setattr(obj, f.name, {"int": int, "float": float}.get(kind, lambda v: v)(value))
+        elif kind.startswith("tuple"):
+            if not isinstance(value, (list, tuple)) or len(value) > LIMITS["levels"] or \
+                    not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
+                raise ConfigError(f"config {section}.{f.name} must be a list of at most {LIMITS['levels']} integers, "
+                                  f"got {value!r}")
+        elif kind == "dict":
+            if not isinstance(value, dict) or not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                                      and math.isfinite(v) for v in value.values()):
+                raise ConfigError(f"config {section}.{f.name} must be a table of finite numbers, got {value!r}")
+    for name, hi in LIMITS.items():
+        if name in {f.name for f in dataclasses.fields(obj)} and name not in ("ch_mult",):
+            check_count(f"config {section}.{name}", getattr(obj, name), 1, hi)
 
 
 @dataclass
@@ -43,6 +135,7 @@ class ModelConfig:
     readout: str = "leaky"  # "leaky": sum_t readout_decay**(num_steps-1-t) h[t]; "mean": the time average (below)
 
     def __post_init__(self):
+        check_fields(self)
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
         self.thresholds = {str(k): float(v) for k, v in dict(self.thresholds).items()}
         if self.activation not in ("if", "qcfs"):
@@ -74,7 +167,7 @@ class ModelConfig:
             raise ConfigError(f"ch must be a positive even number, got {self.ch}")
         if self.num_steps < 1:
             raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
-        if not self.ch_mult or any(m < 1 for m in self.ch_mult):
+        if not self.ch_mult or any(not 1 <= m <= LIMITS["ch_mult"] for m in self.ch_mult):
             raise ConfigError(f"ch_mult must be a non-empty list of positive integers, got {list(self.ch_mult)}")
         if self.image_size % (2 ** (len(self.ch_mult) - 1)):
             raise ConfigError(
@@ -92,6 +185,7 @@ class DiffusionConfig:
     beta_end: float = 0.02
 
     def __post_init__(self):
+        check_fields(self)
         if self.schedule not in ("linear", "cosine"):
             raise ConfigError(f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
         if self.num_diffusion_steps < 1:
@@ -120,6 +214,13 @@ class TrainConfig:
     qat_weight_bits: int = 8
 
     def __post_init__(self):
+        check_fields(self)
+        check_positive("config TrainConfig.lr", self.lr)
+        for name in ("warmup", "steps", "log_every", "sample_every", "ckpt_every", "num_workers"):
+            check_count(f"config TrainConfig.{name}", getattr(self, name), 0, None)
+        if not 0.0 <= self.ema_decay <= 1.0 or self.grad_clip < 0:
+            raise ConfigError(f"config TrainConfig needs ema_decay in [0, 1] and grad_clip >= 0, got "
+                              f"{self.ema_decay} and {self.grad_clip}")
         if not 2 <= self.qat_weight_bits <= 24:
             raise ConfigError(f"qat_weight_bits must be in 2..24, got {self.qat_weight_bits}")
 
@@ -137,6 +238,10 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        if not isinstance(d, dict) or not all(isinstance(d.get(k, {}), dict) for k in ("model", "diffusion", "train")):
+            found = {k: type(v).__name__ for k, v in d.items()} if isinstance(d, dict) else type(d).__name__
+            raise ConfigError(f"checkpoint config must be a table with tables 'model', 'diffusion', 'train'; got "
+                              f"{found}")
         try:
             return cls(
                 model=ModelConfig(**d.get("model", {})),

@@ -23,3 +23,8 @@ class QuantizationError(NeuroSDMError):
 
 class GraphError(NeuroSDMError):
     """A NIR graph (or the inputs given to it) cannot be run: unsupported node, shape mismatch, missing input."""
+
+
+class OutputError(NeuroSDMError):
+    """An output cannot be written: the location is not writable, is the command's own input, already exists
+    (without --force), or the disk is full."""

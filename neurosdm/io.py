@@ -1,14 +1,25 @@
-"""Small I/O helpers: atomic writes (no half-written outputs) and image grids."""
+"""Small I/O helpers: atomic writes (no half-written outputs, no stray temporary), checks of input files and output
+locations before a command starts, and image grids.
+
+Temporary files are named ``.NAME.PID-XXXX.tmp`` next to ``NAME``; a run killed by SIGKILL cannot remove its own,
+so every later :func:`atomic_path` on the same ``NAME`` removes those whose process no longer exists
+(:func:`remove_stale_temporaries`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from neurosdm.errors import NeuroSDMError, OutputError
 
 
 @contextlib.contextmanager
@@ -16,20 +27,135 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block finishes.
 
     An error or Ctrl-C inside the block leaves ``path`` untouched and removes the temporary file."""
+    An :class:`OSError` (a full disk, a file size limit, a read-only location) becomes a one-line
+    :class:`neurosdm.errors.OutputError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, NeuroSDMError):
+            raise OutputError(f"cannot write {path}: {os_reason(e)}") from None
         raise
+
+
+def os_reason(error: OSError) -> str:
+    """An OSError in a few words (``No space left on device``, ``File too large``, ...), with advice for a full disk."""
+    reason = error.strerror or first_line(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        reason += " (free some space, or choose another output location)"
+    return reason
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove ``.NAME.PID-XXXX.tmp`` files next to ``path`` left by a killed run (whose process ``PID`` no longer
+    exists on this machine); returns what was removed."""
+    path = Path(path)
+    removed = []
+    with contextlib.suppress(OSError):
+        for p in path.parent.glob(f".{glob_escape(path.name)}.*-*.tmp"):
+            pid = p.name[len(path.name) + 2:].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by another user
+    return True
+
+
+@contextlib.contextmanager
+def atomic_buffer(path: str | os.PathLike):
+    """Yield an in-memory file; write its bytes to ``path`` atomically (:func:`atomic_path`) when the block ends.
+    For HDF5 writers (``nir.write``, ``nir.write_data``): the HDF5 library crashes (signal 11) when the disk fills
+    under it, a plain write of the finished bytes fails cleanly."""
+    buffer = io.BytesIO()
+    yield buffer
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+
+
+def regular_file(path: str | os.PathLike, what: str, error: type[NeuroSDMError]) -> Path:
+    """``path`` if it is a regular file (never opened here: a FIFO or a device would block or never end), else
+    ``error`` (one line) saying what it is."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise error(f"{what} {path} cannot be read: {os_reason(e)}") from None
+    if stat.S_ISDIR(mode):
+        raise error(f"{what} {path} is a directory; pass a file")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise error(f"{what} {path} is {kind}, not a regular file")
+    if not os.access(path, os.R_OK):
+        raise error(f"{what} {path} is not readable (permission denied)")
+    return path
+
+
+def _probe_directory(folder: Path, label: str) -> None:
+    """Create and remove a probe file in ``folder`` (creating ``folder`` if needed): the real test of writability
+    (``os.access`` says yes to root on a read-only mount)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".neurosdm-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{label} {folder} is not writable: {os_reason(e)}") from None
+
+
+def check_output_dir(folder: str | os.PathLike, label: str = "output directory") -> Path:
+    """Before a command's work: ``folder`` is (or can be made) a writable directory. :class:`OutputError` if it
+    names an existing file or a location that cannot be written. Creates ``folder``."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{label} {folder} exists and is not a directory; choose a directory with --out")
+    _probe_directory(folder, label)
+    return folder
+
+
+def check_output_file(path: str | os.PathLike, force: bool = False, sources=(), label: str = "output") -> Path:
+    """Before a command's work: ``path`` can be written (``--force`` to replace an existing file) and is none of
+    ``sources`` (the command's inputs). :class:`OutputError` (one line) otherwise."""
+    path = Path(path)
+    for src in sources:
+        if src is not None and Path(src).exists() and path.exists() and os.path.samefile(src, path):
+            raise OutputError(f"{label} {path} is the command's input {src}; choose another output file")
+    if path.is_dir():
+        raise OutputError(f"{label} {path} is a directory; pass a file name")
+    if path.exists() and not force:
+        raise OutputError(f"{label} {path} already exists; use --force to overwrite it")
+    if path.exists() and not path.is_file():
+        raise OutputError(f"{label} {path} is not a regular file")
+    _probe_directory(path.parent, f"{label} directory")
+    return path
 
 
 def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:

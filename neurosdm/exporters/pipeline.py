@@ -17,7 +17,7 @@ from neurosdm.errors import ConfigError, DatasetError
 from neurosdm.exporters.fixed_point import calibrate, calibration_inputs, quantize_graph
 from neurosdm.exporters.nir import to_nir_graph
 from neurosdm.exporters.rewrite import inline_junctions
-from neurosdm.io import atomic_path
+from neurosdm.io import atomic_buffer, check_output_file
 
 __all__ = ["export_checkpoint", "quantize_export", "default_output_path", "QUANTIZE_CHOICES", "JUNCTION_CHOICES"]
 
@@ -58,10 +58,8 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike 
         raise ConfigError(f"--calibration-images must be at least 1, got {calibration_images}")
     ckpt_path = Path(ckpt_path)
     out_path = default_output_path(ckpt_path) if out_path is None else Path(out_path)
-    if out_path.is_dir():
-        raise ConfigError(f"output {out_path} is a directory; pass a file name such as {out_path / 'model.nir'}")
-    if out_path.exists() and not force:
-        raise ConfigError(f"output {out_path} already exists; use --force to overwrite it")
+    ckpt_file = ckpt_path / "ckpt.pt" if ckpt_path.is_dir() else ckpt_path
+    check_output_file(out_path, force, sources=(ckpt_file,))  # before the work; never the checkpoint itself
     ckpt = load_checkpoint(ckpt_path)
     state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
     model = build_model(ckpt.config.model, state, source=str(ckpt_path)).eval()
@@ -73,12 +71,11 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike 
     if junctions == "edges":
         graph = inline_junctions(graph, metadata, output_junction="conv")  # no Scale left: spikingjelly reads it
         metadata = graph.metadata
-    ckpt_file = ckpt_path / "ckpt.pt" if ckpt_path.is_dir() else ckpt_path
     metadata["source_checkpoint"] = ckpt_file.name
     metadata["source_checkpoint_sha256"] = file_sha256(ckpt_file)
     metadata["weights"] = "ema" if ckpt.ema_state is not None else "model"
-    with atomic_path(out_path) as tmp:
-        nir.write(tmp, graph)
+    with atomic_buffer(out_path) as buffer:  # HDF5 in memory: a full disk is a clean error, not a crash
+        nir.write(buffer, graph)
     return out_path
 
 
