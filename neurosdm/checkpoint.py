@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import pickle
 import re
@@ -25,9 +26,9 @@ from pathlib import Path
 import torch
 
 from neurosdm import __version__
-from neurosdm.config import Config, DiffusionConfig, ModelConfig
-from neurosdm.errors import CheckpointError
-from neurosdm.io import atomic_path, describe_head, first_line
+from neurosdm.config import Config, DiffusionConfig, ModelConfig, check_memory
+from neurosdm.errors import CheckpointError, ConfigError
+from neurosdm.io import atomic_path, describe_head, first_line, regular_file
 from neurosdm.models import count_parameters, SpikingUNet
 
 DEFAULT_SDDPM_NUM_STEPS = 4  # SDDPM checkpoints (no TSM) do not record num_steps; the papers' default
@@ -61,11 +62,18 @@ def _torch_load(path: Path) -> object:
             path = cand
         else:
             raise CheckpointError(f"{path} is a directory without a ckpt.pt; pass the checkpoint file")
+    regular_file(path, "checkpoint", CheckpointError)  # a FIFO would block: never opened
     if not zipfile.is_zipfile(path):
         raise CheckpointError(
             f"{path} is not a PyTorch checkpoint (found {describe_head(path)}); expected a file saved by torch.save")
     try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # torch.load does not check the CRCs: a flipped byte would load silently
+        if bad is not None:
+            raise CheckpointError(f"{path} is corrupt: record {bad} fails its CRC check (a damaged copy?)")
         return torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path} holds Python objects other than tensors and plain data, and neurosdm loads checkpoints as "
@@ -144,14 +152,26 @@ def load_checkpoint(path: str | os.PathLike, num_steps: int | None = None, image
         for key in ("config", "model"):
             if key not in obj:
                 raise CheckpointError(f"{path} is a neurosdm checkpoint without {key!r}: truncated or hand-edited?")
-        cfg = Config.from_dict(obj["config"])
+        try:
+            cfg = Config.from_dict(obj["config"])
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         raw = {k: v for k, v in obj.items() if k not in ("config", "model", "ema")}
-        return Checkpoint(cfg, "neurosdm", obj["model"], obj.get("ema"), int(obj.get("step", 0)), raw)
+        return Checkpoint(cfg, "neurosdm", check_state(obj["model"], path, "model"),
+                          check_state(obj.get("ema"), path, "ema", optional=True), check_step(obj, path), raw)
     if "net_model" in obj or "ema_model" in obj:
-        net = obj.get("net_model")
-        ema = obj.get("ema_model")
+        net = check_state(obj.get("net_model"), path, "net_model", optional=True)
+        ema = check_state(obj.get("ema_model"), path, "ema_model", optional=True)
+        if net is None and ema is None:
+            raise CheckpointError(f"{path}: 'net_model' and 'ema_model' are both empty")
         sd = normalise_sdm_keys(net if net is not None else ema)
-        model_cfg, notes = infer_model_config(sd, num_steps, image_size)
+        try:
+            model_cfg, notes = infer_model_config(sd, num_steps, image_size)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: the inferred architecture is invalid: {e}") from None
+        except (ValueError, IndexError, TypeError) as e:  # a tensor of the wrong rank where a shape is read
+            raise CheckpointError(f"{path}: tensors of unexpected ranks, not a spiking UNet of the SDM/SDDPM family "
+                                  f"({first_line(e)})") from None
         layout = "sdm" if model_cfg.tsm else "sddpm"
         cfg = Config(model=model_cfg, diffusion=DiffusionConfig(num_diffusion_steps=model_cfg.num_diffusion_steps))
         notes.append("diffusion schedule not stored; assumed the papers' linear 1e-4..0.02")
@@ -165,7 +185,44 @@ def load_checkpoint(path: str | os.PathLike, num_steps: int | None = None, image
     )
 
 
+def check_step(obj: dict, path) -> int:
+    """A checkpoint's ``step``: a non-negative integer (0 when absent)."""
+    step = obj.get("step", 0)
+    if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
+        step = int(step)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: 'step' must be a non-negative integer, got {str(step)[:60]!r}")
+    return step
+
+
+def check_state(state, path, key: str, optional: bool = False) -> dict | None:
+    """A state dict as read from a file: a dict of names to real tensors of finite values (NaN or Inf weights
+    would give all-NaN samples). :class:`CheckpointError` naming the entry otherwise."""
+    if state is None and optional:
+        return None
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path}: {key!r} must be a non-empty state dict (names -> tensors), got "
+                              f"{type(state).__name__}")
+    for name, value in state.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: {key}[{str(name)[:60]!r}] must be a tensor, got {type(value).__name__}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise CheckpointError(f"{path}: {key}[{name!r}] has dtype {value.dtype}; expected real numbers")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{path}: {key}[{name!r}] holds NaN or infinite values")
+    return state
+
+
 def build_model(cfg: ModelConfig, state: dict, source: str = "checkpoint") -> SpikingUNet:
+    with torch.device("meta"):  # sizes first: nothing is allocated for an architecture that does not fit
+        shapes = {k: tuple(v.shape) for k, v in SpikingUNet(dataclasses.replace(cfg)).state_dict().items()}
+    check_memory(f"the model {_arch(cfg)}", 4 * sum(math.prod(s) for s in shapes.values()))
+    wrong = [(k, tuple(v.shape), shapes[k]) for k, v in state.items()
+             if k in shapes and isinstance(v, torch.Tensor) and tuple(v.shape) != shapes[k]]
+    if wrong:
+        k, got, want = wrong[0]
+        raise CheckpointError(f"{source}: tensor {k!r} has shape {list(got)}, the architecture {_arch(cfg)} needs "
+                              f"{list(want)} ({len(wrong)} tensor(s) of the wrong shape)")
     model = SpikingUNet(dataclasses.replace(cfg))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
