@@ -133,8 +133,8 @@ def infer_model_config(sd: dict, num_steps: int | None = None, image_size: int |
         raise CheckpointError(f"level widths {[g[0] for g in groups]} are not multiples of ch={ch}")
     ch_mult = tuple(g[0] // ch for g in groups)
     head = "sdm" if "T_output_layer.weight" in sd else "spiking"
-    if image_size is None:
-        image_size = 28 if img_ch == 1 else 32
+    if image_size is None:  # 28 for 1-channel images (Fashion-MNIST) unless the depth needs 32 (the papers' 32x32)
+        image_size = 28 if img_ch == 1 and 28 % 2 ** (len(ch_mult) - 1) == 0 else 32
         notes.append(f"image size not stored; assumed {image_size}x{image_size} (the model is fully convolutional)")
     cfg = ModelConfig(img_ch=int(img_ch), image_size=image_size, ch=int(ch), ch_mult=ch_mult,
                       num_res_blocks=num_res_blocks, num_steps=int(num_steps),

@@ -128,11 +128,11 @@ def gamma(ckpt: Path, dataset: str, out: Path, steps: int = 50, num_samples: int
 
 def export_nir(ckpt: Path, out: Optional[Path] = None, quantize: str = "none", force: bool = False,
                calibration: Optional[str] = None, data_dir: Optional[str] = None, calibration_images: int = 64,
-               junctions: str = "scale", peer: Optional[str] = None) -> tuple[Path, dict]:
+               junctions: str = "scale", peer: Optional[str] = None, upsample: str = "auto") -> tuple[Path, dict]:
     """``neurosdm export --to nir``: export (rewritten for ``peer``'s NIR reader when given; the file is removed
     if that fails), then inspect it. Returns ``(path, totals)`` of :func:`neurosdm.graph.inspect.inspect_nir`."""
     path = export_checkpoint(ckpt, out, quantize=quantize, force=force, calibration=calibration, data_dir=data_dir,
-                             calibration_images=calibration_images, junctions=junctions)
+                             calibration_images=calibration_images, junctions=junctions, upsample=upsample)
     if peer is not None:
         write_for_peer(path, peer, discard_on_error=True)
     _, totals = inspect_nir(path)

@@ -12,7 +12,8 @@ from neurosdm.config import Config, DiffusionConfig, ModelConfig
 from neurosdm.convert import convert_model, neuron_conv_pairs
 from neurosdm.errors import ConfigError, NeuroSDMError
 from neurosdm.exporters.fixed_point import calibrate, calibration_inputs, quantize_graph
-from neurosdm.exporters.nir import UnsupportedModelError, to_nir_graph
+from neurosdm.exporters.nir import to_nir_graph
+from neurosdm.exporters.packing import UnsupportedModelError
 from neurosdm.exporters.pipeline import export_checkpoint
 from neurosdm.models import SpikingUNet
 from neurosdm.neurons import QCFS, SpikingNeurons, qcfs

@@ -36,13 +36,15 @@ CASES = [("spiking", (1, 2), 8, 4, 3, False), ("sdm", (1, 2), 8, 4, 3, False), (
          ("sdm", (1, 2, 2), 8, 4, 2, True)]
 
 
+@pytest.mark.parametrize("form", ["polyphase", "extension"])
 @pytest.mark.parametrize("head,ch_mult,size,ch,num_steps,tsm", CASES)
-def test_export_matches_torch(head, ch_mult, size, ch, num_steps, tsm):
+def test_export_matches_torch(head, ch_mult, size, ch, num_steps, tsm, form):
+    """Both up-sampling forms (core-NIR polyphase, the up-sampling extension node) reproduce the model."""
     model = tiny_model(head, ch_mult, image_size=size, ch=ch, num_steps=num_steps, tsm=tsm)
     x = torch.randn(2, 1, size, size, generator=torch.Generator().manual_seed(1))
-    graph, md = to_nir_graph(model)
-    assert md["diffusion_step"] == 0 and graph.metadata is md
-    assert md["packed_levels"] == len(ch_mult) - 1
+    graph, md = to_nir_graph(model, upsample=form)
+    assert md["diffusion_step"] == 0 and graph.metadata is md and md["upsample"] == form
+    assert md["packed_levels"] == (len(ch_mult) - 1 if form == "polyphase" else 0)
     refs = {}
     for t in STEPS:
         eps, records = _graph_eps(graph, md, x, record=(t == STEPS[0]), t=t)
@@ -85,7 +87,7 @@ def test_default_step_and_bias_tables(head):
                                               ("spiking", (1, 2), True)])
 def test_write_read_round_trip(tmp_path, head, ch_mult, tsm):
     model = tiny_model(head, ch_mult, tsm=tsm)
-    graph, md = to_nir_graph(model)
+    graph, md = to_nir_graph(model, upsample="polyphase")
     path = tmp_path / "model.nir"
     nir.write(path, graph)
     back = nir.read(path)  # type-checks every edge and accepts only known node types
@@ -171,10 +173,11 @@ def test_size_report():
     assert size["nodes"] > 0 and size["conv_nonzero"] <= size["conv_weights"]
 
 
-def test_deep_up_path_is_refused_with_the_reason():
-    """The paper's CIFAR-10 model (3 up-sampling levels) would store 6.9e9 polyphase weights: refused up front."""
+def test_deep_up_path_in_polyphase_form_is_refused_with_the_reason():
+    """The paper's CIFAR-10 model (3 up-sampling levels) would store 6.9e9 polyphase weights: that form is refused
+    up front (the default form of such a model is the up-sampling extension node: tests/test_upsample.py)."""
     from neurosdm.config import preset
-    from neurosdm.exporters.nir import UnsupportedModelError
+    from neurosdm.exporters.packing import UnsupportedModelError
 
-    with pytest.raises(UnsupportedModelError, match="3 up-sampling levels.*6,902,291,840"):
-        to_nir_graph(SpikingUNet(preset("paper-cifar10").model))
+    with pytest.raises(UnsupportedModelError, match="3 up-sampling levels.*6,902,291,840.*--upsample extension"):
+        to_nir_graph(SpikingUNet(preset("paper-cifar10").model), upsample="polyphase")

@@ -27,6 +27,12 @@ class Junctions(str, Enum):
     edges = "edges"
 
 
+class Upsample(str, Enum):
+    auto = "auto"
+    extension = "extension"
+    polyphase = "polyphase"
+
+
 class PeerReader(str, Enum):
     spikingjelly = "spikingjelly"
     norse = "norse"
@@ -47,6 +53,9 @@ def export(
     calibration_images: int = typer.Option(64, help="images for int8 calibration (noised at 8 diffusion steps)"),
     junctions: Junctions = typer.Option(Junctions.scale, help="scale: identity Scale nodes sum residual streams | "
                                         "edges: sums as fan-in edges (for NIR readers without Scale)"),
+    upsample: Upsample = typer.Option(Upsample.auto, help="auto: polyphase for at most one up-sampling level, the "
+                                      "extension beyond | extension: neurosdm's up-sampling node (the model's own "
+                                      "weights) | polyphase: core NIR only (weights grow 16x per level)"),
     peer: Optional[PeerReader] = typer.Option(None, "--peer", help="rewrite the graph for this framework's own NIR "
                                               "reader (docs/peer-readers.md); neurosdm's engines read the plain "
                                               "export"),
@@ -67,7 +76,8 @@ def export(
 
     path, totals = jobs.export_nir(ckpt, out, quantize=quantize.value, force=force, calibration=calibration,
                                    data_dir=data_dir, calibration_images=calibration_images,
-                                   junctions=junctions.value, peer=peer.value if peer is not None else None)
+                                   junctions=junctions.value, peer=peer.value if peer is not None else None,
+                                   upsample=upsample.value)
     q = totals["metadata"].get("quant")
     detail = (f"; int8, state unit 2^{int(q['state_exponent'])}, calibrated on {int(q['calibration']['images'])} "
               f"images" if isinstance(q, dict) else "")
@@ -96,6 +106,10 @@ def inspect(file: Path = typer.Argument(..., help="NIR file (.nir)")):
             f"{int(q['state_bits'])}-bit state in units of 2^{int(q['state_exponent'])}, "
             f"{int(q['input_bits'])}-bit input in units of 2^{int(q['input_exponent'])}, "
             f"{len(q['round_nodes'])} convs rounding graded inputs")
+    ups = [r["name"] for r in rows if r["type"].startswith("Upsample")]
+    if ups:
+        say(f"up-sampling: {len(ups)} neurosdm extension node(s) ({', '.join(ups)}): nearest neighbour, "
+            "y[c, 2i+a, 2j+b] = x[c, i, j]; NIR readers without the extension run their placeholder as zeros")
     if md.get("scale_tables"):
         say(f"TSM: {len(md['scale_tables'])} per-step input scales and per-step biases in the metadata "
             "(apply with neurosdm.graph.dialect.graph_at)")

@@ -48,7 +48,7 @@ import torch
 
 from neurosdm.diffusion.schedules import GaussianDiffusion
 from neurosdm.errors import QuantizationError
-from neurosdm.graph.dialect import UNITS_RULE, as_str, meta_value
+from neurosdm.graph.dialect import UNITS_RULE, as_str, meta_value, upsample_factor
 from neurosdm.quantize import QuantSpec, bias_units, choose_exponent, quantize_weight, threshold_units
 from neurosdm.simulators.reference import run_reference
 
@@ -128,10 +128,13 @@ def quantize_graph(graph: nir.NIRGraph, metadata: dict, calibration: dict, spec:
              for c in convs}
 
     def source_kind(c):
-        """(what conv c reads: "spikes" | "input" | "stream", extra exponent of a TSM scale or None)."""
+        """(what conv c reads: "spikes" | "input" | "stream", extra exponent of a TSM scale or None); an
+        up-sampling node passes its input's kind through (it copies values)."""
         src, extra = _source(graph, c), None
         if src in scale_tables:
             extra, src = tsm_exp[src], _source(graph, src)
+        while upsample_factor(nodes[src]) is not None:
+            src = _source(graph, src)
         node = nodes[src]
         return ("spikes" if isinstance(node, nir.IF) else "input" if isinstance(node, nir.Input) else "stream"), extra
 
@@ -193,7 +196,7 @@ def quantize_graph(graph: nir.NIRGraph, metadata: dict, calibration: dict, spec:
             nodes[name] = nir.Scale(scale=_f32(to_units(node.scale), name))
         elif isinstance(node, nir.Scale) and name not in scale_tables:
             nodes[name] = nir.Scale(scale=_f32(node.scale, name))
-        elif isinstance(node, (nir.Scale, nir.Conv2d, nir.Input, nir.Output)):
+        elif isinstance(node, (nir.Scale, nir.Conv2d, nir.Input, nir.Output)) or upsample_factor(node) is not None:
             continue
         else:
             raise QuantizationError(f"node {name!r} ({type(node).__name__}) has no fixed-point form here")

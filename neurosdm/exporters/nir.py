@@ -27,7 +27,10 @@ with the torch model):
   ``IF(skip)``, and conv1 / the shortcut are split along input channels (``split_concat_conv``) into
   ``<blk>.conv1`` (+ ``<blk>.conv1_skip``) and ``<blk>.shortcut`` (+ ``<blk>.shortcut_skip``), all ending in the
   same node;
-- up-sampling: after the L-th ``UpSample`` every map lives space-to-depth packed L times on the grid of the
+- up-sampling (``upsample``, :func:`neurosdm.exporters.packing.upsample_form`): ``"extension"`` writes the dialect's
+  up-sampling node (:data:`neurosdm.graph.dialect.UPSAMPLE_RULE`) ``up<i>.upsample`` between the IF node and the
+  model's own 3x3 conv, so the file stores the model's weights; ``"polyphase"`` stays in core NIR: after the L-th
+  ``UpSample`` every map lives space-to-depth packed L times on the grid of the
   lowest resolution (``C * 4**L`` channels, channel ``c * 4**L + phase``, see :mod:`neurosdm.lowering`). The
   up-sampling conv is the polyphase form, convs between packed maps are ``packed_conv``, a skip from the unpacked
   down path into a packed map is a strided ``full_to_packed_conv``. ``metadata["node_packing"]`` gives the
@@ -80,8 +83,8 @@ from neurosdm.config import DiffusionConfig
 from neurosdm.diffusion.schedules import make_betas
 from neurosdm.dynamics import Reset
 from neurosdm.errors import ConfigError, NeuroSDMError
-from neurosdm.exporters.packing import packed_weight_overhead
-from neurosdm.graph.dialect import BIAS_TABLE_RULE, SCALE_TABLE_RULE
+from neurosdm.exporters.packing import UnsupportedModelError, upsample_form
+from neurosdm.graph.dialect import BIAS_TABLE_RULE, SCALE_TABLE_RULE, UPSAMPLE_RULE, upsample_node
 from neurosdm.lowering import (
     affine_of_batchnorm,
     full_to_packed_conv,
@@ -94,13 +97,8 @@ from neurosdm.lowering import (
 from neurosdm.models.spiking_unet import DownSample, ResBlock, UpSample
 from neurosdm.neurons import QCFS, SpikingNeurons
 
-__all__ = ["UnsupportedModelError", "to_nir_graph", "MAX_STORED_WEIGHTS"]
+__all__ = ["UnsupportedModelError", "to_nir_graph"]
 
-MAX_STORED_WEIGHTS = 2**28  # 1 GB of float32 conv weights
-
-
-class UnsupportedModelError(NeuroSDMError, NotImplementedError):
-    """The model uses a feature this exporter cannot express in core NIR (yet), e.g. TSM."""
 
 
 def _np64(x) -> np.ndarray:
@@ -218,6 +216,12 @@ class _Builder:
         self.edge(source, name)
         return _Stream(name, out_channels, out_level, hw)
 
+    def upsample(self, name: str, src: _Stream) -> _Stream:
+        """The dialect's up-sampling node (nearest, x2) reading ``src`` (an unpacked map)."""
+        self.add(name, upsample_node(src.shape, (2, 2), self.dtype), 0)
+        self.edge(src.node, name)
+        return _Stream(name, src.channels, 0, (2 * src.hw[0], 2 * src.hw[1]))
+
     def junction(self, name: str, feeders: list[str], s: _Stream) -> _Stream:
         self.add(name, nir.Scale(scale=np.ones(s.shape, self.dtype)), s.level)
         for f in feeders:
@@ -307,7 +311,7 @@ def _res_block(b: _Builder, name: str, block, x: _Stream, skip: _Stream | None, 
 
 
 def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionConfig | None = None,
-                 dtype=np.float32) -> tuple[nir.NIRGraph, dict]:
+                 dtype=np.float32, upsample: str = "auto") -> tuple[nir.NIRGraph, dict]:
     """Export ``model`` (a :class:`~neurosdm.models.SpikingUNet`, eval semantics) as a float NIR graph.
 
     diffusion_step: the diffusion step whose time-embedding biases the graph holds (default 0); the biases of
@@ -315,19 +319,13 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
     diffusion: the diffusion schedule recorded in the metadata (default: the linear DDPM schedule with the
         model's ``num_diffusion_steps``).
     dtype: dtype of the stored arrays (weights are folded and lowered in float64 first).
+    upsample: the up-sampling form, :func:`upsample_form` (``"auto"``, ``"polyphase"``, ``"extension"``).
 
     Returns ``(graph, metadata)``; ``graph.metadata is metadata``. See the module docstring for the layout.
     """
     cfg = model.cfg
     threshold, threshold_scale, reset, v_init = _check_model(model)
-    stored = packed_weight_overhead(model)
-    if stored["model_packed_stored"] > MAX_STORED_WEIGHTS:
-        raise UnsupportedModelError(
-            f"this model's up path has {stored['levels']} up-sampling levels: core NIR has no up-sampling node, and "
-            f"the polyphase form stores {stored['model_packed_stored']:,} conv weights "
-            f"({stored['model_packed_stored'] * 4 / 1e9:.1f} GB; 16x per level, {stored['model_original']:,} in the "
-            f"model), above the limit of {MAX_STORED_WEIGHTS:,}; export models with at most 2 up-sampling levels "
-            "(len(ch_mult) <= 3), see docs/export.md")
+    form = upsample_form(model, upsample)
     n_diff = int(cfg.num_diffusion_steps)
     diffusion_step = 0 if diffusion_step is None else int(diffusion_step)
     if not 0 <= diffusion_step < n_diff:
@@ -372,6 +370,9 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
     for i, layer in enumerate(model.upblocks):
         if isinstance(layer, ResBlock):
             h = _res_block(b, f"up{i}", layer, h, hs.pop(), temb_tables[id(layer)])
+        elif isinstance(layer, UpSample) and form == "extension":
+            u = b.upsample(f"up{i}.upsample", b.spikes(h, b.threshold_of(layer.neuron), f"up{i}"))
+            h = plain(f"up{i}.conv", u, layer.conv, layer.bn, 1, 0, same)
         elif isinstance(layer, UpSample):
             lvl = h.level
             h = plain(f"up{i}.conv", b.spikes(h, b.threshold_of(layer.neuron), f"up{i}"), layer.conv, layer.bn, 1,
@@ -397,6 +398,7 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
         "head": cfg.head,
         "tsm": int(bool(cfg.tsm)),
         "input_encoding": "direct: the analog image x_t (C, H, W) at every spiking step",
+        "upsample": form,
         "packed_levels": int(levels),
         "packing": "space_to_depth (pixel_unshuffle) applied packed_levels times; the host applies "
                    "neurosdm.lowering.depth_to_space(levels=packed_levels) to the output",
@@ -490,6 +492,8 @@ def to_nir_graph(model, diffusion_step: int | None = None, diffusion: DiffusionC
     metadata["bias_tables"] = {name: p[1] for name, p in b.conv_params.items() if p[1].shape[:2] != (1, 1)}
     metadata["scale_tables"] = dict(b.scale_tables)
     metadata["node_packing"] = {k: int(v) for k, v in b.packing.items()}
+    if form == "extension":
+        metadata["upsample_rule"] = UPSAMPLE_RULE
     graph = nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata=metadata)
     return graph, metadata
 

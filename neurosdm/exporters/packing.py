@@ -1,17 +1,47 @@
-"""What the polyphase (packed) form of the up path stores: conv weights before and after packing, per up-sampling
-level (the export refuses a model whose packed weights would not fit; docs/export.md states the growth).
+"""The up-sampling form of an export, and what the polyphase (packed) form of the up path stores.
 
-The packing itself is :mod:`neurosdm.lowering`'s (numpy, exact); this module walks a torch
-:class:`~neurosdm.models.SpikingUNet` to count it.
+Two forms (``neurosdm export --upsample``): ``"polyphase"`` keeps the file in core NIR (the packing of
+:mod:`neurosdm.lowering`, exact) but its stored weights grow 16x per up-sampling level after the first;
+``"extension"`` writes the dialect's up-sampling node (:data:`neurosdm.graph.dialect.UPSAMPLE_RULE`) and stores the
+model's own weights. ``"auto"`` (the default) chooses polyphase for at most one up-sampling level and the extension
+beyond, so every depth exports. :func:`packed_weight_overhead` walks a torch :class:`~neurosdm.models.SpikingUNet` to
+count the polyphase form's weights.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from neurosdm.errors import ConfigError, NeuroSDMError
 from neurosdm.models.spiking_unet import ResBlock, SpikingUNet, UpSample
 
-__all__ = ["packed_weight_overhead", "conv_cost"]
+__all__ = ["packed_weight_overhead", "conv_cost", "upsample_form", "UPSAMPLE_CHOICES", "MAX_STORED_WEIGHTS",
+           "UnsupportedModelError"]
+
+UPSAMPLE_CHOICES = ("auto", "extension", "polyphase")
+MAX_STORED_WEIGHTS = 2**28  # 1 GB of float32 conv weights: the polyphase form's limit
+
+
+class UnsupportedModelError(NeuroSDMError, NotImplementedError):
+    """The model uses a feature this exporter cannot express (yet)."""
+
+
+def upsample_form(model, upsample: str = "auto") -> str:
+    """The up-sampling form of ``model``'s export (module docstring); :class:`UnsupportedModelError` for a
+    polyphase form whose stored weights exceed :data:`MAX_STORED_WEIGHTS`."""
+    if upsample not in UPSAMPLE_CHOICES:
+        raise ConfigError(f"unknown --upsample {upsample!r}; expected one of {', '.join(UPSAMPLE_CHOICES)}")
+    levels = sum(isinstance(m, UpSample) for m in model.upblocks)
+    form = upsample if upsample != "auto" else ("polyphase" if levels <= 1 else "extension")
+    if form == "polyphase":
+        stored = packed_weight_overhead(model)
+        if stored["model_packed_stored"] > MAX_STORED_WEIGHTS:
+            raise UnsupportedModelError(
+                f"this model's up path has {stored['levels']} up-sampling levels: the polyphase form stores "
+                f"{stored['model_packed_stored']:,} conv weights ({stored['model_packed_stored'] * 4 / 1e9:.1f} GB; "
+                f"16x per level, {stored['model_original']:,} in the model), above the limit of "
+                f"{MAX_STORED_WEIGHTS:,}; use --upsample extension (or auto), see docs/export.md")
+    return form
 
 
 def conv_cost(kind: str, cout: int, cin: int, k: int, level: int) -> tuple[int, int]:

@@ -36,7 +36,7 @@ def default_output_path(ckpt_path: str | os.PathLike) -> Path:
 def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None,
                       quantize: str = "none", force: bool = False, calibration: str | None = None,
                       data_dir: str | None = None, calibration_images: int = 64, seed: int = 0,
-                      junctions: str = "scale") -> Path:
+                      junctions: str = "scale", upsample: str = "auto") -> Path:
     """Export a checkpoint (any layout, EMA weights when present) as a NIR file; returns the written path.
 
     quantize: ``"none"`` (float32 graph) or ``"int8"`` (:mod:`neurosdm.exporters.fixed_point`, calibrated on
@@ -45,6 +45,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike 
     junctions: ``"scale"`` (identity Scale nodes sum residual streams) or ``"edges"`` (the sums as fan-in edges
         into every consumer and an identity 1x1 conv before the Output, for readers without Scale:
         :func:`neurosdm.exporters.rewrite.inline_junctions`; see docs/peer-readers.md).
+    upsample: ``"auto"``, ``"polyphase"`` or ``"extension"`` (:func:`neurosdm.exporters.packing.upsample_form`).
 
     The graph holds the biases of diffusion step 0 (all steps are in ``metadata["bias_tables"]``) and records the
     checkpoint's diffusion schedule, ``source_checkpoint`` (file name) and ``source_checkpoint_sha256``. The file
@@ -64,7 +65,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike 
     state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
     model = build_model(ckpt.config.model, state, source=str(ckpt_path)).eval()
     graph, metadata = to_nir_graph(model, diffusion=ckpt.config.diffusion,
-                                   dtype=np.float32 if quantize == "none" else np.float64)
+                                   dtype=np.float32 if quantize == "none" else np.float64, upsample=upsample)
     if quantize == "int8":
         graph, metadata = quantize_export(graph, metadata, ckpt.config, calibration, data_dir, calibration_images,
                                           seed)

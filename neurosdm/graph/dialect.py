@@ -6,6 +6,8 @@
   and the host's input encoding of such an export, :func:`quantize_input`;
 - the per-step tables (``bias_tables``, ``scale_tables``) and their one rule, :func:`table_entry`, applied to a
   graph by :func:`graph_at`;
+- the up-sampling extension node (:data:`UPSAMPLE_RULE`: a sub-graph whose metadata names the operator), read by
+  :func:`upsample_factor` and written by :func:`upsample_node`;
 - :func:`meta_value` / :func:`as_str`: values as ``nir.read`` returns them (0-d arrays, bytes) as Python values.
 
 The host side of a denoiser export (unpacking, the analog "sdm" head) is :mod:`neurosdm.graph.host`.
@@ -48,7 +50,8 @@ from neurosdm.errors import ConfigError, GraphError
 
 __all__ = ["Discretisation", "FixedPoint", "COMPARISONS", "RESETS", "METHODS", "as_str", "meta_value",
            "table_entry", "tables_vary_per_step", "graph_at",
-           "quantize_input", "BIAS_TABLE_RULE", "SCALE_TABLE_RULE", "UNITS_RULE"]
+           "quantize_input", "BIAS_TABLE_RULE", "SCALE_TABLE_RULE", "UNITS_RULE", "UPSAMPLE_OPERATOR", "UPSAMPLE_RULE",
+           "upsample_factor", "upsample_node"]
 
 RESETS = tuple(r.value for r in Reset)
 COMPARISONS = (">=", ">")
@@ -95,6 +98,49 @@ def table_entry(table, t: int, k: int) -> np.ndarray:
     if table.ndim == 1:
         return table[k if table.size > 1 else 0]
     return table[t if table.shape[0] > 1 else 0, k if table.shape[1] > 1 else 0]
+
+
+UPSAMPLE_OPERATOR = "upsample_nearest"
+UPSAMPLE_RULE = ("neurosdm extension: a NIRGraph node whose metadata has neurosdm_operator = 'upsample_nearest' is "
+                 "nearest-neighbour up-sampling by scale_factor (sh, sw): y[c, sh*i + a, sw*j + b] = x[c, i, j] for "
+                 "0 <= a < sh, 0 <= b < sw; input (C, H, W), output (C, sh*H, sw*W). Its body (input -> placeholder "
+                 "-> output) only carries these types for nir's type check: a conv with zero weights and padding, "
+                 "which a reader without the extension runs as a map of zeros")
+
+
+def upsample_factor(node) -> tuple[int, int] | None:
+    """The scale factor of a neurosdm up-sampling node (:data:`UPSAMPLE_RULE`), or None for any other node."""
+    if not isinstance(node, nir.NIRGraph) or not isinstance(node.metadata, dict):
+        return None
+    if as_str(node.metadata.get("neurosdm_operator", "")) != UPSAMPLE_OPERATOR:
+        return None
+    f = np.asarray(node.metadata.get("scale_factor", [])).reshape(-1)
+    if f.size != 2 or f.dtype.kind not in "iu" or np.any(f < 1):
+        raise GraphError(f"an up-sampling node's scale_factor must be two positive integers, got "
+                         f"{node.metadata.get('scale_factor')!r}")
+    return int(f[0]), int(f[1])
+
+
+def upsample_node(shape, factor: tuple[int, int] = (2, 2), dtype=np.float32) -> nir.NIRGraph:
+    """The up-sampling node of :data:`UPSAMPLE_RULE` for an input ``(C, H, W)``; the placeholder body is a
+    ``[C, C, k, k]`` conv of zeros with padding ``p`` per axis such that ``n + 2 p - k + 1 = s n`` (``k = 1`` where
+    ``(s - 1) n`` is even, 2 where it is odd; both axes alike), the smallest core node whose output type is the
+    up-sampled shape."""
+    c, h, w = (int(v) for v in shape)
+    sh, sw = (int(v) for v in factor)
+    k = 1 + ((sh - 1) * h) % 2
+    if k != 1 + ((sw - 1) * w) % 2:
+        raise GraphError(f"an up-sampling node needs (factor - 1) x size of the same parity on both axes for its "
+                         f"placeholder, got input {(c, h, w)} and factor {(sh, sw)}")
+    placeholder = nir.Conv2d(input_shape=np.array([h, w]), weight=np.zeros((c, c, k, k), dtype), stride=1,
+                             padding=np.array([((sh - 1) * h + k - 1) // 2, ((sw - 1) * w + k - 1) // 2]),
+                             dilation=1, groups=1, bias=np.zeros(c, dtype))
+    return nir.NIRGraph(nodes={"input": nir.Input(input_type={"input": np.array([c, h, w])}),
+                               "placeholder": placeholder,
+                               "output": nir.Output(output_type={"output": np.array([c, sh * h, sw * w])})},
+                        edges=[("input", "placeholder"), ("placeholder", "output")],
+                        metadata={"neurosdm_operator": UPSAMPLE_OPERATOR, "scale_factor": np.array([sh, sw]),
+                                  "rule": UPSAMPLE_RULE})
 
 
 def tables_vary_per_step(metadata: dict) -> bool:
@@ -240,7 +286,12 @@ class FixedPoint:
         graph. :class:`GraphError` for a key of the wrong type or out of range."""
         q = (metadata or {}).get("quant")
         if not isinstance(q, dict):
+            if q is not None or "quantized" in (metadata or {}):  # an int8 export must not run as a float graph
+                raise GraphError("the graph's metadata marks it quantised but its 'quant' table is missing or not a "
+                                 "table: the fixed-point rules are unknown (export it again with --quantize int8)")
             return None
+        if not isinstance(q.get("round_nodes", {}), dict):
+            raise GraphError(f"metadata quant.round_nodes must be a table of node names, got {q['round_nodes']!r}")
 
         def integer(key: str, lo: int, hi: int, required: bool = False) -> int | None:
             value = q.get(key)

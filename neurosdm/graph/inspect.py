@@ -10,6 +10,7 @@ import nir
 import numpy as np
 
 from neurosdm.errors import GraphError
+from neurosdm.graph.dialect import upsample_factor
 from neurosdm.graph.structure import order
 from neurosdm.io import describe_head, first_line
 
@@ -70,7 +71,9 @@ def inspect_nir(path: str | os.PathLike) -> tuple[list[dict], dict]:
     "params"}`` in evaluation order (:func:`neurosdm.graph.structure.order`, from the inputs to the outputs) and
     totals ``{"nodes", "edges", "synapses", "params", "file_bytes", "metadata"}``.
 
-    synapses: the weight size of Conv2d/Affine/Linear nodes (0 otherwise); fan_in: incoming edges; params: the
+    type: the node's NIR type, or ``Upsample x2x2 (neurosdm)`` for the dialect's up-sampling node
+    (:data:`neurosdm.graph.dialect.UPSAMPLE_RULE`); synapses: the weight size of Conv2d/Affine/Linear nodes (0
+    otherwise; an up-sampling node's placeholder is not counted); fan_in: incoming edges; params: the
     size of every float array of the node (weights, biases, neuron parameters; not shapes or strides).
     Raises :class:`GraphError` (one line) for a file nir cannot read and for an invalid graph (an edge to a
     missing node, no Input or no Output node; ``nir.read`` already rejects most of these)."""
@@ -96,7 +99,9 @@ def inspect_nir(path: str | os.PathLike) -> tuple[list[dict], dict]:
         synapses = int(np.asarray(node.weight).size) if isinstance(node, _WEIGHTED) else 0
         params = sum(_array_size(v) for k, v in vars(node).items()
                      if k not in ("input_type", "output_type", "metadata"))
-        rows.append(dict(name=name, type=type(node).__name__,
+        factor = upsample_factor(node)
+        kind = type(node).__name__ if factor is None else f"Upsample x{factor[0]}x{factor[1]} (neurosdm)"
+        rows.append(dict(name=name, type=kind,
                          shape=" ".join("x".join(map(str, s)) for s in shapes) or "-",
                          synapses=synapses, fan_in=fan_in[name], params=params))
     totals = dict(nodes=len(rows), edges=len(edges), synapses=sum(r["synapses"] for r in rows),

@@ -25,6 +25,8 @@ Semantics (time is discrete; one call runs ``num_steps`` steps from a zero state
   not constrain the order, it is read from its history and its input is stored after the step, so a cycle through
   it has exactly its latency. A scalar late Delay must declare its ``input_type``.
 - ``Threshold``: ``y = [x >= threshold]`` (or ``>``, :class:`.dialect.Discretisation`).
+- Up-sampling (the dialect's extension node, :data:`.dialect.UPSAMPLE_RULE`): nearest neighbour,
+  ``y[c, sh i + a, sw j + b] = x[c, i, j]``; of spikes it is spikes.
 - Neurons (I, IF, LI, LIF, CubaLI, CubaLIF): one step of :mod:`neurosdm.dynamics` with coefficients from ``tau``,
   ``r``, ``dt`` and the method; IF/LIF/CubaLIF spike, the others output their membrane. NIR's docs fix no
   discretisation for IF; the frameworks read ``nir.IF`` as ``v <- v + x`` (Norse ignores ``r`` and ``dt``,
@@ -50,7 +52,7 @@ import numpy as np
 from neurosdm.dynamics import DECAY_ONE, NeuronParams, Reset, coefficients, state_limit
 from neurosdm.errors import ConfigError, GraphError
 from neurosdm.graph import structure
-from neurosdm.graph.dialect import Discretisation, FixedPoint, table_entry, tables_vary_per_step
+from neurosdm.graph.dialect import Discretisation, FixedPoint, table_entry, tables_vary_per_step, upsample_factor
 from neurosdm.graph.geometry import as_tuple, conv_padding, fanout, out_size
 from neurosdm.graph.inspect import inspect_nir
 
@@ -84,7 +86,8 @@ class Layer:
     ``groups``, ``rounded``. affine: ``weight [..., out, in]``, ``bias [..., out]``. pool: ``kernel``, ``stride``,
     ``padding``, ``pool_scale``. conv/gconv/pool/affine: ``fanout`` (int64, input shape: the nonzero synapses each
     input element reaches inside the output; its sum is the layer's MACs per image). threshold: ``threshold``.
-    scale: ``scale``. delay: ``delay`` (int64 steps per element), ``late``. Neurons: ``neuron`` (float
+    scale: ``scale``. upsample: ``scale_factor``. delay: ``delay`` (int64 steps per element), ``late``. Neurons:
+    ``neuron`` (float
     :class:`neurosdm.dynamics.NeuronParams`) or, in fixed point, ``threshold_int``, ``decay_q12``, ``reset``.
     """
 
@@ -114,6 +117,7 @@ class Layer:
     decay_q12: int = DECAY_ONE
     reset: Reset = Reset.ZERO
     delay: np.ndarray | None = None
+    scale_factor: tuple[int, int] = (1, 1)
 
     @property
     def size(self) -> int:
@@ -199,6 +203,14 @@ def delay_steps(delay, dt: float, name: str) -> np.ndarray:
     return steps.astype(np.int64)
 
 
+def _kind(node) -> str | None:
+    """The layer kind of a (flattened) node: its exact type's (a subclass may mean something else), or
+    ``"upsample"`` for the dialect's up-sampling node; None if unsupported."""
+    if upsample_factor(node) is not None:
+        return "upsample"
+    return KINDS.get(type(node))
+
+
 def _shape(value) -> tuple[int, ...] | None:
     return None if value is None else tuple(int(v) for v in np.asarray(value).reshape(-1))
 
@@ -239,7 +251,7 @@ def load_program(source: str | os.PathLike | nir.NIRGraph, disc: Discretisation 
             raise ConfigError(f"fixed must be a FixedPoint, None or 'auto', got {fixed!r}")
         fixed = FixedPoint.from_metadata(metadata)
     for name, node in structure.flat_nodes(graph):
-        if type(node) not in KINDS:  # exact types: a subclass may mean something else
+        if _kind(node) is None:
             raise GraphError(f"node {name!r} has type {type(node).__name__}, which neurosdm does not support "
                              f"(supported: {', '.join(sorted({t.__name__ for t in KINDS} | {'NIRGraph'}))})")
     nodes, edges = structure.flatten(graph)
@@ -286,7 +298,7 @@ def load_program(source: str | os.PathLike | nir.NIRGraph, disc: Discretisation 
             if shape != declared:
                 raise GraphError(f"shape mismatch on edge {src!r} -> {name!r}: {src!r} outputs {shape}, "
                                  f"{name!r} ({type(node).__name__}) expects {declared}")
-        layer = Layer(name, KINDS[type(node)], [edges[i][0] for i in incoming[name]], tuple(declared), (),
+        layer = Layer(name, _kind(node), [edges[i][0] for i in incoming[name]], tuple(declared), (),
                       back=[i in back for i in incoming[name]], late=name in late)
         _translate(layer, node, disc, fixed, late.get(name))
         layers[name] = layer
@@ -308,7 +320,7 @@ def _classify_inputs(layers: dict[str, Layer], scale_tables: set) -> None:
         layer = layers[name]
         if layer.kind in SPIKING:
             return True
-        return layer.kind in ("flatten", "delay") and len(layer.sources) == 1 and name not in seen and \
+        return layer.kind in ("flatten", "delay", "upsample") and len(layer.sources) == 1 and name not in seen and \
             carries_spikes(layer.sources[0], seen | {name})
 
     for layer in layers.values():
@@ -317,7 +329,7 @@ def _classify_inputs(layers: dict[str, Layer], scale_tables: set) -> None:
         src = layer.sources[0]
         if carries_spikes(src):
             layer.input = "spikes"
-        elif src in scale_tables and len(layers[src].sources) == 1 and layers[layers[src].sources[0]].kind in SPIKING:
+        elif src in scale_tables and len(layers[src].sources) == 1 and carries_spikes(layers[src].sources[0]):
             layer.input = "graded"
 
 
@@ -381,6 +393,15 @@ def _translate(layer: Layer, node, disc: Discretisation, fixed: FixedPoint | Non
             raise GraphError(f"node {name!r} (Flatten): output_type {declared} disagrees with flattening {shape} "
                              f"from dim {start} to {end} (= {out})")
         layer.out_shape = out
+    elif layer.kind == "upsample":
+        if len(shape) != 3:
+            raise GraphError(f"node {name!r} (up-sampling) needs a (C, H, W) input, got {shape}")
+        layer.scale_factor = upsample_factor(node)
+        layer.out_shape = (shape[0], shape[1] * layer.scale_factor[0], shape[2] * layer.scale_factor[1])
+        declared = _type_shape(node.output_type, "output")
+        if declared is not None and declared != layer.out_shape:
+            raise GraphError(f"node {name!r} (up-sampling): output_type {declared} disagrees with {shape} up-sampled "
+                             f"by {layer.scale_factor}")
     elif isinstance(node, nir.Threshold):
         if fixed is not None:
             raise GraphError(f"node {name!r} ({kind}): fixed-point mode supports the neuron types I, IF and LI")

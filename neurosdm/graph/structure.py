@@ -3,7 +3,9 @@
 - **Nested graphs** are flattened: a ``NIRGraph`` node ``sub`` with nodes ``a, b`` becomes nodes ``sub.a, sub.b``
   (names joined with ``.``, recursively). The sub-graph's ``Input`` and ``Output`` nodes stay as identity nodes: a
   parent edge ``(x, sub)`` ends at the sub-graph's Input node and a parent edge ``(sub, y)`` starts at its Output
-  node, so a sub-graph used in an edge needs exactly one Input (resp. Output) node.
+  node, so a sub-graph used in an edge needs exactly one Input (resp. Output) node. A sub-graph that is an
+  extension operator of the neurosdm dialect (up-sampling, :data:`neurosdm.graph.dialect.UPSAMPLE_RULE`) is not
+  flattened: it is one node.
 - **Evaluation order** (:func:`order`): a depth-first search over the edges marks the edges that close a cycle
   (back edges: an edge into a node still on the DFS stack, self-loops included). The search starts from the given
   roots (the ``Input`` nodes) in sorted name order, then from every node not yet visited (nodes without incoming
@@ -21,6 +23,7 @@ from typing import Any
 import nir
 
 from neurosdm.errors import GraphError
+from neurosdm.graph.dialect import upsample_factor
 
 __all__ = ["flatten", "order", "flat_nodes"]
 
@@ -34,7 +37,7 @@ def flatten(graph: nir.NIRGraph, prefix: str = "") -> tuple[dict[str, Any], list
 def flat_nodes(graph: nir.NIRGraph, prefix: str = ""):
     """``(flattened name, node)`` of every leaf node, nested graphs included (no edge checks)."""
     for key, node in graph.nodes.items():
-        if isinstance(node, nir.NIRGraph):
+        if _nested(node):
             yield from flat_nodes(node, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", node
@@ -47,7 +50,7 @@ def _flatten(graph: nir.NIRGraph, prefix: str):
     exit_: dict[str, str | None] = {}
     for key, node in graph.nodes.items():
         full = f"{prefix}{key}"
-        if isinstance(node, nir.NIRGraph):
+        if _nested(node):
             sub_nodes, sub_edges, _, _ = _flatten(node, f"{full}.")
             for sub_name in sub_nodes:
                 if sub_name in nodes:
@@ -74,6 +77,11 @@ def _flatten(graph: nir.NIRGraph, prefix: str):
                                  f"have exactly one {port} node")
         edges.append((exit_[src], entry[dst]))
     return nodes, edges, entry, exit_
+
+
+def _nested(node) -> bool:
+    """A sub-graph to flatten (an extension node of the dialect, such as up-sampling, is an operator: a leaf)."""
+    return isinstance(node, nir.NIRGraph) and upsample_factor(node) is None
 
 
 def order(names: list[str], edges: list[tuple[str, str]], roots: list[str] = (),

@@ -16,7 +16,8 @@ counted is decided here, once, for every backend (per layer, per step, summed ov
 - neurons and thresholds: ``neuron_updates`` (every neuron), ``active_neurons`` (nonzero input), ``spikes_out``
   (spiking kinds) and, in fixed point, ``saturations`` (state clipped);
 - ``fanin_adds`` on every layer with several sources: ``(sources - 1) x input size``.
-Input, Output, Flatten and Delay layers have no counters.
+Input, Output, Flatten, Delay and up-sampling layers have no counters (an up-sampled spike reaches its consumer
+as ``sh x sw`` events, which the consumer counts).
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ def _layer(be, layer: Layer, x, over: dict, state: dict, batch: int, add, not_in
         return x
     if kind == "flatten":
         return be.reshape(x, (batch, *layer.out_shape))
+    if kind == "upsample":  # routing: every input element copied to sh x sw outputs (the consumers count them)
+        return be.upsample(layer, x)
     if kind == "delay":  # some element delays by 0 steps: store, then read
         state[name] = be.delay_push(state[name], x)
         return be.delay_read(state[name], layer, late=False)

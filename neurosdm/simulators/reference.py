@@ -94,6 +94,10 @@ class ReferenceBackend:
             y = np.round(y)  # half to even
         return (y if layer.nd == 2 else y[:, :, 0, :]), None
 
+    def upsample(self, layer: Layer, x):
+        sh, sw = layer.scale_factor
+        return x.repeat(sh, axis=-2).repeat(sw, axis=-1)
+
     def pool(self, layer: Layer, x):
         (ph, _), (pw, _) = layer.padding
         y = sum_pool2d(x, layer.kernel, layer.stride, (ph, pw))

@@ -183,6 +183,10 @@ class TorchBackend:
         c = self.layers[layer.name]
         return self._conv(c, x, c.bias if bias is None else bias, layer.rounded and self.fixed is not None), None
 
+    def upsample(self, layer: Layer, x):
+        sh, sw = layer.scale_factor
+        return x.repeat_interleave(sh, dim=-2).repeat_interleave(sw, dim=-1)
+
     def pool(self, layer: Layer, x):
         y = self._conv(self.layers[layer.name], x, None)
         return y if layer.pool_scale == 1.0 else y * float(layer.pool_scale)
