@@ -9,12 +9,14 @@ the file, unknown keys, missing or unknown units, unknown sources or evidence, a
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from neurosdm.errors import ConfigError
+from neurosdm.io import regular_file
 
 __all__ = ["PROFILE_DIR", "TERMS", "SECTIONS", "CANONICAL", "EVIDENCE", "TOP_KEYS", "CONST_KEYS", "Constant",
            "Profile", "list_profiles", "load_profile"]
@@ -110,11 +112,14 @@ def load_profile(name_or_path: str | os.PathLike | Profile) -> Profile:
     if not path.exists():
         raise ConfigError(f"unknown hardware profile {s!r}; shipped: {', '.join(list_profiles())} "
                           f"(or give a .toml file)")
+    regular_file(path, "hardware profile", ConfigError)  # not a directory, a FIFO or a device
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         _fail(path, f"not valid TOML: {str(e).splitlines()[0]}")
+    except UnicodeDecodeError as e:
+        _fail(path, f"not a text file (TOML is UTF-8; byte {e.start} is not)")
     for key in data:
         if key not in TOP_KEYS:
             _fail(path, f"unknown key {key!r} (allowed: {', '.join(sorted(TOP_KEYS))})")
@@ -142,8 +147,11 @@ def load_profile(name_or_path: str | os.PathLike | Profile) -> Profile:
             for k in ("value", "unit", "source", "evidence"):
                 if k not in c:
                     _fail(path, f"missing {k} in key {key!r}")
-            if isinstance(c["value"], bool) or not isinstance(c["value"], (int, float)) or c["value"] < 0:
-                _fail(path, f"key {key!r}: value must be a non-negative number, got {c['value']!r}")
+            if isinstance(c["value"], bool) or not isinstance(c["value"], (int, float)) or c["value"] < 0 or \
+                    not math.isfinite(c["value"]):
+                _fail(path, f"key {key!r}: value must be a non-negative finite number, got {c['value']!r}")
+            if key == "mapping.parallel_cores" and (c["value"] < 1 or not float(c["value"]).is_integer()):
+                _fail(path, f"key {key!r}: value must be a whole number of cores >= 1, got {c['value']!r}")
             if c["unit"] not in units:
                 _fail(path, f"key {key!r}: unit {c['unit']!r} is not one of {', '.join(units)}")
             if c["source"] not in sources:

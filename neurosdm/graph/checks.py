@@ -1,0 +1,155 @@
+"""Validation of NIR files and graphs before anything is built from them, with one-line :class:`GraphError`
+messages naming the node and the value:
+
+- :func:`check_file`: what an HDF5 file declares (dataset shapes and types, read from its headers; no array is
+  loaded): no complex arrays, a bounded number of nodes, and arrays that fit in memory
+  (:func:`neurosdm.config.check_memory`);
+- :func:`check_graph`: a graph's node count, every node's parameters (:func:`check_node`: finite real values,
+  positive time constants, thresholds above the reset value), the sizes its Input nodes and convs declare, and
+  the dialect's sizes in the metadata (``num_steps``, ``num_diffusion_steps``, the per-step tables' shapes).
+
+:func:`neurosdm.graph.inspect.inspect_nir` runs :func:`check_file` on every file it reads;
+:func:`neurosdm.graph.program.load_program` runs :func:`check_graph` on every graph.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nir
+import numpy as np
+
+from neurosdm.config import LIMITS, check_memory
+from neurosdm.errors import GraphError
+from neurosdm.graph import structure
+from neurosdm.graph.dialect import meta_value
+
+__all__ = ["MAX_NODES", "BYTES_PER_ELEMENT", "check_file", "check_graph", "check_node"]
+
+#: most nodes a graph may have (nested graphs' nodes included)
+MAX_NODES = 100_000
+#: memory planned per stored array element: nir's copy, the program's float64 copy and its fan-out counts
+BYTES_PER_ELEMENT = 24
+#: memory planned per element of a declared input (state, inputs, outputs and fan-out of a layer, one image)
+BYTES_PER_STATE = 64
+_TIME_CONSTANTS = ("tau", "tau_mem", "tau_syn")
+_SKIP = ("input_type", "output_type", "metadata")
+
+
+def check_file(path: str | os.PathLike) -> None:
+    """The sizes and types an HDF5 file declares, before ``nir.read`` loads it (see the module docstring)."""
+    import h5py
+
+    path = Path(path)
+    found = {"elements": 0, "nodes": 0}
+
+    def visit(name: str, obj) -> None:
+        if isinstance(obj, h5py.Group):
+            found["nodes"] += "type" in obj
+            return
+        if obj.dtype.kind == "c":
+            raise GraphError(f"{path}: {name} holds complex numbers ({obj.dtype}); NIR parameters are real")
+        found["elements"] += int(np.prod(obj.shape, dtype=np.float64)) if obj.shape else 1
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(visit)
+    except GraphError:
+        raise
+    except Exception as e:  # damaged headers
+        raise GraphError(f"{path} is truncated or not a readable HDF5 file: {type(e).__name__}") from None
+    if found["nodes"] > MAX_NODES:
+        raise GraphError(f"{path} declares {found['nodes']:,} nodes, more than neurosdm runs ({MAX_NODES:,})")
+    check_memory(f"{path} (arrays of {found['elements']:,} elements)", BYTES_PER_ELEMENT * found["elements"])
+
+
+def check_node(name: str, node) -> None:
+    """One node's parameters: real, finite; time constants positive; spiking neurons' ``v_threshold`` above
+    ``v_reset``. :class:`GraphError` naming the node and the parameter."""
+    kind = type(node).__name__
+    if isinstance(node, nir.NIRGraph):  # an extension node (up-sampling): its parameters are in its metadata
+        return
+    for field, value in vars(node).items():
+        if field in _SKIP or value is None or isinstance(value, (str, bytes, dict, nir.NIRNode)):
+            continue
+        arr = np.asarray(value)
+        if arr.dtype.kind in "USO":  # padding "same", names
+            continue
+        if arr.dtype.kind == "c":
+            raise GraphError(f"node {name!r} ({kind}): {field} holds complex numbers; NIR parameters are real")
+        if arr.dtype.kind not in "biuf":
+            raise GraphError(f"node {name!r} ({kind}): {field} must be numbers, got {arr.dtype}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise GraphError(f"node {name!r} ({kind}): {field} holds NaN or infinite values")
+        if field in _TIME_CONSTANTS and not (arr > 0).all():
+            raise GraphError(f"node {name!r} ({kind}): {field} must be positive, got {arr[arr <= 0].flat[0]!r}")
+    if isinstance(node, (nir.IF, nir.LIF, nir.CubaLIF)):
+        reset = np.asarray(node.v_reset if getattr(node, "v_reset", None) is not None else 0.0, np.float64)
+        try:
+            low = np.asarray(node.v_threshold, np.float64) <= reset
+        except ValueError:
+            raise GraphError(f"node {name!r} ({kind}): v_threshold and v_reset have incompatible shapes") from None
+        if low.any():
+            raise GraphError(f"node {name!r} ({kind}): v_threshold must be above v_reset (a neuron at its reset "
+                             f"value would fire at every step), got v_threshold "
+                             f"{np.broadcast_to(np.asarray(node.v_threshold), low.shape)[low].flat[0]!r}")
+
+
+def _meta_count(metadata: dict, key: str) -> int | None:
+    if key not in metadata:
+        return None
+    value = meta_value(metadata, key)
+    arr = np.asarray(value)
+    hi = LIMITS[key]
+    if arr.size != 1 or arr.dtype.kind not in "iuf" or not float(arr.reshape(-1)[0]).is_integer() or \
+            not 1 <= float(arr.reshape(-1)[0]) <= hi:
+        raise GraphError(f"metadata {key} must be an integer in 1..{hi:,}, got {value!r}")
+    return int(arr.reshape(-1)[0])
+
+
+def _check_tables(metadata: dict, nodes: dict, num_steps: int, num_diffusion: int | None) -> None:
+    for key, node_type in (("bias_tables", (nir.Conv2d, nir.Conv1d)), ("scale_tables", (nir.Scale,))):
+        tables = metadata.get(key, {})
+        if not isinstance(tables, dict):
+            raise GraphError(f"metadata {key} must be a table of node names, got {type(tables).__name__}")
+        for name, table in tables.items():
+            node = nodes.get(name)
+            if not isinstance(node, node_type):
+                raise GraphError(f"metadata {key} names {name!r}, which is not a {node_type[0].__name__} node of "
+                                 f"the graph")
+            t = np.asarray(table)
+            if t.dtype.kind not in "iuf" or not np.isfinite(t).all():
+                raise GraphError(f"metadata {key}[{name!r}] must hold finite real numbers")
+            steps_ok = (1, num_steps)
+            if key == "bias_tables":
+                channels = int(np.asarray(node.weight).shape[0])
+                ok = t.ndim == 3 and t.shape[0] in (1, num_diffusion or t.shape[0]) and t.shape[1] in steps_ok \
+                    and t.shape[2] == channels
+                want = f"[1 or {num_diffusion}, 1 or {num_steps}, {channels}]"
+            else:
+                ok, want = t.size in steps_ok, f"1 or {num_steps} values"
+            if not ok:
+                raise GraphError(f"metadata {key}[{name!r}] has shape {list(t.shape)}; the graph needs {want}")
+
+
+def check_graph(graph) -> None:
+    """A graph, before it is translated (see the module docstring)."""
+    if not isinstance(graph, nir.NIRGraph):
+        raise GraphError(f"expected a nir.NIRGraph, got {type(graph).__name__}")
+    flat = list(structure.flat_nodes(graph))
+    if len(flat) > MAX_NODES:
+        raise GraphError(f"the graph has {len(flat):,} nodes, more than neurosdm runs ({MAX_NODES:,})")
+    declared = 0
+    for name, node in flat:
+        check_node(name, node)
+        if isinstance(node, nir.Input):
+            declared += sum(int(np.prod(np.asarray(s, np.float64))) for s in (node.input_type or {}).values())
+        elif isinstance(node, (nir.Conv2d, nir.Conv1d)) and getattr(node, "input_shape", None) is not None:
+            w = np.asarray(node.weight)
+            declared += int(np.prod(np.asarray(node.input_shape, np.float64))) * (w.shape[1] if w.ndim > 1 else 1)
+    check_memory(f"the graph's declared layer inputs ({declared:,} elements)", BYTES_PER_STATE * declared)
+    metadata = dict(graph.metadata or {})
+    num_steps = _meta_count(metadata, "num_steps") or 1
+    num_diffusion = _meta_count(metadata, "num_diffusion_steps")
+    _check_tables(metadata, graph.nodes, num_steps, num_diffusion)
