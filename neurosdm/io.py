@@ -26,7 +26,7 @@ from neurosdm.errors import NeuroSDMError, OutputError
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block finishes.
 
-    An error or Ctrl-C inside the block leaves ``path`` untouched and removes the temporary file."""
+    An error or Ctrl-C inside the block leaves ``path`` untouched and removes the temporary file.
     An :class:`OSError` (a full disk, a file size limit, a read-only location) becomes a one-line
     :class:`neurosdm.errors.OutputError`."""
     path = Path(path)

@@ -286,7 +286,8 @@ class FixedPoint:
         graph. :class:`GraphError` for a key of the wrong type or out of range."""
         q = (metadata or {}).get("quant")
         if not isinstance(q, dict):
-            if q is not None or "quantized" in (metadata or {}):  # an int8 export must not run as a float graph
+            marked = as_str((metadata or {}).get("quantized", "none")) not in ("none", "")
+            if q is not None or marked:  # an int8 export must not run as a float graph
                 raise GraphError("the graph's metadata marks it quantised but its 'quant' table is missing or not a "
                                  "table: the fixed-point rules are unknown (export it again with --quantize int8)")
             return None

@@ -10,9 +10,10 @@ import nir
 import numpy as np
 
 from neurosdm.errors import GraphError
+from neurosdm.graph.checks import check_file
 from neurosdm.graph.dialect import upsample_factor
 from neurosdm.graph.structure import order
-from neurosdm.io import describe_head, first_line
+from neurosdm.io import describe_head, first_line, regular_file
 
 __all__ = ["graph_size", "inspect_nir"]
 
@@ -53,9 +54,11 @@ def _read(path: Path) -> nir.NIRGraph:
         raise GraphError(f"NIR file not found: {path}")
     if path.is_dir():
         raise GraphError(f"{path} is a directory; pass a .nir file")
+    regular_file(path, "NIR file", GraphError)  # a FIFO would block: never opened
     if not h5py.is_hdf5(path):
         raise GraphError(f"{path} is not a NIR file (found {describe_head(path)}); expected an HDF5 file written "
                          f"by nir.write")
+    check_file(path)  # declared sizes and types, before any array is read
     try:
         graph = nir.read(path)
     except Exception as e:  # truncated HDF5, unknown node types, missing fields, ...
