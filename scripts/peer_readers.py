@@ -45,10 +45,10 @@ CKPT = ROOT / "neurosdm" / "assets" / "tiny_fashion.pt"
 # ------------------------------------------------------------------------------------------------------ exports
 
 
-def export_tiny(model, quantize: bool = False, seed: int = SEED) -> nir.NIRGraph:
+def export_tiny(model, quantize: bool = False, upsample: str = "auto", seed: int = SEED) -> nir.NIRGraph:
     """``to_nir_graph`` of a tiny SpikingUNet (:func:`neurosdm.simulators.peers.tiny_unet`): float32, or int8
     fixed point (calibrated on 8 random images from ``seed``)."""
-    graph, md = to_nir_graph(model, dtype=np.float64 if quantize else np.float32)
+    graph, md = to_nir_graph(model, dtype=np.float64 if quantize else np.float32, upsample=upsample)
     if quantize:
         images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
         cal = calibrate(graph, md, calibration_inputs(images, DiffusionConfig(num_diffusion_steps=50), steps=2))

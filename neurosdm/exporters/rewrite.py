@@ -73,7 +73,7 @@ import nir
 import numpy as np
 
 from neurosdm.errors import ConfigError
-from neurosdm.graph.dialect import as_str, meta_value
+from neurosdm.graph.dialect import as_str, meta_value, upsample_factor
 from neurosdm.io import atomic_path
 
 __all__ = ["inline_junctions", "is_identity_scale", "OUTPUT_JUNCTION_CHOICES", "for_peer", "PEER_CHOICES",
@@ -375,6 +375,10 @@ def for_peer(graph: nir.NIRGraph, peer: str, metadata: dict | None = None) -> ni
     name = str(peer).lower()
     if name not in PEER_CHOICES:
         raise ConfigError(f"unknown peer {peer!r}; expected one of {', '.join(PEER_CHOICES)}")
+    ups = sorted(k for k, n in graph.nodes.items() if upsample_factor(n) is not None)
+    if ups:
+        raise ConfigError(f"the graph holds neurosdm's up-sampling extension node(s) {ups[:3]}, which no peer reader "
+                          "knows (they run its placeholder as zeros): export with --upsample polyphase (core NIR)")
     md0 = dict(graph.metadata if metadata is None else metadata)
     pinned = set(md0.get("scale_tables", {}) or {})
     if any(is_identity_scale(n) and k not in pinned for k, n in graph.nodes.items()):

@@ -30,6 +30,9 @@ FEATURES = {
                   "here both read the same spike input",
     "upsample": "up-sampling form: up2.conv (the polyphase form of nearest x2 + 3x3 conv: 4 sub-pixel phases "
                 "as output channels) -> IF, spike input",
+    "upsample_extension": "up-sampling extension node (neurosdm's, for deep UNets; neurosdm.graph.dialect."
+                          "UPSAMPLE_RULE): up2.upsample (nearest x2) -> up2.conv (the model's 3x3 conv) -> IF, spike "
+                          "input",
     "lif_leak": "LIF with leak: conv -> LIF (tau 4, r 4, v_leak 0) -> conv -> LIF, made with nir in neurosdm's "
                 "conventions (dt 1)",
     "li_readout": "LI readout of a head='spiking' export: tail.conv -> tail.readout (LI, tau = r = 1/(1-0.8)) "
@@ -107,9 +110,12 @@ def lif_graph(tau: float = 4.0, seed: int = SEED) -> nir.NIRGraph:
 def feature_graphs(export: Callable[[SpikingUNet, bool], nir.NIRGraph],
                    shipped: Callable[[], nir.NIRGraph] | None = None) -> dict[str, tuple[nir.NIRGraph, str]]:
     """``{feature: (graph, input kind)}`` (input kinds: :func:`make_input`; descriptions: ``FEATURES``).
-    ``export(model, quantize)``: the NIR graph of a :func:`tiny_unet` (float32, or with ``quantize`` int8 fixed
-    point); ``shipped()``: the whole shipped checkpoint's export (the ``whole_shipped`` row; left out when None)."""
-    sdm, spk, q = export(tiny_unet("sdm"), False), export(tiny_unet("spiking"), False), export(tiny_unet("sdm"), True)
+    ``export(model, quantize, upsample)``: the NIR graph of a :func:`tiny_unet` (float32, or with ``quantize`` int8
+    fixed point; ``upsample`` as ``to_nir_graph``'s); ``shipped()``: the whole shipped checkpoint's export (the
+    ``whole_shipped`` row; left out when None)."""
+    sdm, spk, q = (export(tiny_unet("sdm"), False, "auto"), export(tiny_unet("spiking"), False, "auto"),
+                   export(tiny_unet("sdm"), True, "auto"))
+    ext = export(tiny_unet("sdm"), False, "extension")
     mid = io_shape(sdm.nodes["mid1.sum.if"])
     res_edges = [("input", "stem.conv"), ("stem.conv", "stem.conv.if"), ("stem.conv.if", "stem.conv_identity"),
                  ("stem.conv_identity", "stem.conv_identity.if"), ("stem.conv_identity.if", "down0.conv1"),
@@ -124,6 +130,9 @@ def feature_graphs(export: Callable[[SpikingUNet, bool], nir.NIRGraph],
                                  ("up0.conv1_skip", "up0.if2"), ("up0.if2", "output")], mid), "spikes"),
         "upsample": (cut(sdm, [("input", "up2.conv"), ("up2.conv", "up2.conv.if"), ("up2.conv.if", "output")],
                          io_shape(sdm.nodes["up1.sum.if"])), "spikes"),
+        "upsample_extension": (cut(ext, [("input", "up2.upsample"), ("up2.upsample", "up2.conv"),
+                                         ("up2.conv", "up2.conv.if"), ("up2.conv.if", "output")],
+                                   io_shape(ext.nodes["up1.sum.if"])), "spikes"),
         "lif_leak": (lif_graph(), "image"),
         "li_readout": (cut(spk, [("input", "tail.conv"), ("tail.conv", "tail.readout"), ("tail.readout", "output")],
                            io_shape(spk.nodes["up4.sum.if"])), "spikes"),
