@@ -14,8 +14,8 @@
 # Training resumes from OUT/ckpt.pt, so the script can run in slots: each run continues where the last stopped.
 # Preset `paper-fashion` (neurosdm/config.py): the papers' CIFAR-10 UNet (ch 128, ch_mult 1,2,2,4, 2 ResBlocks,
 # 1000 diffusion steps, Adam 2e-4, batch 128) on 1-channel 32x32 Fashion-MNIST (resized from 28x28), IF neurons,
-# num_steps 4, SDM head, no TSM. It is the GPU path only: its 3 up-sampling levels are beyond what core NIR can
-# hold (docs/export.md), so `neurosdm export` refuses it with the reason.
+# num_steps 4, SDM head, no TSM. Its 3 up-sampling levels export with neurosdm's up-sampling extension node
+# (`neurosdm export --upsample auto`, docs/export.md); the core-NIR polyphase form would be too large.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/paper_fashion}

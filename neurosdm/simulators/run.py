@@ -18,7 +18,7 @@ import nir
 import numpy as np
 import torch
 
-from neurosdm.config import Config, DiffusionConfig, ModelConfig
+from neurosdm.config import Config, DiffusionConfig, ModelConfig, check_count, check_positive
 from neurosdm.diffusion.samplers import host_ops_schedule
 from neurosdm.distributed import World, gather_shards
 from neurosdm.errors import ConfigError
@@ -71,9 +71,7 @@ def apply_threshold_scale(program: Program, scale: float) -> Program:
     ``threshold * scale``; an int8 graph ``ceil(threshold * scale / 2**state_exponent)`` (the exporter's rule).
     Only for neurosdm exports: one shared threshold (``metadata["threshold"]``), or per-layer thresholds of a float
     converted SNN (``metadata["if_thresholds"]``, ``v_init``: each layer's ``theta * scale``, stored shifted)."""
-    scale = float(scale)
-    if not np.isfinite(scale) or scale <= 0:
-        raise ConfigError(f"--threshold-scale must be a positive number, got {scale}")
+    scale = check_positive("--threshold-scale", scale)
     md = program.metadata
     if "if_thresholds" in md:  # per-layer thresholds, membranes stored shifted (a converted SNN, exporters.nir)
         if isinstance(md.get("quant"), dict):
@@ -192,19 +190,19 @@ class GraphDenoiser:
 def simulate(program: Program, engine: str = "event", num_images: int = 4, sampler: str = "ddim",
              steps: int = 20, seed: int = 0, eta: float = 0.0, batch_size: int = 16, device: str = "cpu",
              record: bool = False, progress=None, on_result=None, threshold_scale: float | None = None,
-             first_image: int = 0, order: int = 3, gamma=None):
-    """Generate ``num_images`` images on ``engine``. Returns ``(images [N, C, H, W] float32 in [-1, 1], RunStats,
+             first_image: int = 0, order: int = 3, gamma=None, dtype: torch.dtype = torch.float64):
+    """Generate ``num_images`` images on ``engine`` (``dtype``: the torch engine's, float64 or float32 for float
+    graphs). Returns ``(images [N, C, H, W] float32 in [-1, 1], RunStats,
     denoiser)`` (the denoiser holds the spike records when ``record``). ``threshold_scale``: threshold guidance
     (:func:`apply_threshold_scale`; changes ``program``). ``first_image``: the index of the first image in the run
     (images ``first_image ..``, see :func:`neurosdm.sample.generate`; a shard of a larger run). ``sampler``: any of
     :data:`neurosdm.diffusion.samplers.SAMPLERS`; ``order`` (DPM-Solver) and ``gamma`` (the analytic samplers' table)
     as in :func:`neurosdm.sample.generate`."""
-    if num_images < 1:
-        raise ConfigError(f"--num-images must be at least 1, got {num_images}")
+    check_count("--num-images", num_images)
     config = config_of(program)
     if threshold_scale is not None:
         apply_threshold_scale(program, threshold_scale)
-    eng = make_engine(engine, program, device=device)
+    eng = make_engine(engine, program, device=device, dtype=dtype)
     den = GraphDenoiser(program, eng, record=record, on_result=on_result)
     images = generate(den, config, num_images, seed=seed, sampler=sampler, num_sample_steps=steps, eta=eta,
                       batch_size=batch_size, progress=progress, first_image=first_image, order=order, gamma=gamma)
@@ -257,8 +255,7 @@ def simulate_sharded(program: Program, engine: str = "event", num_images: int = 
                         gamma=gamma)
     if record:
         raise ConfigError("--save-spikes is not sharded: run `neurosdm simulate --save-spikes` without torchrun")
-    if num_images < 1:
-        raise ConfigError(f"--num-images must be at least 1, got {num_images}")
+    check_count("--num-images", num_images)
     mine = world.shard(num_images, batch_size)
     if len(mine):
         images, stats, _ = simulate(program, engine, len(mine), sampler, steps, seed, eta, batch_size, device,
