@@ -15,7 +15,7 @@ from neurosdm.graph.dialect import upsample_factor
 from neurosdm.graph.structure import order
 from neurosdm.io import describe_head, first_line, regular_file
 
-__all__ = ["graph_size", "inspect_nir"]
+__all__ = ["graph_size", "inspect_nir", "read_nir"]
 
 _WEIGHTED = (nir.Conv2d, nir.Affine, nir.Linear) + ((nir.Conv1d,) if hasattr(nir, "Conv1d") else ())
 
@@ -46,10 +46,11 @@ def _array_size(v) -> int:
     return 0
 
 
-def _read(path: Path) -> nir.NIRGraph:
+def read_nir(path: str | os.PathLike) -> nir.NIRGraph:
     """``nir.read(path)`` with one-line :class:`GraphError` messages for everything it cannot read."""
     import h5py
 
+    path = Path(path)
     if not path.exists():
         raise GraphError(f"NIR file not found: {path}")
     if path.is_dir():
@@ -81,7 +82,7 @@ def inspect_nir(path: str | os.PathLike) -> tuple[list[dict], dict]:
     Raises :class:`GraphError` (one line) for a file nir cannot read and for an invalid graph (an edge to a
     missing node, no Input or no Output node; ``nir.read`` already rejects most of these)."""
     path = Path(path)
-    graph = _read(path)
+    graph = read_nir(path)
     edges = [tuple(e) for e in graph.edges]
     missing = sorted({n for e in edges for n in e if n not in graph.nodes})
     if missing:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import nir
 import numpy as np
@@ -52,7 +51,7 @@ from neurosdm.errors import ConfigError, GraphError
 from neurosdm.graph import structure
 from neurosdm.graph.checks import check_graph
 from neurosdm.graph.dialect import Discretisation, FixedPoint, table_entry, tables_vary_per_step
-from neurosdm.graph.inspect import inspect_nir
+from neurosdm.graph.inspect import read_nir
 from neurosdm.graph.nodes import (KINDS, NEURONS, SPIKING, Layer, declared_input_shape, delay_steps, layer_kind,
                                   translate)
 
@@ -101,13 +100,7 @@ class Program:
 
 def read_graph(source) -> nir.NIRGraph:
     """A NIR graph from a file (one-line errors for files nir cannot read) or a graph passed through."""
-    if isinstance(source, nir.NIRGraph):
-        return source
-    path = Path(source)
-    if not path.exists():
-        raise GraphError(f"NIR file not found: {path}")
-    inspect_nir(path)  # one-line errors for files nir cannot read
-    return nir.read(path)
+    return source if isinstance(source, nir.NIRGraph) else read_nir(source)
 
 
 def load_program(source: str | os.PathLike | nir.NIRGraph, disc: Discretisation | None = None,
