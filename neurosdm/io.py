@@ -120,11 +120,16 @@ def regular_file(path: str | os.PathLike, what: str, error: type[NeuroSDMError])
 
 
 def _probe_directory(folder: Path, label: str) -> None:
-    """Create and remove a probe file in ``folder`` (creating ``folder`` if needed): the real test of writability
-    (``os.access`` says yes to root on a read-only mount)."""
+    """Create and remove a probe file in ``folder``, or in its nearest existing ancestor when it does not exist yet
+    (nothing is left behind): the real test of writability (``os.access`` says yes to root on a read-only
+    mount)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{label} {folder} cannot be created: {existing} is not a directory")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".neurosdm-probe-", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".neurosdm-probe-", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
@@ -133,7 +138,7 @@ def _probe_directory(folder: Path, label: str) -> None:
 
 def check_output_dir(folder: str | os.PathLike, label: str = "output directory") -> Path:
     """Before a command's work: ``folder`` is (or can be made) a writable directory. :class:`OutputError` if it
-    names an existing file or a location that cannot be written. Creates ``folder``."""
+    names an existing file or a location that cannot be written. Creates nothing."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{label} {folder} exists and is not a directory; choose a directory with --out")

@@ -27,7 +27,8 @@ from neurosdm.exporters.pipeline import export_checkpoint
 from neurosdm.exporters.rewrite import write_for_peer
 from neurosdm.graph.inspect import inspect_nir
 from neurosdm.graph.program import load_program
-from neurosdm.io import atomic_path, image_grid, save_npy, save_png
+from neurosdm.io import (atomic_path, check_output_dir, check_output_file, image_grid, os_reason, regular_file,
+                         save_npy, save_png)
 from neurosdm.sample import sample_to_dir
 from neurosdm.simulators.foreign import (describe_discretisation, load_any, load_foreign_input, save_foreign_outputs,
                                          save_foreign_spikes_nird, simulate_foreign)
@@ -36,6 +37,24 @@ from neurosdm.simulators.run import simulate as simulate_images
 from neurosdm.simulators.stats import RunStats
 
 Say = Callable[[str], None]
+
+
+def check_device(device: str) -> str:
+    """The one rule for ``--device``: ``cpu``, ``cuda`` or ``cuda:N`` that this torch can use (checked before any
+    work)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: this torch has no usable CUDA device (torch {torch.__version__}); "
+                              "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise ConfigError(f"--device {device}: neurosdm runs on cpu or cuda")
+    return device
 
 __all__ = ["Simulation", "check_sampler", "energy_report", "export_nir", "gamma", "needs_gamma", "run_foreign",
            "sample", "simulate", "train"]
@@ -55,6 +74,8 @@ def train(out: Path, preset: str = "tiny", dataset: Optional[str] = None, steps:
         raise ConfigError("--qat-bits needs --qat")
     if ann_bits is not None and not ann:
         raise ConfigError("--ann-bits needs --ann")
+    check_device(device)
+    check_output_dir(out)
     if ann and num_steps is None:
         num_steps = 1  # the ANN runs one step
     base = C.preset(preset)
@@ -86,10 +107,17 @@ def check_sampler(sampler: str, order: int, gamma_file: Optional[Path], source: 
     if order not in DPM_SOLVER_ORDERS:
         raise ConfigError(f"--order must be 1, 2 or 3, got {order}")
     if gamma_file is not None:
-        if not gamma_file.is_file():
+        if not gamma_file.exists():
             raise ConfigError(f"Gamma table not found: {gamma_file} (make one with `neurosdm gamma CKPT --dataset "
                               "NAME`)")
-        return load_gamma(gamma_file)
+        regular_file(gamma_file, "Gamma table", ConfigError)
+        try:
+            return load_gamma(gamma_file)
+        except OSError as e:
+            raise ConfigError(f"Gamma table {gamma_file} cannot be read: {os_reason(e)}") from None
+        except Exception as e:  # not an .npz, pickled objects (never loaded), missing arrays
+            raise ConfigError(f"{gamma_file} is not a Gamma table written by `neurosdm gamma`: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from None
     if needs_gamma(sampler):
         raise ConfigError(f"--sampler {sampler} needs --gamma FILE.npz: estimate it once with `neurosdm gamma "
                           f"{source} --dataset NAME --steps {steps} --out gamma.npz`")
@@ -103,6 +131,8 @@ def sample(ckpt: Path, out: Path, num_images: int = 64, sampler: str = "ddim", s
     each rank samples its share, rank 0 merges; ``progress`` shows on rank 0). Returns the PNG path on rank 0,
     None on the other ranks."""
     table = check_sampler(sampler, order, gamma_file, ckpt, steps)
+    check_device(device)
+    check_output_dir(out)  # before the work, not after it
     with process_group(device) as world:
         return sample_to_dir(ckpt, out, num_images, seed=seed, sampler=sampler, num_sample_steps=steps, eta=eta,
                              threshold_scale=threshold_scale, batch_size=batch_size, device=world.device,
@@ -113,6 +143,7 @@ def gamma(ckpt: Path, dataset: str, out: Path, steps: int = 50, num_samples: int
           data_dir: Optional[str] = None, seed: int = 0) -> tuple[list[int], torch.Tensor]:
     """``neurosdm gamma``: Analytic-DPM's Gamma_t at the timesteps of a ``steps``-step sampler, estimated on the
     training data of ``dataset``, written to ``out``. Returns ``(timesteps, values)``."""
+    check_output_file(out, force=True, sources=(ckpt,), label="Gamma table")
     model, config = load_model(ckpt)
     model.eval()
     data = load_dataset(dataset, data_dir, split="train", image_size=config.model.image_size)
@@ -129,8 +160,10 @@ def gamma(ckpt: Path, dataset: str, out: Path, steps: int = 50, num_samples: int
 def export_nir(ckpt: Path, out: Optional[Path] = None, quantize: str = "none", force: bool = False,
                calibration: Optional[str] = None, data_dir: Optional[str] = None, calibration_images: int = 64,
                junctions: str = "scale", peer: Optional[str] = None, upsample: str = "auto") -> tuple[Path, dict]:
-    """``neurosdm export --to nir``: export (rewritten for ``peer``'s NIR reader when given; the file is removed
-    if that fails), then inspect it. Returns ``(path, totals)`` of :func:`neurosdm.graph.inspect.inspect_nir`."""
+    """``neurosdm export --to nir``: export (rewritten for ``peer``'s NIR reader when given, in the core-NIR
+    polyphase form unless ``upsample`` says otherwise; the file is removed if that fails), then inspect it. Returns ``(path, totals)`` of :func:`neurosdm.graph.inspect.inspect_nir`."""
+    if peer is not None and upsample == "auto":
+        upsample = "polyphase"  # a peer reads core NIR only (its placeholder of the extension runs as zeros)
     path = export_checkpoint(ckpt, out, quantize=quantize, force=force, calibration=calibration, data_dir=data_dir,
                              calibration_images=calibration_images, junctions=junctions, upsample=upsample)
     if peer is not None:
@@ -179,6 +212,11 @@ def simulate(file: Path, out: Path, engine: Optional[str] = None, num_images: in
     stats.json; under torchrun each rank runs its share and rank 0 merges, the others return None); a foreign graph
     runs once on ``input`` (outputs.npz, stats.json). ``save_spikes``: also spikes.nird. ``progress(description)``
     makes the progress wrapper of the denoiser run."""
+    check_device(device)
+    if threshold_scale is not None:
+        C.check_positive("--threshold-scale", threshold_scale)
+    C.check_count("--num-images", num_images)
+    check_output_dir(out)  # before the work, not after it
     program, origin = load_any(file, dt, method, reset, comparison)
     if origin is not None:
         if threshold_scale is not None:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from neurosdm.checkpoint import load_model
-from neurosdm.config import Config
+from neurosdm.config import Config, check_count, check_memory, check_positive
 from neurosdm.diffusion import GaussianDiffusion, ImageNoise, sample
 from neurosdm.distributed import World, gather_shards
 from neurosdm.errors import ConfigError
@@ -79,7 +79,12 @@ def sample_to_dir(ckpt, out_dir, num_images: int, seed: int = 0, sampler: str = 
     Under torchrun (``world``, a :class:`neurosdm.distributed.World` of size > 1) every rank samples its share,
     rank 0 merges, writes and returns the path; the other ranks return ``None``. The images are those of a
     one-process run."""
+    check_positive("--threshold-scale", threshold_scale)  # the rule simulate applies
+    check_count("--num-images", num_images)
     model, config = load_model(ckpt, device=device)
+    m = config.model
+    check_memory(f"{num_images} images of {m.img_ch}x{m.image_size}x{m.image_size}",
+                 12 * num_images * m.img_ch * m.image_size ** 2)  # float32 images, their copy and the PNG grid
     model.set_threshold_scale(threshold_scale)
     images = generate_sharded(model, config, num_images, world, out_dir, batch_size, seed=seed, sampler=sampler,
                               num_sample_steps=num_sample_steps, eta=eta, progress=progress, device=device,

@@ -126,7 +126,7 @@ def test_bad_inputs_are_one_line_errors(exported, tmp_path):
              (["simulate", str(exported["spiking"]["int8"]), "--num-images", "0", "--out", str(tmp_path / "x")],
               "--num-images"),
              (["simulate", str(exported["spiking"]["int8"]), "--engine", "event", "--device", "cuda", "--out",
-               str(tmp_path / "x")], "CPU"),
+               str(tmp_path / "x")], "cuda"),
              (["simulate", str(exported["spiking"]["int8"]), "--sampler", "analytic-ddim", "--out",
                str(tmp_path / "x")], "--gamma"),
              (["simulate", str(exported["spiking"]["int8"]), "--sampler", "euler", "--out", str(tmp_path / "x")],
