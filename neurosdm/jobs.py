@@ -26,6 +26,7 @@ from neurosdm.errors import ConfigError
 from neurosdm.exporters.pipeline import export_checkpoint
 from neurosdm.exporters.rewrite import write_for_peer
 from neurosdm.graph.inspect import inspect_nir
+from neurosdm.hardware.profiles import load_profile
 from neurosdm.graph.program import load_program
 from neurosdm.io import (atomic_path, check_output_dir, check_output_file, image_grid, os_reason, regular_file,
                          save_npy, save_png)
@@ -258,6 +259,9 @@ def energy_report(file: Path, profile: str = "loihi2", baseline: str = "cmos45-f
     (:func:`neurosdm.energy.with_ann_baseline`). Returns the report dict (``foreign``: True for a foreign graph)."""
     if not file.exists():
         raise ConfigError(f"file not found: {file}")
+    for name in (profile, host, baseline):  # the profiles first: a bad one fails before the work
+        if name is not None:
+            load_profile(name)
     program = None
     if file.suffix == ".json":
         try:

@@ -13,7 +13,7 @@ import numpy as np
 from neurosdm.errors import ConfigError
 from neurosdm.graph.dialect import Discretisation
 from neurosdm.graph.program import SPIKING, Program, load_program, read_graph
-from neurosdm.io import atomic_path
+from neurosdm.io import atomic_buffer, atomic_path, regular_file
 from neurosdm.simulators.run import is_denoiser_export, make_engine
 from neurosdm.simulators.stats import RunStats
 
@@ -88,6 +88,7 @@ def load_foreign_input(path, program: Program) -> np.ndarray:
             f"for Input node {inp.name!r} of shape {shape}")
     if not path.exists():
         raise ConfigError(f"input file not found: {path} ({want})")
+    regular_file(path, "input file", ConfigError)  # a FIFO would block: never opened
     suffix = path.suffix.lower()
     if suffix in (".npy", ".npz"):
         try:
@@ -104,9 +105,11 @@ def load_foreign_input(path, program: Program) -> np.ndarray:
         else:
             arr = loaded
         arr = np.asarray(arr)
-        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-            raise ConfigError(f"input {path} has dtype {arr.dtype}, not numbers ({want})")
+        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or arr.dtype.kind == "c":
+            raise ConfigError(f"input {path} has dtype {arr.dtype}, not real numbers ({want})")
         arr = arr.astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise ConfigError(f"input {path} holds NaN or infinite values")
         if arr.ndim == 2 + len(shape) and tuple(arr.shape[2:]) == shape and arr.shape[0] >= 1 and arr.shape[1] >= 1:
             return arr
         if arr.ndim == 1 + len(shape) and tuple(arr.shape[1:]) == shape and arr.shape[0] >= 1:
@@ -129,6 +132,8 @@ def load_foreign_input(path, program: Program) -> np.ndarray:
     if isinstance(obs, nir.EventData):
         obs = obs.to_time_gridded(float(program.disc.dt))
     arr = np.asarray(obs.data, np.float64)  # [samples, T, neurons]
+    if not np.isfinite(arr).all():
+        raise ConfigError(f"NIR data {path.name} node {name!r} holds NaN or infinite values")
     if arr.ndim != 3 or arr.shape[2] != int(np.prod(shape)) or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ConfigError(f"NIR data {path.name} node {name!r} has shape {tuple(arr.shape)}; expected [samples, T, "
                           f"{int(np.prod(shape))}] (neurons = the Input node {inp.name!r}'s shape {shape})")
@@ -175,6 +180,6 @@ def save_foreign_spikes_nird(result: dict, program: Program, path) -> list[str]:
         rec = np.asarray(result["records"][layer.name])  # [T, B, ...]
         data = rec.reshape(rec.shape[0], rec.shape[1], -1).transpose(1, 0, 2) > 0
         nodes[layer.name] = nir.NIRNodeData({"spikes": nir.TimeGriddedData(data, float(program.disc.dt))})
-    with atomic_path(path) as tmp:
-        nir.write_data(tmp, nir.NIRGraphData(nodes))
+    with atomic_buffer(path) as buffer:  # HDF5 in memory: a full disk is a clean error, not a crash
+        nir.write_data(buffer, nir.NIRGraphData(nodes))
     return list(nodes)

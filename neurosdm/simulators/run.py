@@ -25,7 +25,7 @@ from neurosdm.errors import ConfigError
 from neurosdm.graph.dialect import meta_value, quantize_input
 from neurosdm.graph.host import HostHead, eps_from_outputs
 from neurosdm.graph.program import Program
-from neurosdm.io import atomic_path
+from neurosdm.io import atomic_buffer
 from neurosdm.quantize import threshold_units
 from neurosdm.sample import generate
 from neurosdm.simulators.event import EventEngine
@@ -287,8 +287,8 @@ def save_spikes_nird(den: GraphDenoiser, program: Program, path) -> None:
             per_step.append(arr.reshape(arr.shape[0], arr.shape[1], -1))
         data = np.concatenate(per_step, axis=0).transpose(1, 0, 2) > 0  # [images, D*K, neurons]
         nodes[layer.name] = nir.NIRNodeData({"spikes": nir.TimeGriddedData(data, float(program.disc.dt))})
-    with atomic_path(path) as tmp:
-        nir.write_data(tmp, nir.NIRGraphData(nodes))
+    with atomic_buffer(path) as buffer:  # HDF5 in memory: a full disk is a clean error, not a crash
+        nir.write_data(buffer, nir.NIRGraphData(nodes))
 
 
 def is_denoiser_export(source) -> bool:

@@ -1,0 +1,486 @@
+"""Hostile inputs through the command line (issue 17): crafted checkpoints, NIR files, profiles, arrays and option
+values each give one ``error:`` line and exit status 1 — no traceback, no hang, no memory blow-up, no stray file.
+
+Most cases run the real entry point (:func:`neurosdm.cli.main`) in-process; the ones about the process itself (a
+file size limit, a FIFO, an address-space limit) run ``python -m neurosdm`` in a subprocess.
+"""
+
+import os
+import resource
+import subprocess
+import sys
+import zipfile
+
+import nir
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_one_line_error, tiny_checkpoint
+from neurosdm import cli
+from neurosdm.exporters.pipeline import export_checkpoint
+from neurosdm.io import atomic_path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(capsys, *args):
+    """``neurosdm ARGS`` through :func:`neurosdm.cli.main` in this process: ``(exit status, stdout, stderr)``. An
+    exception other than SystemExit propagates (that is a traceback: the test fails)."""
+    argv = sys.argv
+    sys.argv = ["neurosdm", *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def one_line_error(capsys, *args, needles=()):
+    code, out, err = run_cli(capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error:"), (args, code, out, err)
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return lines[0]
+
+
+def no_temporaries(folder):
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp") or ".neurosdm-probe-" in p.name]
+
+
+# ------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("robust")
+    out = {"dir": d}
+    for head in ("spiking", "sdm"):
+        ckpt = tiny_checkpoint(d / f"{head}.pt", head=head)
+        out[head] = ckpt
+        out[f"{head}.nir"] = export_checkpoint(ckpt, d / f"{head}.nir")
+    out["int8.nir"] = export_checkpoint(out["sdm"], d / "int8.nir", quantize="int8", calibration="builtin",
+                                        calibration_images=4)
+    return out
+
+
+def edited_checkpoint(files, tmp_path, edit, head="spiking"):
+    obj = torch.load(files[head], weights_only=True)
+    edit(obj)
+    path = tmp_path / "edited.pt"
+    torch.save(obj, path)
+    return path
+
+
+def edited_graph(source, tmp_path, edit, name="edited.nir"):
+    graph = nir.read(source)
+    edit(graph)
+    path = tmp_path / name
+    nir.write(path, graph)
+    return path
+
+
+def foreign_graph(tmp_path, neuron=None, weight=None, name="g.nir"):
+    """Input(3) -> Affine -> neuron -> Output, written to ``tmp_path/name``; and an input file ``x.npy``."""
+    neuron = neuron or nir.LIF(tau=np.full(2, 2.0), r=np.ones(2), v_leak=np.zeros(2), v_threshold=np.ones(2),
+                               v_reset=np.zeros(2))
+    w = np.ones((2, 3)) if weight is None else weight
+    graph = nir.NIRGraph(nodes={"input": nir.Input(np.array([3])), "fc": nir.Affine(w, np.zeros(2)),
+                                "lif": neuron, "output": nir.Output(np.array([2]))},
+                         edges=[("input", "fc"), ("fc", "lif"), ("lif", "output")])
+    nir.write(tmp_path / name, graph)
+    np.save(tmp_path / "x.npy", np.ones((4, 1, 3)))
+    return tmp_path / name
+
+
+def simulate_args(source, tmp_path, *extra):
+    return ("simulate", source, "--num-images", 1, "--steps", 1, "--out", tmp_path / "sim", *extra)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _set(path, value):
+    def edit(obj):
+        target = obj
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return edit
+
+
+CHECKPOINT_CASES = {
+    "model is a list": (_set(["model"], [1]), "'model' must be a non-empty state dict"),
+    "model is a string": (_set(["model"], "weights"), "'model' must be a non-empty state dict"),
+    "model is None": (_set(["model"], None), "'model'"),
+    "config is a tensor": (_set(["config"], torch.zeros(3)), "config must be a table"),
+    "config.model is a list": (_set(["config", "model"], [1, 2]), "config must be a table"),
+    "1-D conv weight": (_set(["ema", "conv.weight"], torch.zeros(3)), "'conv.weight' has shape [3]"),
+    "0-D conv weight": (_set(["ema", "conv.weight"], torch.tensor(1.0)), "'conv.weight' has shape []"),
+    "wrong shape": (_set(["ema", "conv.weight"], torch.zeros(5, 1, 3, 3)), "needs [4, 1, 3, 3]"),
+    "weight is a string": (_set(["ema", "conv.weight"], "x"), "must be a tensor"),
+    "step is a string": (_set(["step"], "abc"), "'step' must be a non-negative integer"),
+    "thresholds not numbers": (_set(["config", "model", "thresholds"], {"a": "x"}), "thresholds"),
+    "image_size 0": (_set(["config", "model", "image_size"], 0), "image_size must be in 1..4096"),
+    "image_size negative": (_set(["config", "model", "image_size"], -8), "image_size"),
+    "image_size 1e5": (_set(["config", "model", "image_size"], 100000), "image_size"),
+    "ch 1e6": (_set(["config", "model", "ch"], 1000000), "ch must be in"),
+    "ch 4096": (_set(["config", "model", "ch"], 4096), "GB"),
+    "ch a string": (_set(["config", "model", "ch"], "32"), "must be an integer"),
+    "num_steps 1e6": (_set(["config", "model", "num_steps"], 1000000), "num_steps"),
+    "num_diffusion_steps 1e9": (_set(["config", "diffusion", "num_diffusion_steps"], 10 ** 9),
+                                "num_diffusion_steps"),
+    "model num_diffusion_steps 1e9": (_set(["config", "model", "num_diffusion_steps"], 10 ** 9),
+                                      "num_diffusion_steps"),
+    "lr nan": (_set(["config", "train", "lr"], float("nan")), "lr"),
+    "threshold inf": (_set(["config", "model", "threshold"], float("inf")), "threshold"),
+    "unknown key": (_set(["config", "model", "colour"], 1), "does not fit"),
+}
+
+
+def _poison(value):
+    def edit(obj):
+        w = obj["ema"]["conv.weight"].clone()
+        w.view(-1)[0] = value
+        obj["ema"]["conv.weight"] = w
+    return edit
+
+
+CHECKPOINT_CASES.update({
+    "NaN weight": (_poison(float("nan")), "NaN or infinite"),
+    "Inf weight": (_poison(float("inf")), "NaN or infinite"),
+    "complex weights": (lambda o: o["ema"].__setitem__("conv.weight", o["ema"]["conv.weight"].to(torch.complex64)),
+                        "complex"),
+})
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
+def test_bad_checkpoint_contents(files, tmp_path, capsys, case):
+    edit, needle = CHECKPOINT_CASES[case]
+    path = edited_checkpoint(files, tmp_path, edit)
+    one_line_error(capsys, "export", path, "--to", "nir", "-o", tmp_path / "out.nir", needles=(needle,))
+    assert not (tmp_path / "out.nir").exists() and not no_temporaries(tmp_path)
+
+
+def test_bad_checkpoint_for_sample_and_info(files, tmp_path, capsys):
+    path = edited_checkpoint(files, tmp_path, _set(["config", "model", "image_size"], 0))
+    one_line_error(capsys, "info", path, needles=("image_size",))
+    one_line_error(capsys, "sample", path, "--out", tmp_path / "s", "--num-images", 1, "--steps", 1,
+                   needles=("image_size",))
+    assert not (tmp_path / "s").exists()
+
+
+def test_sdm_layout_with_tensors_of_the_wrong_rank(files, tmp_path, capsys):
+    sd = torch.load(files["spiking"], weights_only=True)["ema"]
+    sd["conv.weight"] = torch.zeros(4)
+    torch.save({"net_model": sd}, tmp_path / "sdm.pt")
+    one_line_error(capsys, "info", tmp_path / "sdm.pt", needles=("unexpected ranks",))
+    torch.save({"net_model": "x"}, tmp_path / "sdm2.pt")
+    one_line_error(capsys, "info", tmp_path / "sdm2.pt", needles=("net_model",))
+
+
+def test_flipped_byte_fails_the_zip_crc(files, tmp_path, capsys):
+    data = bytearray(files["spiking"].read_bytes())
+    with zipfile.ZipFile(files["spiking"]) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/data/0"))
+    n, m = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    data[info.header_offset + 30 + n + m + 2] ^= 0xFF
+    (tmp_path / "flip.pt").write_bytes(bytes(data))
+    one_line_error(capsys, "info", tmp_path / "flip.pt", needles=("CRC",))
+
+
+def test_directory_named_like_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "ckpt.pt").mkdir()
+    one_line_error(capsys, "info", tmp_path / "ckpt.pt", needles=("directory",))
+    (tmp_path / "run" / "ckpt.pt").mkdir(parents=True)
+    one_line_error(capsys, "info", tmp_path / "run", needles=("directory",))
+
+
+def test_fifos_never_block(files, tmp_path):
+    """A FIFO as a checkpoint, a NIR file, a profile, a Gamma table or an input: refused without opening it."""
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    nir_fifo = tmp_path / "pipe.nir"
+    os.mkfifo(nir_fifo)
+    npy_fifo = tmp_path / "pipe.npy"
+    os.mkfifo(npy_fifo)
+    graph = foreign_graph(tmp_path)
+    code = f"""
+import sys
+from neurosdm import cli
+for args in {[["info", str(fifo)], ["simulate", str(nir_fifo), "--out", str(tmp_path / "o")],
+              ["inspect", str(nir_fifo)], ["energy", str(files["spiking.nir"]), "--profile", str(fifo) + ".toml"],
+              ["sample", str(files["spiking"]), "--gamma", str(fifo), "--out", str(tmp_path / "o")],
+              ["simulate", str(graph), "--input", str(npy_fifo), "--out", str(tmp_path / "o")]]!r}:
+    sys.argv = ["neurosdm", *args]
+    try:
+        cli.main()
+    except SystemExit as e:
+        print("exit", e.code)
+"""
+    os.mkfifo(str(fifo) + ".toml")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.stdout.split() == ["exit", "1"] * 6, (p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 6 and all(line.startswith("error:") and "FIFO" in line for line in lines), p.stderr
+
+
+# ------------------------------------------------------------------------------------------------- NIR files
+
+
+def _quant(edit):
+    def f(graph):
+        q = dict(graph.metadata["quant"])
+        edit(q)
+        graph.metadata["quant"] = q
+    return f
+
+
+NIR_CASES = {
+    "quant deleted": ("int8.nir", lambda g: g.metadata.pop("quant"), "quant"),
+    "quant a string": ("int8.nir", lambda g: g.metadata.__setitem__("quant", "int8"), "quant"),
+    "state_bits missing": ("int8.nir", _quant(lambda q: q.pop("state_bits")), "state_bits"),
+    "state_bits 0": ("int8.nir", _quant(lambda q: q.__setitem__("state_bits", 0)), "state_bits"),
+    "state_bits 100": ("int8.nir", _quant(lambda q: q.__setitem__("state_bits", 100)), "state_bits"),
+    "state_bits a string": ("int8.nir", _quant(lambda q: q.__setitem__("state_bits", "24")), "state_bits"),
+    "input_bits missing": ("int8.nir", _quant(lambda q: q.pop("input_bits")), "input_bits"),
+    "output_exponent missing": ("int8.nir", _quant(lambda q: q.pop("output_exponent")), "output_exponent"),
+    "round_nodes a number": ("int8.nir", _quant(lambda q: q.__setitem__("round_nodes", 3)), "round_nodes"),
+    "num_steps 1e6": ("spiking.nir", lambda g: g.metadata.__setitem__("num_steps", 1000000), "num_steps"),
+    "num_steps 0": ("spiking.nir", lambda g: g.metadata.__setitem__("num_steps", 0), "num_steps"),
+    "bias table of the wrong length": (
+        "spiking.nir", lambda g: g.metadata["bias_tables"].__setitem__(
+            next(iter(g.metadata["bias_tables"])), np.zeros((20, 1, 3))), "bias_tables"),
+    "bias table of a missing node": (
+        "spiking.nir", lambda g: g.metadata["bias_tables"].__setitem__("nowhere", np.zeros((20, 1, 3))),
+        "nowhere"),
+    "host_head missing": ("sdm.nir", lambda g: g.metadata.pop("host_head"), "host_head"),
+    "NaN weight": ("spiking.nir", lambda g: next(n for n in g.nodes.values() if isinstance(n, nir.Conv2d))
+                   .weight.reshape(-1).__setitem__(0, np.nan), "NaN"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NIR_CASES))
+def test_bad_denoiser_exports(files, tmp_path, capsys, case):
+    source, edit, needle = NIR_CASES[case]
+    path = edited_graph(files[source], tmp_path, edit)
+    one_line_error(capsys, *simulate_args(path, tmp_path), needles=(needle,))
+    assert not (tmp_path / "sim").exists() or not any((tmp_path / "sim").iterdir())
+    assert not no_temporaries(tmp_path)
+
+
+def _lif(**kw):
+    p = dict(tau=np.full(2, 2.0), r=np.ones(2), v_leak=np.zeros(2), v_threshold=np.ones(2), v_reset=np.zeros(2))
+    p.update({k: np.full(2, v) for k, v in kw.items()})
+    return nir.LIF(**p)
+
+
+FOREIGN_CASES = {
+    "tau 0": (dict(neuron=_lif(tau=0.0)), "tau must be positive"),
+    "tau negative": (dict(neuron=_lif(tau=-1.0)), "tau must be positive"),
+    "tau NaN": (dict(neuron=_lif(tau=np.nan)), "NaN"),
+    "tau Inf": (dict(neuron=_lif(tau=np.inf)), "NaN or infinite"),
+    "v_threshold 0": (dict(neuron=_lif(v_threshold=0.0)), "v_threshold must be above v_reset"),
+    "v_threshold NaN": (dict(neuron=_lif(v_threshold=np.nan)), "NaN"),
+    "r NaN": (dict(neuron=_lif(r=np.nan)), "NaN"),
+    "NaN weights": (dict(weight=np.full((2, 3), np.nan)), "NaN"),
+    "complex weights": (dict(weight=np.ones((2, 3)) * (1 + 1j)), "complex"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOREIGN_CASES))
+def test_bad_foreign_graphs(tmp_path, capsys, case):
+    kw, needle = FOREIGN_CASES[case]
+    path = foreign_graph(tmp_path, **kw)
+    one_line_error(capsys, "simulate", path, "--input", tmp_path / "x.npy", "--out", tmp_path / "o",
+                   needles=(needle,))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, 1j])
+def test_bad_foreign_inputs(tmp_path, capsys, value):
+    path = foreign_graph(tmp_path)
+    np.save(tmp_path / "bad.npy", np.full((4, 1, 3), value))
+    one_line_error(capsys, "simulate", path, "--input", tmp_path / "bad.npy", "--out", tmp_path / "o",
+                   needles=("input",))
+
+
+def test_lazily_declared_huge_affine_is_refused_before_reading(tmp_path, capsys):
+    """A small file declaring a 45,000 x 45,000 Affine (an HDF5 dataset never written): refused from its header."""
+    import h5py
+
+    path = foreign_graph(tmp_path)
+    with h5py.File(path, "r+") as f:
+        group = f["node/nodes/fc"]
+        del group["weight"]
+        group.create_dataset("weight", shape=(45000, 45000), dtype="f8")  # allocated lazily: nothing stored
+    assert path.stat().st_size < 1_000_000
+    one_line_error(capsys, "inspect", path, needles=("GB",))
+
+
+def test_huge_declared_conv_input_is_refused(tmp_path, capsys):
+    graph = nir.NIRGraph(nodes={"input": nir.Input(np.array([1, 20000, 20000])),
+                                "conv": nir.Conv2d(input_shape=np.array([20000, 20000]), weight=np.ones((1, 1, 3, 3)),
+                                                   stride=1, padding=1, dilation=1, groups=1, bias=np.zeros(1)),
+                                "output": nir.Output(np.array([1, 20000, 20000]))},
+                         edges=[("input", "conv"), ("conv", "output")])
+    nir.write(tmp_path / "big.nir", graph)
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 1, 2, 2)))
+    one_line_error(capsys, "simulate", tmp_path / "big.nir", "--input", tmp_path / "x.npy", "--out", tmp_path / "o",
+                   needles=("GB",))
+
+
+def test_long_flatten_chain_has_no_recursion_limit(tmp_path, capsys):
+    """10,000 Flatten nodes in a chain (each a reshape of the last): translated with loops, not recursion."""
+    from neurosdm.graph.program import load_program
+
+    n = 10_000
+    nodes = {"input": nir.Input(np.array([2]))}
+    nodes.update({f"f{i}": nir.Flatten(start_dim=0, end_dim=0, input_type={"input": np.array([2])})
+                  for i in range(n)})
+    nodes["lif"] = nir.IF(r=np.ones(2), v_threshold=np.ones(2), v_reset=np.zeros(2))
+    nodes["fc"] = nir.Affine(np.ones((2, 2)), np.zeros(2))
+    nodes["output"] = nir.Output(np.array([2]))
+    chain = ["input", "lif"] + [f"f{i}" for i in range(n)] + ["fc", "output"]
+    graph = nir.NIRGraph(nodes=nodes, edges=list(zip(chain, chain[1:])), type_check=False)  # nir's own check: 20 s
+    program = load_program(graph)
+    assert program.by_name["fc"].input == "spikes"  # the spikes are seen through all 10,000 reshapes
+
+
+# ---------------------------------------------------------------------------------------------- profiles
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"\x00\x01\x02\xff\xfe binary", "not a text file"),
+    ("name = 'caf\u00e9'".encode("latin-1"), "not a text file"),
+    (None, "directory"),
+    ("nan", "finite"), ("inf", "finite"), ("parallel_cores", "cores >= 1"),
+])
+def test_bad_profiles(files, tmp_path, capsys, content, needle):
+    path = tmp_path / "p.toml"
+    if content is None:
+        path.mkdir()
+    elif content in (b"nan", b"inf") or content in ("nan", "inf", "parallel_cores"):
+        text = (open(os.path.join(ROOT, "neurosdm", "hw_profiles", "loihi2.toml")).read())
+        if content == "parallel_cores":
+            lines = text.splitlines()
+            i = next(i for i, line in enumerate(lines) if line.strip().startswith("[mapping.parallel_cores"))
+            j = next(j for j in range(i, len(lines)) if lines[j].strip().startswith("value"))
+            lines[j] = "value = 0"
+            text = "\n".join(lines)
+        else:
+            i = text.index("value =", text.index("[energy."))
+            text = text[:i] + f"value = {content}\n#" + text[i + len("value ="):]
+        path.write_text(text)
+    else:
+        path.write_bytes(content)
+    one_line_error(capsys, "energy", files["spiking.nir"], "--profile", path, "--steps", 1, needles=(needle,))
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+
+def test_bad_option_values(files, tmp_path, capsys):
+    ckpt, out = files["spiking"], tmp_path / "o"
+    gamma = tmp_path / "gamma.npy"
+    np.save(gamma, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    cases = [
+        (("sample", ckpt, "--device", "bogus", "--out", out), "--device"),
+        (("sample", ckpt, "--device", "cuda:7", "--out", out), "cuda"),
+        (("simulate", files["spiking.nir"], "--engine", "torch", "--device", "bogus", "--out", out), "--device"),
+        (("train", "--device", "bogus", "--out", out), "--device"),
+        (("train", "--lr", "nan", "--steps", 1, "--out", out), "lr"),
+        (("train", "--batch-size", 0, "--steps", 1, "--out", out), "batch_size"),
+        (("train", "--num-steps", 1000000, "--steps", 1, "--out", out), "num_steps"),
+        (("sample", ckpt, "--sampler", "analytic-ddim", "--gamma", gamma, "--out", out), "Gamma table"),
+        (("sample", ckpt, "--num-images", 0, "--out", out), "--num-images"),
+        (("sample", ckpt, "--num-images", 10 ** 9, "--out", out), "--num-images"),
+        (("simulate", files["spiking.nir"], "--num-images", 10 ** 9, "--out", out), "--num-images"),
+    ]
+    for value in ("0", "nan", "-1", "inf"):
+        cases.append((("sample", ckpt, "--threshold-scale", value, "--num-images", 1, "--out", out),
+                      "--threshold-scale"))
+        cases.append((("simulate", files["spiking.nir"], "--threshold-scale", value, "--out", out),
+                      "--threshold-scale"))
+    for args, needle in cases:
+        one_line_error(capsys, *args, needles=(needle,))
+    assert not out.exists()
+
+
+def test_unwritable_outputs_are_refused_before_the_work(files, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for args in [("sample", files["spiking"], "--num-images", 1, "--steps", 1, "--out", blocker),
+                 ("sample", files["spiking"], "--num-images", 1, "--steps", 1, "--out", blocker / "sub"),
+                 (*simulate_args(files["spiking.nir"], tmp_path)[:-1], blocker),
+                 ("simulate", files["spiking.nir"], "--out", "/proc/neurosdm-out"),
+                 ("train", "--steps", 1, "--out", blocker),
+                 ("export", files["spiking"], "--to", "nir", "-o", blocker / "m.nir")]:
+        one_line_error(capsys, *args)
+    assert blocker.read_text() == "x" and not no_temporaries(tmp_path)
+
+
+def test_export_never_overwrites_its_source(files, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(files["spiking"].read_bytes())
+    before = ckpt.read_bytes()
+    one_line_error(capsys, "export", ckpt, "--to", "nir", "-o", ckpt, "--force", needles=("input",))
+    assert ckpt.read_bytes() == before
+
+
+# -------------------------------------------------------------------------------------------------- faults
+
+
+def _limited(limit_bytes):
+    def preexec():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return preexec
+
+
+@pytest.mark.slow  # three processes (about 15 s)
+def test_full_disk_during_writes_is_one_line_and_leaves_nothing(files, tmp_path):
+    """A file size limit (as a full disk): export, simulate --save-spikes and sample fail in one line, with no
+    crash and no temporary file left."""
+    env = dict(os.environ, NEUROSDM_TEST_THREADS="1", NEUROSDM_COMPILE="0")  # inductor caches need disk too
+    runs = [
+        (["export", files["spiking"], "--to", "nir", "-o", tmp_path / "m.nir"], tmp_path / "m.nir"),
+        (["simulate", files["spiking.nir"], "--num-images", 1, "--steps", 1, "--save-spikes", "--out",
+          tmp_path / "sim"], None),
+        (["sample", files["spiking"], "--num-images", 1, "--steps", 1, "--out", tmp_path / "smp"], None),
+    ]
+    for args, product in runs:
+        p = subprocess.run([sys.executable, "-m", "neurosdm", *map(str, args)], capture_output=True, text=True,
+                           preexec_fn=_limited(300), timeout=300, env=env, cwd=tmp_path)
+        assert_one_line_error(p, "cannot write")
+        assert product is None or not product.exists()
+    assert not no_temporaries(tmp_path)
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".out.npy.{dead}-abcd.tmp"
+    stale.write_bytes(b"half")
+    other = tmp_path / ".other.npy.1-abcd.tmp"  # another file's temporary: not ours to remove
+    other.write_bytes(b"x")
+    with atomic_path(tmp_path / "out.npy") as tmp:
+        tmp.write_bytes(b"done")
+    assert not stale.exists() and other.exists() and (tmp_path / "out.npy").read_bytes() == b"done"
+
+
+def test_memory_is_bounded_for_refused_inputs(files, tmp_path):
+    """Under a 6 GB address-space limit (torch alone reserves a few GB of it), an absurd checkpoint is refused in one line (nothing allocated first)."""
+    path = edited_checkpoint(files, tmp_path, _set(["config", "model", "ch"], 4096))
+
+    def preexec():
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    p = subprocess.run([sys.executable, "-m", "neurosdm", "info", str(path)], capture_output=True, text=True,
+                       preexec_fn=preexec, timeout=120, env=dict(os.environ, NEUROSDM_MEMORY_LIMIT_GB="2"))
+    assert_one_line_error(p, "GB")
+
