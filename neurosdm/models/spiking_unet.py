@@ -54,9 +54,24 @@ def sinusoidal_table(num_diffusion_steps: int, dim: int) -> torch.Tensor:
 
 
 def per_step(fn, x: torch.Tensor) -> torch.Tensor:
-    """Apply a 4-D op to a time-first 5-D tensor by folding time into the batch."""
+    """Apply a 4-D op to a time-first 5-D tensor by folding time into the batch (a view for the layouts the model
+    uses, so a channels-last tensor stays channels-last)."""
     y = fn(x.flatten(0, 1))
     return y.reshape(x.shape[0], x.shape[1], *y.shape[1:])
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x [num_steps, B, C, H, W]`` stored channels-last (memory order num_steps, B, H, W, C), the layout of every
+    activation of the model: the CPU convolutions (oneDNN) run 1.2-1.5x faster in float32 and 2-4x in bfloat16
+    than on channels-first tensors, and folding time into the batch keeps it (:func:`per_step`)."""
+    return x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+def cat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([a, b], dim=2)`` for ``[num_steps, B, C, H, W]`` tensors, keeping the channels-last layout (a
+    5-D cat would fall back to channels-first: torch reads channels-last 5-D tensors as ``N C D H W``)."""
+    y = torch.cat([a.flatten(0, 1), b.flatten(0, 1)], dim=1)
+    return y.reshape(a.shape[0], a.shape[1], *y.shape[1:])
 
 
 class Conv(nn.Conv2d):
@@ -274,8 +289,10 @@ class SpikingUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         temb = self.time_embedding(t)
-        h = x.unsqueeze(0).expand(cfg.num_steps, *x.shape)
-        h = self.bn(self.conv(h))
+        # direct encoding: the stem conv sees the same image at every spiking step, so it runs once (the TSM
+        # scales then make the per-step copies); activations are channels-last from here on
+        h = self.conv(x.contiguous(memory_format=torch.channels_last).unsqueeze(0))
+        h = self.bn(channels_last(h.expand(cfg.num_steps, *h.shape[1:])))
         h = self.bn_identity(self.conv_identity(self.neuron(h)))
         hs = [h]
         for layer in self.downblocks:
@@ -285,7 +302,7 @@ class SpikingUNet(nn.Module):
             h = layer(h, temb)
         for layer in self.upblocks:
             if isinstance(layer, ResBlock):
-                h = torch.cat([h, hs.pop()], dim=2)
+                h = cat_channels(h, hs.pop())
             h = layer(h, temb)
 
         if cfg.head == "sdm":

@@ -118,22 +118,43 @@ def _run(name: str, *args):
     return _EAGER[name](*args)
 
 
+def dense_order(x: torch.Tensor) -> tuple[int, ...]:
+    """The order of ``x``'s dimensions in memory, time first: ``x.permute(order)`` is contiguous when ``x`` is
+    dense in any layout (e.g. ``[num_steps, B, C, H, W]`` stored channels-last, order ``(0, 1, 3, 4, 2)``).
+    The neuron is element-wise over everything but time, so its kernels run on that contiguous view and the
+    spikes keep the input's layout (the convolutions after them want channels-last); a layout that is not
+    dense (expanded, sliced) gives the identity order and is copied."""
+    rest = sorted(range(1, x.dim()), key=lambda d: -x.stride(d))
+    order = (0, *rest)
+    return order if x.permute(order).is_contiguous() else tuple(range(x.dim()))
+
+
+def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
+    inv = [0] * len(order)
+    for i, d in enumerate(order):
+        inv[d] = i
+    return tuple(inv)
+
+
 class _MultiStepNeuron(torch.autograd.Function):
-    """Fused multi-step neuron: forward without autograd bookkeeping, hand-written backward through time."""
+    """Fused multi-step neuron: forward without autograd bookkeeping, hand-written backward through time. The
+    kernels run on the input's memory order (:func:`dense_order`); spikes and gradients keep the input's layout."""
 
     @staticmethod
     def forward(ctx, x, threshold, decay, reset, surrogate, alpha, v_init):
-        spikes, hs = _run("forward", x, threshold, decay, reset, v_init)
+        order = dense_order(x)
+        spikes, hs = _run("forward", x.permute(order).contiguous(), threshold, decay, reset, v_init)
         ctx.save_for_backward(hs, spikes, threshold)
-        ctx.params = (decay, reset, surrogate, alpha)
-        return spikes
+        ctx.params = (decay, reset, surrogate, alpha, order)
+        return spikes.permute(_inverse(order))
 
     @staticmethod
     def backward(ctx, grad_spikes):
         hs, spikes, threshold = ctx.saved_tensors
-        decay, reset, surrogate, alpha = ctx.params
-        grad_x = _run("backward", grad_spikes.contiguous(), hs, spikes, threshold, decay, reset, surrogate, alpha)
-        return grad_x, None, None, None, None, None, None
+        decay, reset, surrogate, alpha, order = ctx.params
+        grad = grad_spikes.permute(order).contiguous()
+        grad_x = _run("backward", grad, hs, spikes, threshold, decay, reset, surrogate, alpha)
+        return grad_x.permute(_inverse(order)), None, None, None, None, None, None
 
 
 def multistep_neuron(
@@ -158,7 +179,8 @@ def multistep_neuron(
     v0 = torch.tensor(float(v_init), dtype=x.dtype, device=x.device)
     if torch.is_grad_enabled() and x.requires_grad:
         return _MultiStepNeuron.apply(x, thr, float(decay), reset, surrogate, float(alpha), v0)
-    return _run("forward", x, thr, float(decay), reset, v0)[0]
+    order = dense_order(x)
+    return _run("forward", x.permute(order).contiguous(), thr, float(decay), reset, v0)[0].permute(_inverse(order))
 
 
 def qcfs(x: torch.Tensor, clip: torch.Tensor, levels: int) -> torch.Tensor:
