@@ -13,6 +13,7 @@ import errno
 import io
 import math
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -46,8 +47,44 @@ def atomic_path(path: str | os.PathLike):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         if isinstance(e, OSError) and not isinstance(e, NeuroSDMError):
-            raise OutputError(f"cannot write {path}: {os_reason(e)}") from None
+            shown = path.parent.parent / path.name if path.parent.name.startswith(STAGE_PREFIX) else path
+            raise OutputError(f"cannot write {shown}: {os_reason(e)}") from None
         raise
+
+
+STAGE_PREFIX = ".neurosdm-outputs."
+
+
+@contextlib.contextmanager
+def output_set(folder: str | os.PathLike):
+    """Stage a command's several output files so that they appear together: yield a temporary directory inside
+    ``folder`` (``.neurosdm-outputs.PID-XXXX``); when the block finishes, move every file in it into ``folder``
+    (renames, no copy); on an error or a signal, remove it. Staging directories of killed runs (their process no
+    longer exists) are removed first."""
+    folder = Path(folder)
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob(f"{STAGE_PREFIX}*-*"):
+            pid = old.name[len(STAGE_PREFIX):].split("-", 1)[0]
+            if old.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=folder))
+    except OSError as e:
+        raise OutputError(f"cannot write into {folder}: {os_reason(e)}") from None
+    try:
+        yield stage
+        for p in sorted(stage.iterdir()):
+            os.replace(p, folder / p.name)
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: nothing of this run is left
+        if isinstance(e, OSError) and not isinstance(e, NeuroSDMError):
+            raise OutputError(f"cannot write into {folder}: {os_reason(e)}") from None
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def os_reason(error: OSError) -> str:

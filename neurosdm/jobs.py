@@ -28,8 +28,8 @@ from neurosdm.exporters.rewrite import write_for_peer
 from neurosdm.graph.inspect import inspect_nir
 from neurosdm.hardware.profiles import load_profile
 from neurosdm.graph.program import load_program
-from neurosdm.io import (atomic_path, check_output_dir, check_output_file, image_grid, os_reason, regular_file,
-                         save_npy, save_png)
+from neurosdm.io import (atomic_path, check_output_dir, check_output_file, image_grid, os_reason, output_set,
+                         regular_file, save_npy, save_png)
 from neurosdm.sample import sample_to_dir
 from neurosdm.simulators.foreign import (describe_discretisation, load_any, load_foreign_input, save_foreign_outputs,
                                          save_foreign_spikes_nird, simulate_foreign)
@@ -224,9 +224,10 @@ def simulate(file: Path, out: Path, engine: Optional[str] = None, num_images: in
             raise ConfigError("--threshold-scale needs a neurosdm denoiser export (its metadata records the "
                               "threshold)")
         name, res, stats = run_foreign(file, program, origin, engine, input, device, save_spikes, say)
-        save_foreign_outputs(res, out / "outputs.npz")
-        stats.save(out / "stats.json")
-        layers = save_foreign_spikes_nird(res, program, out / "spikes.nird") if save_spikes else None
+        with output_set(out) as stage:  # the files appear together or not at all
+            save_foreign_outputs(res, stage / "outputs.npz")
+            stats.save(stage / "stats.json")
+            layers = save_foreign_spikes_nird(res, program, stage / "spikes.nird") if save_spikes else None
         return Simulation(name, stats, foreign=True, spike_layers=layers)
     if input is not None:
         raise ConfigError("--input is for foreign graphs; a neurosdm denoiser export generates images from noise")
@@ -240,11 +241,12 @@ def simulate(file: Path, out: Path, engine: Optional[str] = None, num_images: in
     if res is None:
         return None
     images, stats, den = res
-    save_npy(images.numpy(), out / "images.npy")
-    save_png(image_grid(images.numpy()), out / "images.png")
-    stats.save(out / "stats.json")
-    if save_spikes:
-        save_spikes_nird(den, program, out / "spikes.nird")
+    with output_set(out) as stage:  # the files appear together or not at all
+        save_npy(images.numpy(), stage / "images.npy")
+        save_png(image_grid(images.numpy()), stage / "images.png")
+        stats.save(stage / "stats.json")
+        if save_spikes:
+            save_spikes_nird(den, program, stage / "spikes.nird")
     return Simulation(engine, stats, foreign=False)
 
 

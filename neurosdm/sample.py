@@ -13,7 +13,7 @@ from neurosdm.config import Config, check_count, check_memory, check_positive
 from neurosdm.diffusion import GaussianDiffusion, ImageNoise, sample
 from neurosdm.distributed import World, gather_shards
 from neurosdm.errors import ConfigError
-from neurosdm.io import image_grid, save_npy, save_png
+from neurosdm.io import image_grid, output_set, save_npy, save_png
 
 
 @torch.no_grad()
@@ -92,6 +92,7 @@ def sample_to_dir(ckpt, out_dir, num_images: int, seed: int = 0, sampler: str = 
     if images is None:
         return None
     out = Path(out_dir)
-    save_npy(images.numpy(), out / "samples.npy")
-    save_png(image_grid(images.numpy()), out / "samples.png")
+    with output_set(out) as stage:  # both files or neither
+        save_npy(images.numpy(), stage / "samples.npy")
+        save_png(image_grid(images.numpy()), stage / "samples.png")
     return out / "samples.png"

@@ -19,7 +19,7 @@ import torch
 from conftest import assert_one_line_error, tiny_checkpoint
 from neurosdm import cli
 from neurosdm.exporters.pipeline import export_checkpoint
-from neurosdm.io import atomic_path
+from neurosdm.io import atomic_path, output_set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +49,8 @@ def one_line_error(capsys, *args, needles=()):
 
 
 def no_temporaries(folder):
-    return [p for p in folder.rglob("*") if p.name.endswith(".tmp") or ".neurosdm-probe-" in p.name]
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp") or p.name.startswith((".neurosdm-probe-",
+                                                                                          ".neurosdm-outputs."))]
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
@@ -445,19 +446,19 @@ def _limited(limit_bytes):
 @pytest.mark.slow  # three processes (about 15 s)
 def test_full_disk_during_writes_is_one_line_and_leaves_nothing(files, tmp_path):
     """A file size limit (as a full disk): export, simulate --save-spikes and sample fail in one line, with no
-    crash and no temporary file left."""
+    crash, no temporary file and no partial set of outputs left."""
     env = dict(os.environ, NEUROSDM_TEST_THREADS="1", NEUROSDM_COMPILE="0")  # inductor caches need disk too
     runs = [
         (["export", files["spiking"], "--to", "nir", "-o", tmp_path / "m.nir"], tmp_path / "m.nir"),
         (["simulate", files["spiking.nir"], "--num-images", 1, "--steps", 1, "--save-spikes", "--out",
-          tmp_path / "sim"], None),
-        (["sample", files["spiking"], "--num-images", 1, "--steps", 1, "--out", tmp_path / "smp"], None),
+          tmp_path / "sim"], tmp_path / "sim"),  # outputs appear together or not at all: no folder
+        (["sample", files["spiking"], "--num-images", 1, "--steps", 1, "--out", tmp_path / "smp"], tmp_path / "smp"),
     ]
     for args, product in runs:
         p = subprocess.run([sys.executable, "-m", "neurosdm", *map(str, args)], capture_output=True, text=True,
                            preexec_fn=_limited(300), timeout=300, env=env, cwd=tmp_path)
         assert_one_line_error(p, "cannot write")
-        assert product is None or not product.exists()
+        assert not product.exists()
     assert not no_temporaries(tmp_path)
 
 
@@ -471,6 +472,12 @@ def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
     with atomic_path(tmp_path / "out.npy") as tmp:
         tmp.write_bytes(b"done")
     assert not stale.exists() and other.exists() and (tmp_path / "out.npy").read_bytes() == b"done"
+    stage = tmp_path / f".neurosdm-outputs.{dead}-abcd"  # a killed run's staged outputs
+    stage.mkdir()
+    (stage / "images.npy").write_bytes(b"half")
+    with output_set(tmp_path) as new_stage:
+        (new_stage / "a.txt").write_text("a")
+    assert not stage.exists() and (tmp_path / "a.txt").read_text() == "a" and no_temporaries(tmp_path) == [other]
 
 
 def test_memory_is_bounded_for_refused_inputs(files, tmp_path):

@@ -64,9 +64,10 @@ def check_file(path: str | os.PathLike) -> None:
     check_memory(f"{path} (arrays of {found['elements']:,} elements)", BYTES_PER_ELEMENT * found["elements"])
 
 
-def check_node(name: str, node) -> None:
+def check_node(name: str, node, strict: bool = False) -> None:
     """One node's parameters: real, finite; time constants positive; spiking neurons' ``v_threshold`` above
-    ``v_reset``. :class:`GraphError` naming the node and the parameter."""
+    ``v_reset`` (at least ``v_reset`` when they fire on ``>``, ``strict``: a neuron at its reset value must not
+    fire). :class:`GraphError` naming the node and the parameter."""
     kind = type(node).__name__
     if isinstance(node, nir.NIRGraph):  # an extension node (up-sampling): its parameters are in its metadata
         return
@@ -87,13 +88,15 @@ def check_node(name: str, node) -> None:
     if isinstance(node, (nir.IF, nir.LIF, nir.CubaLIF)):
         reset = np.asarray(node.v_reset if getattr(node, "v_reset", None) is not None else 0.0, np.float64)
         try:
-            low = np.asarray(node.v_threshold, np.float64) <= reset
+            thr = np.asarray(node.v_threshold, np.float64)
+            low = thr < reset if strict else thr <= reset
         except ValueError:
             raise GraphError(f"node {name!r} ({kind}): v_threshold and v_reset have incompatible shapes") from None
         if low.any():
+            bad = np.broadcast_to(thr, low.shape)[low].flat[0]
             raise GraphError(f"node {name!r} ({kind}): v_threshold must be above v_reset (a neuron at its reset "
-                             f"value would fire at every step), got v_threshold "
-                             f"{np.broadcast_to(np.asarray(node.v_threshold), low.shape)[low].flat[0]!r}")
+                             f"value would fire at every step; comparison '{'>' if strict else '>='}'), got "
+                             f"v_threshold {float(bad)!r}")
 
 
 def _meta_count(metadata: dict, key: str) -> int | None:
@@ -133,8 +136,8 @@ def _check_tables(metadata: dict, nodes: dict, num_steps: int, num_diffusion: in
                 raise GraphError(f"metadata {key}[{name!r}] has shape {list(t.shape)}; the graph needs {want}")
 
 
-def check_graph(graph) -> None:
-    """A graph, before it is translated (see the module docstring)."""
+def check_graph(graph, strict: bool = False) -> None:
+    """A graph, before it is translated (see the module docstring); ``strict``: its neurons fire on ``>``."""
     if not isinstance(graph, nir.NIRGraph):
         raise GraphError(f"expected a nir.NIRGraph, got {type(graph).__name__}")
     flat = list(structure.flat_nodes(graph))
@@ -142,7 +145,7 @@ def check_graph(graph) -> None:
         raise GraphError(f"the graph has {len(flat):,} nodes, more than neurosdm runs ({MAX_NODES:,})")
     declared = 0
     for name, node in flat:
-        check_node(name, node)
+        check_node(name, node, strict)
         if isinstance(node, nir.Input):
             declared += sum(int(np.prod(np.asarray(s, np.float64))) for s in (node.input_type or {}).values())
         elif isinstance(node, (nir.Conv2d, nir.Conv1d)) and getattr(node, "input_shape", None) is not None:

@@ -109,9 +109,9 @@ def load_program(source: str | os.PathLike | nir.NIRGraph, disc: Discretisation 
     integer arithmetic, ``"auto"`` (from the metadata of a quantised export), None (float) or a
     :class:`FixedPoint`."""
     graph = read_graph(source)
-    check_graph(graph)  # node values, declared sizes, the dialect's sizes and tables: before anything is built
     metadata = dict(graph.metadata or {})
     disc = disc or Discretisation.from_metadata(metadata)
+    check_graph(graph, disc.strict)  # node values, declared sizes, the dialect's sizes and tables: before building
     if isinstance(fixed, str):
         if fixed != "auto":
             raise ConfigError(f"fixed must be a FixedPoint, None or 'auto', got {fixed!r}")
