@@ -491,3 +491,20 @@ def test_memory_is_bounded_for_refused_inputs(files, tmp_path):
                        preexec_fn=preexec, timeout=120, env=dict(os.environ, NEUROSDM_MEMORY_LIMIT_GB="2"))
     assert_one_line_error(p, "GB")
 
+
+
+@pytest.mark.slow  # waits for a run to be under way (about 12 s)
+def test_sigterm_during_a_run_is_one_line_and_leaves_nothing(files, tmp_path):
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "neurosdm", "simulate", str(files["spiking.nir"]), "--num-images",
+                          "512", "--steps", "20", "--save-spikes", "--out", str(tmp_path / "sim")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         env=dict(os.environ, NEUROSDM_COMPILE="0"))
+    time.sleep(10)  # torch imported, the handler installed, the run under way
+    p.terminate()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (p.returncode, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == ["error: interrupted; no partial output was left"], err
+    assert not (tmp_path / "sim").exists() and not no_temporaries(tmp_path)

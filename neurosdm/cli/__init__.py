@@ -18,7 +18,10 @@ usage errors are typer's (exit 2).
 
 from __future__ import annotations
 
+import signal
+
 import typer
+from rich.console import Console
 
 from neurosdm.cli import energy, evaluate, export, model, simulate
 from neurosdm.cli.common import DEFAULT_CKPT, fail
@@ -35,13 +38,23 @@ for command in (model.train, model.sample, model.info, simulate.demo, export.exp
     app.command()(command)
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: temporaries are removed, one line, exit 130
+
+
 def main() -> None:
     """Entry point. Usage errors are typer's (usage line, exit 2); user errors print one line and exit 1;
-    Ctrl-C exits with typer's "Aborted!" (outputs are written atomically, so nothing is left half-written)."""
+    Ctrl-C and SIGTERM print ``error: interrupted`` and exit 130 (outputs are written atomically and staged, so
+    nothing is left half-written)."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except NeuroSDMError as e:
         fail(e)
+    except SystemExit as e:
+        if e.code == 130:  # typer's exit for a KeyboardInterrupt, silent otherwise
+            Console(stderr=True).print("[bold red]error:[/] interrupted; no partial output was left", highlight=False)
+        raise
 
 
 if __name__ == "__main__":
