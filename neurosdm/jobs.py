@@ -261,6 +261,7 @@ def energy_report(file: Path, profile: str = "loihi2", baseline: str = "cmos45-f
     (:func:`neurosdm.energy.with_ann_baseline`). Returns the report dict (``foreign``: True for a foreign graph)."""
     if not file.exists():
         raise ConfigError(f"file not found: {file}")
+    regular_file(file, "input", ConfigError)  # a FIFO would block: never opened
     for name in (profile, host, baseline):  # the profiles first: a bad one fails before the work
         if name is not None:
             load_profile(name)

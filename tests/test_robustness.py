@@ -210,6 +210,8 @@ def test_fifos_never_block(files, tmp_path):
     os.mkfifo(nir_fifo)
     npy_fifo = tmp_path / "pipe.npy"
     os.mkfifo(npy_fifo)
+    json_fifo = tmp_path / "stats.json"
+    os.mkfifo(json_fifo)
     graph = foreign_graph(tmp_path)
     code = f"""
 import sys
@@ -217,7 +219,8 @@ from neurosdm import cli
 for args in {[["info", str(fifo)], ["simulate", str(nir_fifo), "--out", str(tmp_path / "o")],
               ["inspect", str(nir_fifo)], ["energy", str(files["spiking.nir"]), "--profile", str(fifo) + ".toml"],
               ["sample", str(files["spiking"]), "--gamma", str(fifo), "--out", str(tmp_path / "o")],
-              ["simulate", str(graph), "--input", str(npy_fifo), "--out", str(tmp_path / "o")]]!r}:
+              ["simulate", str(graph), "--input", str(npy_fifo), "--out", str(tmp_path / "o")],
+              ["energy", str(json_fifo)]]!r}:
     sys.argv = ["neurosdm", *args]
     try:
         cli.main()
@@ -226,9 +229,9 @@ for args in {[["info", str(fifo)], ["simulate", str(nir_fifo), "--out", str(tmp_
 """
     os.mkfifo(str(fifo) + ".toml")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert p.stdout.split() == ["exit", "1"] * 6, (p.stdout, p.stderr)
+    assert p.stdout.split() == ["exit", "1"] * 7, (p.stdout, p.stderr)
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 6 and all(line.startswith("error:") and "FIFO" in line for line in lines), p.stderr
+    assert len(lines) == 7 and all(line.startswith("error:") and "FIFO" in line for line in lines), p.stderr
 
 
 # ------------------------------------------------------------------------------------------------- NIR files
@@ -411,6 +414,15 @@ def test_bad_option_values(files, tmp_path, capsys):
     for args, needle in cases:
         one_line_error(capsys, *args, needles=(needle,))
     assert not out.exists()
+
+
+def test_images_beyond_the_memory_limit_are_refused(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NEUROSDM_MEMORY_LIMIT_GB", "0.0001")  # 100 kB: 1,000 images of 8x8 need about 770 kB
+    one_line_error(capsys, "sample", files["spiking"], "--num-images", 1000, "--out", tmp_path / "s",
+                   needles=("NEUROSDM_MEMORY_LIMIT_GB",))
+    one_line_error(capsys, *simulate_args(files["spiking.nir"], tmp_path)[:2], "--num-images", 1000, "--out",
+                   tmp_path / "s", needles=("NEUROSDM_MEMORY_LIMIT_GB",))
+    assert not (tmp_path / "s").exists()
 
 
 def test_unwritable_outputs_are_refused_before_the_work(files, tmp_path, capsys):

@@ -18,7 +18,7 @@ import nir
 import numpy as np
 import torch
 
-from neurosdm.config import Config, DiffusionConfig, ModelConfig, check_count, check_positive
+from neurosdm.config import Config, DiffusionConfig, ModelConfig, check_count, check_memory, check_positive
 from neurosdm.diffusion.samplers import host_ops_schedule
 from neurosdm.distributed import World, gather_shards
 from neurosdm.errors import ConfigError
@@ -200,6 +200,9 @@ def simulate(program: Program, engine: str = "event", num_images: int = 4, sampl
     as in :func:`neurosdm.sample.generate`."""
     check_count("--num-images", num_images)
     config = config_of(program)
+    m = config.model
+    check_memory(f"{num_images} images of {m.img_ch}x{m.image_size}x{m.image_size}",
+                 12 * num_images * m.img_ch * m.image_size ** 2)  # the rule of neurosdm.sample.sample_to_dir
     if threshold_scale is not None:
         apply_threshold_scale(program, threshold_scale)
     eng = make_engine(engine, program, device=device, dtype=dtype)
