@@ -68,11 +68,12 @@ def _torch_load(path: Path) -> object:
             f"{path} is not a PyTorch checkpoint (found {describe_head(path)}); expected a file saved by torch.save")
     try:
         with zipfile.ZipFile(path) as z:
+            check_memory(f"checkpoint {path}", sum(i.file_size for i in z.infolist()))  # declared, uncompressed
             bad = z.testzip()  # torch.load does not check the CRCs: a flipped byte would load silently
         if bad is not None:
             raise CheckpointError(f"{path} is corrupt: record {bad} fails its CRC check (a damaged copy?)")
         return torch.load(path, map_location="cpu", weights_only=True)
-    except CheckpointError:
+    except (CheckpointError, ConfigError):  # typed already: the CRC, the memory limit
         raise
     except pickle.UnpicklingError as e:
         raise CheckpointError(
