@@ -105,13 +105,23 @@ _EAGER = {"forward": _forward_loop, "backward": _backward_loop}
 _COMPILED: dict[str, object] = {}
 
 
+def _unaliased(a):
+    """``a`` itself, or for a view the same memory as a tensor without a view base: the compiled kernels guard on
+    the strides of an input's base, and the many bases the model's layouts give would recompile them until
+    torch.compile gives up (its cache limit) and runs them eagerly."""
+    if not isinstance(a, torch.Tensor) or a._base is None:
+        return a
+    return torch.empty(0, dtype=a.dtype, device=a.device).set_(a.untyped_storage(), a.storage_offset(), a.size(),
+                                                               a.stride())
+
+
 def _run(name: str, *args):
     """Run a kernel compiled (when possible) or eagerly; a failing compile falls back to eager for good."""
     if os.environ.get("NEUROSDM_COMPILE", "1") != "0" and _COMPILED.get(name, True) is not None:
         try:
             if name not in _COMPILED:
                 _COMPILED[name] = torch.compile(_EAGER[name], dynamic=True)
-            return _COMPILED[name](*args)
+            return _COMPILED[name](*(_unaliased(a) for a in args))
         except Exception as e:  # no working compiler here: eager is exact, only slower
             warnings.warn(f"torch.compile of the neuron kernel failed ({type(e).__name__}); running it eagerly")
             _COMPILED[name] = None
