@@ -28,12 +28,16 @@ __all__ = ["run_demo", "write_html"]
 
 
 def run_demo(ckpt, out_dir, num_images: int = 4, steps: int = 20, seed: int = 0, progress=None,
-             log=print) -> Path:
-    """Run every stage for ``ckpt`` into ``out_dir``; returns the path of ``report.html``."""
+             log=print, calibration: str | None = None, data_dir: str | None = None,
+             calibration_images: int = 64) -> Path:
+    """Run every stage for ``ckpt`` into ``out_dir``; returns the path of ``report.html``. ``calibration``,
+    ``data_dir``, ``calibration_images``: the int8 export's calibration set (default: the checkpoint's training
+    set, as ``neurosdm export``)."""
     out = Path(out_dir)
     times = {}
     t0 = time.perf_counter()
-    nir_path = export_checkpoint(ckpt, out / "model_int8.nir", quantize="int8", force=True)
+    nir_path = export_checkpoint(ckpt, out / "model_int8.nir", quantize="int8", force=True, calibration=calibration,
+                                 data_dir=data_dir, calibration_images=calibration_images)
     times["export to int8 NIR (calibration included)"] = time.perf_counter() - t0
     log(f"exported {nir_path} ({times['export to int8 NIR (calibration included)']:.0f} s)")
 

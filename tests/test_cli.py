@@ -167,3 +167,32 @@ def test_energy_csv_is_the_library_csv_of_the_job_report(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert r.stdout_bytes.decode() == report_csv(report)
     assert handed["file"] == tmp_path / "stats.json" and handed["profile"] == "loihi" and handed["steps"] == 10
+
+
+def test_demo_and_compare_pass_the_calibration_set_on(tmp_path, monkeypatch):
+    """`demo --ckpt` on a checkpoint whose training set is not on the machine (the papers' CIFAR-10 model): the int8
+    calibration set is chosen with --calibration / --data-dir / --calibration-images, handed to the export; `compare`
+    takes --calibration-images too."""
+    from neurosdm import report
+    from neurosdm.errors import ConfigError
+
+    seen = {}
+
+    def fake_export(ckpt, out, **kw):
+        seen.update(kw)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(report, "export_checkpoint", fake_export)
+    r = invoke("demo", "--out", tmp_path, "--ckpt", cli.DEFAULT_CKPT, "--calibration", "cifar10", "--data-dir",
+               tmp_path / "noise", "--calibration-images", "8")
+    assert isinstance(r.exception, ConfigError) and "stop here" in str(r.exception)
+    assert (seen["quantize"], seen["calibration"], seen["data_dir"], seen["calibration_images"]) == \
+        ("int8", "cifar10", str(tmp_path / "noise"), 8)
+
+    got = {}
+    monkeypatch.setattr("neurosdm.compare.compare",
+                        lambda *a, **kw: got.update(args=a, kw=kw) or (_ for _ in ()).throw(ConfigError("stop")))
+    r = invoke("compare", cli.DEFAULT_CKPT, "--out", tmp_path / "c", "--calibration", "cifar10", "--data-dir",
+               tmp_path / "noise", "--calibration-images", "5")
+    assert isinstance(r.exception, ConfigError), r.output
+    assert got["args"][7:9] == ("cifar10", str(tmp_path / "noise")) and got["kw"]["calibration_images"] == 5

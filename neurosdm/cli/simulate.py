@@ -100,13 +100,14 @@ def compare(
     batch_size: int = typer.Option(16),
     calibration: Optional[str] = typer.Option(None, help="int8 calibration dataset (checkpoint input)"),
     data_dir: Optional[str] = typer.Option(None),
+    calibration_images: int = typer.Option(64, help="images for int8 calibration (checkpoint input)"),
     out: Path = typer.Option(..., "--out", help="output directory"),
 ):
     """GPU path (float torch model) vs the quantised graph on the torch engine vs the event engine, same seeds."""
     from neurosdm.compare import compare as run_compare
 
     r = run_compare(source, out, num_images, steps, seed, sampler, batch_size, calibration, data_dir,
-                    progress=progress_bar("sampling"))
+                    calibration_images=calibration_images, progress=progress_bar("sampling"))
     table = Table(title=f"{r['program']}: {num_images} images, {sampler} {steps}")
     for col in ("pair", "PSNR per image (dB)", "max |diff|", "identical"):
         table.add_column(col)
@@ -126,13 +127,18 @@ def demo(
     num_images: int = typer.Option(4),
     steps: int = typer.Option(20, help="DDIM sampling steps"),
     seed: int = typer.Option(0),
+    calibration: Optional[str] = typer.Option(None, help="int8 calibration dataset (default: the checkpoint's "
+                                              "training set, else the built-in sample)"),
+    data_dir: Optional[str] = typer.Option(None, help="where the calibration dataset lives"),
+    calibration_images: int = typer.Option(64, help="images for int8 calibration (noised at 8 diffusion steps)"),
 ):
     """The main job on a built-in default: sample on the GPU path, export to int8 NIR, simulate event by event,
     price on every hardware profile against the ANN baseline, compare, and write an HTML report."""
     from neurosdm.report import run_demo
 
     t0 = time.perf_counter()
-    report = run_demo(ckpt, out, num_images, steps, seed, progress=progress_bar("sampling"), log=say)
+    report = run_demo(ckpt, out, num_images, steps, seed, progress=progress_bar("sampling"), log=say,
+                      calibration=calibration, data_dir=data_dir, calibration_images=calibration_images)
     priced = json.loads((out / "energy.json").read_text())  # the summary line is made of what the report shows
     cmp = json.loads((out / "compare.json").read_text())
     snn = ", ".join(f"{k} {v['per_image_mj']:.3g}" for k, v in priced["summary"].items()
