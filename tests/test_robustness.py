@@ -269,6 +269,12 @@ NIR_CASES = {
 }
 
 
+@pytest.mark.parametrize("key", ["state_bits", "weight_bits", "weight_exponents", "state_exponent"])
+def test_inspect_of_a_damaged_quant_table(files, tmp_path, capsys, key):
+    path = edited_graph(files["int8.nir"], tmp_path, _quant(lambda q: q.pop(key)))
+    one_line_error(capsys, "inspect", path, needles=(key,))
+
+
 @pytest.mark.parametrize("case", sorted(NIR_CASES))
 def test_bad_denoiser_exports(files, tmp_path, capsys, case):
     source, edit, needle = NIR_CASES[case]

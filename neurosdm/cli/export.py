@@ -86,7 +86,7 @@ def export(
 
 def inspect(file: Path = typer.Argument(..., help="NIR file (.nir)")):
     """List the nodes of a NIR file (type, shape, synapses, fan-in, parameters) and check its edges."""
-    from neurosdm.graph.inspect import inspect_nir
+    from neurosdm.graph.inspect import describe_fixed_point, inspect_nir
 
     rows, totals = inspect_nir(file)
     table = Table(title=str(file))
@@ -99,13 +99,9 @@ def inspect(file: Path = typer.Argument(..., help="NIR file (.nir)")):
     src = md.get("source_checkpoint")
     say(f"{totals['nodes']} nodes, {totals['edges']} edges, {totals['synapses']:,} synapses, {totals['params']:,} "
         f"stored parameters, {totals['file_bytes'] / 1e6:.2f} MB; edges valid" + (f"; from {src}" if src else ""))
-    q = md.get("quant")
-    if isinstance(q, dict):
-        say(f"fixed point: {int(q['weight_bits'])}-bit weight mantissas (exponents "
-            f"{min(q['weight_exponents'].values())}..{max(q['weight_exponents'].values())}), "
-            f"{int(q['state_bits'])}-bit state in units of 2^{int(q['state_exponent'])}, "
-            f"{int(q['input_bits'])}-bit input in units of 2^{int(q['input_exponent'])}, "
-            f"{len(q['round_nodes'])} convs rounding graded inputs")
+    fixed = describe_fixed_point(md)  # one-line errors for a damaged quant table
+    if fixed is not None:
+        say(fixed)
     ups = [r["name"] for r in rows if r["type"].startswith("Upsample")]
     if ups:
         say(f"up-sampling: {len(ups)} neurosdm extension node(s) ({', '.join(ups)}): nearest neighbour, "

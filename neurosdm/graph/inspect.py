@@ -11,11 +11,11 @@ import numpy as np
 
 from neurosdm.errors import GraphError
 from neurosdm.graph.checks import check_file
-from neurosdm.graph.dialect import upsample_factor
+from neurosdm.graph.dialect import FixedPoint, upsample_factor
 from neurosdm.graph.structure import order
 from neurosdm.io import describe_head, first_line, regular_file
 
-__all__ = ["graph_size", "inspect_nir", "read_nir"]
+__all__ = ["graph_size", "inspect_nir", "read_nir", "describe_fixed_point"]
 
 _WEIGHTED = (nir.Conv2d, nir.Affine, nir.Linear) + ((nir.Conv1d,) if hasattr(nir, "Conv1d") else ())
 
@@ -68,6 +68,28 @@ def read_nir(path: str | os.PathLike) -> nir.NIRGraph:
     if not isinstance(graph, nir.NIRGraph):
         raise GraphError(f"{path} holds a single {type(graph).__name__} node, not a NIR graph")
     return graph
+
+
+def describe_fixed_point(metadata: dict) -> str | None:
+    """The fixed-point line of ``neurosdm inspect`` (None for a float graph): bit widths and units from
+    :meth:`FixedPoint.from_metadata` (a one-line :class:`GraphError` for a damaged ``quant`` table), the weight
+    mantissas' width and exponents as the export records them."""
+    fixed = FixedPoint.from_metadata(metadata)
+    if fixed is None:
+        return None
+    q = metadata["quant"]
+    bits, exps = np.asarray(q.get("weight_bits")), q.get("weight_exponents")
+    exps = [np.asarray(v) for v in exps.values()] if isinstance(exps, dict) else []
+    if bits.size != 1 or bits.dtype.kind not in "iu" or not exps or \
+            any(v.size != 1 or v.dtype.kind not in "iu" for v in exps):
+        got = [str(q.get(k))[:40] for k in ("weight_bits", "weight_exponents")]
+        raise GraphError(f"metadata quant.weight_bits and quant.weight_exponents must be integers (a table of them "
+                         f"per node), got {got[0]!r} and {got[1]!r}")
+    exps = [int(v.reshape(-1)[0]) for v in exps]
+    return (f"fixed point: {int(bits.reshape(-1)[0])}-bit weight mantissas (exponents {min(exps)}..{max(exps)}), "
+            f"{fixed.state_bits}-bit state in units of 2^{fixed.unit('state_exponent')}, "
+            f"{fixed.unit('input_bits')}-bit input in units of 2^{fixed.unit('input_exponent')}, "
+            f"{len(fixed.round_nodes)} convs rounding graded inputs")
 
 
 def inspect_nir(path: str | os.PathLike) -> tuple[list[dict], dict]:
