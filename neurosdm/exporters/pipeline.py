@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nir
 import numpy as np
+import torch
 
 from neurosdm.checkpoint import build_model, file_sha256, load_checkpoint
 from neurosdm.config import Config
@@ -19,7 +20,8 @@ from neurosdm.exporters.nir import to_nir_graph
 from neurosdm.exporters.rewrite import inline_junctions
 from neurosdm.io import atomic_buffer, check_output_file
 
-__all__ = ["export_checkpoint", "quantize_export", "default_output_path", "QUANTIZE_CHOICES", "JUNCTION_CHOICES"]
+__all__ = ["export_checkpoint", "quantize_export", "calibration_set", "default_output_path", "QUANTIZE_CHOICES",
+           "JUNCTION_CHOICES"]
 
 QUANTIZE_CHOICES = ("none", "int8")
 JUNCTION_CHOICES = ("scale", "edges")
@@ -62,13 +64,14 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike 
     ckpt_file = ckpt_path / "ckpt.pt" if ckpt_path.is_dir() else ckpt_path
     check_output_file(out_path, force, sources=(ckpt_file,))  # before the work; never the checkpoint itself
     ckpt = load_checkpoint(ckpt_path)
+    # the calibration images before the model and graph are built: a missing dataset is a quick one-line error
+    images = calibration_set(ckpt.config, calibration, data_dir, calibration_images) if quantize == "int8" else None
     state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
     model = build_model(ckpt.config.model, state, source=str(ckpt_path)).eval()
     graph, metadata = to_nir_graph(model, diffusion=ckpt.config.diffusion,
                                    dtype=np.float32 if quantize == "none" else np.float64, upsample=upsample)
     if quantize == "int8":
-        graph, metadata = quantize_export(graph, metadata, ckpt.config, calibration, data_dir, calibration_images,
-                                          seed)
+        graph, metadata = quantize_export(graph, metadata, ckpt.config, seed=seed, images=images)
     if junctions == "edges":
         graph = inline_junctions(graph, metadata, output_junction="conv")  # no Scale left: spikingjelly reads it
         metadata = graph.metadata
@@ -81,11 +84,23 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike 
 
 
 def quantize_export(graph: nir.NIRGraph, metadata: dict, config: Config, calibration: str | None = None,
-                    data_dir: str | None = None, n_images: int = 64, seed: int = 0) -> tuple[nir.NIRGraph, dict]:
-    """PTQ of an exported float graph on real images: ``n_images`` of the dataset ``calibration`` (default: the
-    training dataset of ``config``, else the built-in Fashion-MNIST sample for a 1x28x28 model), noised at 8
-    diffusion steps from ``seed``, calibrate the graph and quantise it (:mod:`neurosdm.exporters.fixed_point`).
-    Returns ``(graph, metadata)``; ``metadata["quant"]["calibration"]["dataset"]`` records the dataset."""
+                    data_dir: str | None = None, n_images: int = 64, seed: int = 0,
+                    images: tuple[str, torch.Tensor] | None = None) -> tuple[nir.NIRGraph, dict]:
+    """PTQ of an exported float graph on real images: ``images`` (``(dataset name, images)``, default
+    :func:`calibration_set` of ``calibration``, ``data_dir``, ``n_images``), noised at 8 diffusion steps from
+    ``seed``, calibrate the graph and quantise it (:mod:`neurosdm.exporters.fixed_point`). Returns ``(graph,
+    metadata)``; ``metadata["quant"]["calibration"]["dataset"]`` records the dataset."""
+    name, images = images if images is not None else calibration_set(config, calibration, data_dir, n_images)
+    cal = calibrate(graph, metadata, calibration_inputs(images, config.diffusion, seed=seed))
+    graph, metadata = quantize_graph(graph, metadata, cal)
+    metadata["quant"]["calibration"]["dataset"] = str(name)
+    return graph, metadata
+
+
+def calibration_set(config: Config, calibration: str | None = None, data_dir: str | None = None,
+                    n_images: int = 64) -> tuple[str, torch.Tensor]:
+    """``(name, images)``: ``n_images`` training images of the dataset ``calibration`` (default: the training
+    dataset of ``config``, else the built-in Fashion-MNIST sample for a 1x28x28 model), of the model's shape."""
     cfg = config.model
     name = calibration or config.train.dataset
     try:
@@ -99,7 +114,4 @@ def quantize_export(graph: nir.NIRGraph, metadata: dict, config: Config, calibra
     if tuple(images.shape[1:]) != (cfg.img_ch, cfg.image_size, cfg.image_size):
         raise ConfigError(f"calibration data {name!r} has images {tuple(images.shape[1:])}, the model takes "
                           f"{(cfg.img_ch, cfg.image_size, cfg.image_size)}; pass --calibration DATASET")
-    cal = calibrate(graph, metadata, calibration_inputs(images, config.diffusion, seed=seed))
-    graph, metadata = quantize_graph(graph, metadata, cal)
-    metadata["quant"]["calibration"]["dataset"] = str(name)
-    return graph, metadata
+    return name, images
