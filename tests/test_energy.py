@@ -288,3 +288,18 @@ def test_neurobench_synaptic_operations_agree(run):
                 assert ops == stats.layers[layer.name]["synops"][i, k], (layer.name, t, k)
                 compared += 1
     assert compared > 0
+
+
+def test_price_all_on_a_tsm_export():
+    """A TSM export's first conv reads the image through its per-step Scale node: price_all (the demo's pricing)
+    still finds it as the paper formula's first layer (this used to end in a StopIteration traceback)."""
+    from conftest import tiny_model
+    from neurosdm.exporters.nir import to_nir_graph
+    from neurosdm.graph.program import load_program
+    from neurosdm.simulators.run import simulate
+
+    program = load_program(to_nir_graph(tiny_model("sdm", tsm=True))[0])
+    assert program.by_name["stem.conv"].sources == ["stem.conv.tsm"]
+    _, stats, _ = simulate(program, "event", num_images=1, steps=1)
+    priced = E.price_all(stats, program, profiles=["loihi2"])
+    assert priced["paper_formula_on_measured_rates"]["first_pj"] > 0 and priced["summary"]["loihi2"]["per_image_mj"] > 0

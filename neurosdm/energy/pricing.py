@@ -282,7 +282,9 @@ def price_all(stats, program, profiles=None, baselines=("cmos45-fp32", "cmos45-i
     reports = {name: estimate(stats, name) for name in (profiles or list_profiles())}
     base = {name: ann_per_image(ann_baseline(program, name), calls) for name in baselines}
     rates = firing_rates(stats, program)
-    first = next(layer.name for layer in program.layers if layer.kind == "conv" and layer.sources == program.inputs)
+    # the paper formula's first layer (priced as MACs): the first conv in evaluation order, which reads the image
+    # (directly, or through a TSM scale node)
+    first = next(layer.name for layer in program.layers if layer.kind == "conv")
     paper = paper_energy(program_macs(program), rates, program.num_steps, first)
     paper["per_image_pj"] = paper["total_pj"] * calls
     ref = base.get("cmos45-fp32")
