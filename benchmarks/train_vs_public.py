@@ -398,14 +398,18 @@ def main(argv=None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": results,
     }
-    table = render(results)
-    print(table)
-    print(f"\nmedian ms per step; speed-up = public / neurosdm; bound = public / convs (the step's convolutions "
-          f"alone: the largest speed-up possible with these dense convolutions)\n{machine_line(info)}")
+    text = (render(results) + "\n\nmedian ms per step; speed-up = public / neurosdm; bound = public / convs (the "
+            "step's convolutions alone: the largest speed-up possible with these dense convolutions)\n"
+            + machine_line(info) + f", at the end {info['load_average_at_end_1_5_15_min']}\n")
     if args.profile_rows:
-        print(render_profiles(results, min(args.profile_rows, 12)))
+        text += render_profiles(results, min(args.profile_rows, 12)) + "\n"
+    print(text, end="")
     write_json_atomic(args.out, report)
-    log(f"wrote {args.out}")
+    md = args.out.with_suffix(".md")
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(md)
+    log(f"wrote {args.out} and {md}")
     return 0
 
 
