@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from neurosdm import config as C
@@ -22,7 +23,7 @@ from neurosdm.diffusion.analytic import estimate_gamma, load_gamma, save_gamma
 from neurosdm.diffusion.samplers import DPM_SOLVER_ORDERS, SAMPLERS
 from neurosdm.distributed import process_group
 from neurosdm.energy import estimate, with_ann_baseline
-from neurosdm.errors import ConfigError
+from neurosdm.errors import ConfigError, GraphError
 from neurosdm.exporters.pipeline import export_checkpoint
 from neurosdm.exporters.rewrite import write_for_peer
 from neurosdm.graph.inspect import inspect_nir
@@ -233,7 +234,8 @@ def simulate(file: Path, out: Path, engine: Optional[str] = None, num_images: in
         raise ConfigError("--input is for foreign graphs; a neurosdm denoiser export generates images from noise")
     engine = engine or "event"
     table = check_sampler(sampler, order, gamma_file, file, steps)
-    with process_group(device) as world:  # under torchrun: each rank runs its share, rank 0 merges
+    with process_group(device) as world, np.errstate(all="ignore"):  # under torchrun: each rank runs its share,
+        # rank 0 merges; overflows are not warned about value by value: non-finite images are refused below
         res = simulate_sharded(program, engine, num_images, sampler, steps, seed, eta, batch_size, world.device,
                                record=save_spikes, threshold_scale=threshold_scale,
                                progress=progress(f"{engine} engine") if progress and world.is_main else None,
@@ -241,6 +243,9 @@ def simulate(file: Path, out: Path, engine: Optional[str] = None, num_images: in
     if res is None:
         return None
     images, stats, den = res
+    if not torch.isfinite(images).all():  # never a silent NaN: nothing is written
+        raise GraphError(f"{file.name} produced NaN or infinite images (weights or parameters out of range?); "
+                         "nothing was written")
     with output_set(out) as stage:  # the files appear together or not at all
         save_npy(images.numpy(), stage / "images.npy")
         save_png(image_grid(images.numpy()), stage / "images.png")

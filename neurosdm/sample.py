@@ -12,7 +12,7 @@ from neurosdm.checkpoint import load_model
 from neurosdm.config import Config, check_count, check_memory, check_positive
 from neurosdm.diffusion import GaussianDiffusion, ImageNoise, sample
 from neurosdm.distributed import World, gather_shards
-from neurosdm.errors import ConfigError
+from neurosdm.errors import CheckpointError, ConfigError
 from neurosdm.io import image_grid, output_set, save_npy, save_png
 
 
@@ -91,6 +91,8 @@ def sample_to_dir(ckpt, out_dir, num_images: int, seed: int = 0, sampler: str = 
                               order=order, gamma=gamma)
     if images is None:
         return None
+    if not torch.isfinite(images).all():  # never a silent NaN: nothing is written
+        raise CheckpointError(f"{ckpt} produced NaN or infinite images (weights out of range?); nothing was written")
     out = Path(out_dir)
     with output_set(out) as stage:  # both files or neither
         save_npy(images.numpy(), stage / "samples.npy")

@@ -362,6 +362,16 @@ def test_long_flatten_chain_has_no_recursion_limit(tmp_path, capsys):
     assert program.by_name["fc"].input == "spikes"  # the spikes are seen through all 10,000 reshapes
 
 
+def test_graph_that_overflows_is_refused_instead_of_writing_nan_images(files, tmp_path, capsys):
+    def huge(graph):
+        for node in graph.nodes.values():
+            if isinstance(node, nir.Conv2d):
+                node.weight = np.full(node.weight.shape, 1e300)  # finite float64, overflows to inf in the run
+    path = edited_graph(files["sdm.nir"], tmp_path, huge)
+    one_line_error(capsys, *simulate_args(path, tmp_path), needles=("produced NaN",))
+    assert not (tmp_path / "sim").exists()
+
+
 # ---------------------------------------------------------------------------------------------- profiles
 
 

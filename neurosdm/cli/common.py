@@ -34,8 +34,10 @@ def say(message: str, to: Console | None = None) -> None:
 
 
 def fail(error: NeuroSDMError) -> NoReturn:
-    """A user error: ``error: <message>`` in one line on stderr, exit status 1."""
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+    """A user error: ``error: <message>`` in one line on stderr (a message quoting a multi-line value is joined),
+    exit status 1."""
+    message = " ".join(line.strip() for line in str(error).splitlines())
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(1)
 
 

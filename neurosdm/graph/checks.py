@@ -29,6 +29,8 @@ __all__ = ["MAX_NODES", "BYTES_PER_ELEMENT", "check_file", "check_graph", "check
 
 #: most nodes a graph may have (nested graphs' nodes included)
 MAX_NODES = 100_000
+#: largest conv stride or dilation
+MAX_STEP = 1 << 16
 #: memory planned per stored array element: nir's copy, the program's float64 copy and its fan-out counts
 BYTES_PER_ELEMENT = 24
 #: memory planned per element of a declared input (state, inputs, outputs and fan-out of a layer, one image)
@@ -85,6 +87,21 @@ def check_node(name: str, node, strict: bool = False) -> None:
             raise GraphError(f"node {name!r} ({kind}): {field} holds NaN or infinite values")
         if field in _TIME_CONSTANTS and not (arr > 0).all():
             raise GraphError(f"node {name!r} ({kind}): {field} must be positive, got {arr[arr <= 0].flat[0]!r}")
+    if isinstance(node, (nir.Conv1d, nir.Conv2d, nir.Affine)):
+        w = np.asarray(node.weight)
+        out = w.shape[:1] if not isinstance(node, nir.Affine) else w.shape[:-1]
+        if getattr(node, "bias", None) is not None and w.ndim >= 2:
+            try:
+                np.broadcast_to(np.asarray(node.bias), out)
+            except ValueError:
+                raise GraphError(f"node {name!r} ({kind}): bias of shape {list(np.shape(node.bias))} does not fit "
+                                 f"the {list(out)} outputs of its weight {list(w.shape)}") from None
+    for field in ("stride", "dilation"):
+        value = getattr(node, field, None) if isinstance(node, (nir.Conv1d, nir.Conv2d)) else None
+        arr = np.asarray(value if value is not None else 1)
+        if arr.dtype.kind not in "iuf" or not ((arr >= 1) & (arr <= MAX_STEP) & (arr == np.rint(arr))).all():
+            raise GraphError(f"node {name!r} ({kind}): {field} must be whole numbers in 1..{MAX_STEP}, got "
+                             f"{str(value)[:40]}")
     if isinstance(node, (nir.IF, nir.LIF, nir.CubaLIF)):
         reset = np.asarray(node.v_reset if getattr(node, "v_reset", None) is not None else 0.0, np.float64)
         try:
@@ -136,6 +153,57 @@ def _check_tables(metadata: dict, nodes: dict, num_steps: int, num_diffusion: in
                 raise GraphError(f"metadata {key}[{name!r}] has shape {list(t.shape)}; the graph needs {want}")
 
 
+def _meta_real(metadata: dict, key: str, value=None) -> float:
+    arr = np.asarray(metadata.get(key) if value is None else value)
+    if arr.size != 1 or arr.dtype.kind not in "iuf" or not np.isfinite(arr).all():
+        raise GraphError(f"metadata {key} must be a finite number, got {str(metadata.get(key, value))[:60]!r}")
+    return float(arr.reshape(-1)[0])
+
+
+def _meta_ints(metadata: dict, key: str, n: int, lo: int, hi: int) -> tuple[int, ...]:
+    arr = np.asarray(metadata.get(key))
+    if arr.size != n or arr.dtype.kind not in "iu" or (arr < lo).any() or (arr > hi).any():
+        raise GraphError(f"metadata {key} must be {n} integer(s) in {lo}..{hi}, got {str(metadata.get(key))[:60]!r}")
+    return tuple(int(v) for v in arr.reshape(-1))
+
+
+def _check_export_metadata(metadata: dict, graph) -> None:
+    """The keys of a neurosdm export that the host reads (:mod:`.dialect`, :mod:`.host`, the sampler), typed and
+    consistent with the graph's output."""
+    for key in ("dt", "threshold", "threshold_scale", "v_init", "v_threshold", "readout_decay", "diffusion_step"):
+        if key in metadata:
+            _meta_real(metadata, key)
+    if "if_thresholds" in metadata:
+        table = metadata["if_thresholds"]
+        if not isinstance(table, dict) or not table:
+            raise GraphError("metadata if_thresholds must be a table of node names to thresholds")
+        for value in table.values():
+            _meta_real(metadata, "if_thresholds", value)
+    if "image_shape" not in metadata:
+        return  # not a denoiser export: the rest is the host's
+    c, h, w = _meta_ints(metadata, "image_shape", 3, 1, LIMITS["image_size"])
+    d = metadata.get("diffusion")
+    if not isinstance(d, dict) or any(k not in d for k in ("schedule", "num_diffusion_steps", "beta_start",
+                                                          "beta_end")):
+        raise GraphError("metadata diffusion must be a table with schedule, num_diffusion_steps, beta_start and "
+                         "beta_end (the export's diffusion schedule)")
+    _meta_ints(d, "num_diffusion_steps", 1, 1, LIMITS["num_diffusion_steps"])
+    _meta_real(d, "beta_start"), _meta_real(d, "beta_end")
+    if not isinstance(meta_value(d, "schedule"), str):
+        raise GraphError(f"metadata diffusion.schedule must be a name, got {str(d['schedule'])[:40]!r}")
+    head = meta_value(metadata, "head")
+    if not isinstance(head, str) or head not in ("sdm", "spiking"):
+        raise GraphError(f"metadata head must be 'sdm' or 'spiking' in a denoiser export, got {str(head)[:40]!r}")
+    levels = _meta_ints(metadata, "packed_levels", 1, 0, LIMITS["levels"])[0] if "packed_levels" in metadata else 0
+    outputs = [n for n in graph.nodes.values() if isinstance(n, nir.Output)]
+    shape = np.asarray(next(iter((outputs[0].output_type or {}).values()), []) if len(outputs) == 1 else [])
+    f = 2 ** levels
+    if shape.size != 3 or (int(shape[1]) * f, int(shape[2]) * f) != (h, w) or \
+            (head == "spiking" and int(shape[0]) != c * f * f):
+        raise GraphError(f"metadata image_shape {[c, h, w]}, packed_levels {levels} and head {head!r} do not fit the "
+                         f"graph's output {shape.tolist()}")
+
+
 def check_graph(graph, strict: bool = False) -> None:
     """A graph, before it is translated (see the module docstring); ``strict``: its neurons fire on ``>``."""
     if not isinstance(graph, nir.NIRGraph):
@@ -156,3 +224,4 @@ def check_graph(graph, strict: bool = False) -> None:
     num_steps = _meta_count(metadata, "num_steps") or 1
     num_diffusion = _meta_count(metadata, "num_diffusion_steps")
     _check_tables(metadata, graph.nodes, num_steps, num_diffusion)
+    _check_export_metadata(metadata, graph)

@@ -235,7 +235,10 @@ class Discretisation:
         kwargs: dict[str, Any] = {}
         if "dt" in metadata:
             dt = metadata["dt"]
-            kwargs["dt"] = float(np.asarray(dt).reshape(-1)[0]) if np.size(dt) == 1 else dt
+            try:
+                kwargs["dt"] = float(np.asarray(dt).reshape(-1)[0]) if np.size(dt) == 1 else dt
+            except (TypeError, ValueError):
+                raise ConfigError(f"metadata dt must be a number, got {str(dt)[:40]!r}") from None
         if "reset" in metadata:
             try:
                 kwargs["reset"] = Reset.parse(as_str(metadata["reset"])).value

@@ -4,6 +4,7 @@ with one-line errors (:func:`inspect_nir`, ``neurosdm inspect``)."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import nir
@@ -61,7 +62,9 @@ def read_nir(path: str | os.PathLike) -> nir.NIRGraph:
                          f"by nir.write")
     check_file(path)  # declared sizes and types, before any array is read
     try:
-        graph = nir.read(path)
+        with warnings.catch_warnings():  # nir's type inference warns on absurd values: the error says it once
+            warnings.simplefilter("ignore")
+            graph = nir.read(path)
     except Exception as e:  # truncated HDF5, unknown node types, missing fields, ...
         raise GraphError(f"{path} is truncated or not a readable NIR graph: {type(e).__name__}: {first_line(e)}") \
             from None
