@@ -51,7 +51,7 @@ from neurosdm.errors import ConfigError, GraphError, QuantizationError
 from neurosdm.exporters.pipeline import export_checkpoint
 from neurosdm.graph.dialect import Discretisation, graph_at, meta_value
 from neurosdm.graph.inspect import inspect_nir
-from neurosdm.io import atomic_path
+from neurosdm.io import atomic_buffer
 from neurosdm.loihi import loihi_params_from_nir
 
 __all__ = ["Chain", "ChainLayer", "feedforward_chain", "write_netx", "export_lava", "NEURON_TYPES"]
@@ -276,8 +276,8 @@ def write_netx(path: str | os.PathLike, graph: nir.NIRGraph, metadata: dict | No
         shape = out_shape
 
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+    with atomic_buffer(path) as buffer:  # HDF5 in memory: a full disk is a clean error, not a crash
+        with h5py.File(buffer, "w") as f:
             lay = f.create_group("layer")
             g0 = lay.create_group("0")
             _str_dataset(g0, "type", "input")

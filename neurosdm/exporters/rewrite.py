@@ -74,7 +74,7 @@ import numpy as np
 
 from neurosdm.errors import ConfigError
 from neurosdm.graph.dialect import as_str, meta_value, upsample_factor
-from neurosdm.io import atomic_path
+from neurosdm.io import atomic_buffer
 
 __all__ = ["inline_junctions", "is_identity_scale", "OUTPUT_JUNCTION_CHOICES", "for_peer", "PEER_CHOICES",
            "strict_thresholds", "fold_input_gain", "topological_edges", "if_as_lif", "SNNTORCH_DT_S", "write_for_peer"]
@@ -404,8 +404,8 @@ def write_for_peer(path, peer: str, discard_on_error: bool = False):
     path = Path(path)
     try:
         graph = for_peer(nir.read(path), peer)
-        with atomic_path(path) as tmp:
-            nir.write(tmp, graph)
+        with atomic_buffer(path) as buffer:  # HDF5 in memory: a full disk is a clean error, not a crash
+            nir.write(buffer, graph)
     except BaseException:
         if discard_on_error and path.exists():
             os.unlink(path)

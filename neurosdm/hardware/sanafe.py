@@ -37,7 +37,7 @@ import numpy as np
 
 from neurosdm.errors import ConfigError
 from neurosdm.graph.program import load_program
-from neurosdm.io import atomic_path
+from neurosdm.io import atomic_buffer, atomic_path
 from neurosdm.simulators.activity import add_state_updates, add_synapse_events
 from neurosdm.simulators.foreign import simulate_foreign
 
@@ -153,7 +153,8 @@ def run_neurosdm(name: str, out: Path, price: Callable[..., dict]) -> dict:
     ``price(stats, placement=None)``: the pricing report of a :class:`~neurosdm.simulators.stats.RunStats` (e.g.
     ``neurosdm.energy.estimate`` with the ``loihi-sanafe`` profile)."""
     graph, x = build_graph(name)
-    nir.write(out / f"{name}.nir", graph)
+    with atomic_buffer(out / f"{name}.nir") as buffer:
+        nir.write(buffer, graph)
     with atomic_path(out / f"{name}.input.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, spikes=x[:, 0].astype(np.uint8))
