@@ -163,7 +163,8 @@ def export_nir(ckpt: Path, out: Optional[Path] = None, quantize: str = "none", f
                calibration: Optional[str] = None, data_dir: Optional[str] = None, calibration_images: int = 64,
                junctions: str = "scale", peer: Optional[str] = None, upsample: str = "auto") -> tuple[Path, dict]:
     """``neurosdm export --to nir``: export (rewritten for ``peer``'s NIR reader when given, in the core-NIR
-    polyphase form unless ``upsample`` says otherwise; the file is removed if that fails), then inspect it. Returns ``(path, totals)`` of :func:`neurosdm.graph.inspect.inspect_nir`."""
+    polyphase form unless ``upsample`` says otherwise; the file is removed if that fails), then inspect it.
+    Returns ``(path, totals)`` of :func:`neurosdm.graph.inspect.inspect_nir`."""
     if peer is not None and upsample == "auto":
         upsample = "polyphase"  # a peer reads core NIR only (its placeholder of the extension runs as zeros)
     path = export_checkpoint(ckpt, out, quantize=quantize, force=force, calibration=calibration, data_dir=data_dir,

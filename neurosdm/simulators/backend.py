@@ -7,8 +7,9 @@ device); the loop only adds them (``a + b``) and indexes them (``a[k]``).
 Kernels (``layer``: a :class:`~neurosdm.graph.program.Layer`; ``x``: the summed input ``[B, *in_shape]``):
 ``conv(layer, x, bias, count) -> (y, ops or None)`` (``bias``: this step's override or None; ``ops``: the
 synaptic operations when the kernel counts them itself, else None and the loop uses :meth:`weighted_nnz`),
-``pool``, ``affine``, ``upsample``, ``scale(layer, x, scale)``, ``threshold -> spikes (bool)``, ``neuron(layer, x, state) -> (y,
-state, spikes or None)``, ``fixed_neuron(layer, x, state) -> (y, state, spikes or None, saturated)``,
+``pool``, ``affine``, ``upsample``, ``scale(layer, x, scale)``, ``threshold -> spikes (bool)``,
+``neuron(layer, x, state) -> (y, state, spikes or None)``, ``fixed_neuron(layer, x, state) -> (y, state, spikes or
+None, saturated)``,
 ``delay_push(history, x)``, ``delay_read(history, layer, late)``, ``reshape``. Helpers: ``zeros``,
 ``neuron_state``, ``nnz``, ``weighted_nnz(x, layer)`` (``sum(layer.fanout[x != 0])``), ``not_integer`` (True/False,
 or a device flag), ``as_float``, ``params`` (the backend's form of ``Program.step_params``), ``to_host`` (a list of
