@@ -525,8 +525,9 @@ def test_memory_is_bounded_for_refused_inputs(files, tmp_path):
 def test_sigterm_during_a_run_is_one_line_and_leaves_nothing(files, tmp_path):
     import time
 
+    # 4,096 images: far longer than the 10 s before the signal even on an idle machine (512 finished in 10 s)
     p = subprocess.Popen([sys.executable, "-m", "neurosdm", "simulate", str(files["spiking.nir"]), "--num-images",
-                          "512", "--steps", "20", "--save-spikes", "--out", str(tmp_path / "sim")],
+                          "4096", "--steps", "20", "--save-spikes", "--out", str(tmp_path / "sim")],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                          env=dict(os.environ, NEUROSDM_COMPILE="0"))
     time.sleep(10)  # torch imported, the handler installed, the run under way

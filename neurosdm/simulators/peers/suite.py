@@ -82,7 +82,10 @@ def cut(graph: nir.NIRGraph, edges: list[tuple[str, str]], input_shape=None) -> 
         nodes[n] = graph.nodes[n]
     last = next(a for a, b in edges if b == "output")
     nodes["output"] = nir.Output(output_type={"output": np.array(io_shape(graph.nodes[last]))})
-    md = {k: v for k, v in graph.metadata.items() if k not in ("bias_tables", "scale_tables", "node_packing")}
+    # a cut is not a denoiser: it keeps the discretisation and fixed-point keys, not the denoiser's own
+    md = {k: v for k, v in graph.metadata.items() if k not in ("bias_tables", "scale_tables", "node_packing",
+                                                                 "image_shape", "diffusion", "host_head",
+                                                                 "output_shape", "packed_levels")}
     return nir.NIRGraph(nodes=nodes, edges=edges, metadata=md)
 
 
