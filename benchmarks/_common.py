@@ -202,3 +202,13 @@ def contention_note(threads: int) -> str | None:
 def log(msg: str) -> None:
     """Progress goes to stderr so that stdout holds only the table."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def median_seconds(fn, repeats: int = 3) -> float:
+    """The median wall time of ``repeats`` calls of ``fn()`` (seconds)."""
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(statistics.median(ts))

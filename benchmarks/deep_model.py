@@ -57,7 +57,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from _common import (RESULTS_DIR, load_average, log, machine_info, machine_line, markdown_table,  # noqa: E402
-                     write_json_atomic)
+                     median_seconds, write_json_atomic)
 
 TINY = HERE.parent / "neurosdm" / "assets" / "tiny_fashion.pt"
 FORCED_RATES = (0.01, 0.05, 0.20)
@@ -250,15 +250,6 @@ def child_engine(spec) -> dict:
     return out
 
 
-def _median_s(fn, repeats: int = 3) -> float:
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
-
 def _kernels(program, eng, x, t) -> list[dict]:
     """Every spike/graded-input conv on its real input (a recorded call of the warm engine): the event kernel
     (``ConvPlan.scatter``, the engine's own call, summed over the spiking steps) against ``torch.nn.functional.conv2d``
@@ -274,7 +265,7 @@ def _kernels(program, eng, x, t) -> list[dict]:
             continue
         plan = eng.plans[layer.name]
         inp = rec[layer.sources[0]]
-        event_s = sum(_median_s(lambda xk=np.ascontiguousarray(inp[k]): plan.scatter(xk, True, eng.backend.buf))
+        event_s = sum(median_seconds(lambda xk=np.ascontiguousarray(inp[k]): plan.scatter(xk, True, eng.backend.buf))
                       for k in range(K))
         c = counts[layer.name]
         ops = int(np.asarray(c.get("synops", 0)).sum() + np.asarray(c.get("graded_ops", 0)).sum())
@@ -285,7 +276,7 @@ def _kernels(program, eng, x, t) -> list[dict]:
             xx = F.pad(torch.ones((1, *layer.in_shape), dtype=dt), pad)
             f = (lambda xx=xx, w=w: F.conv2d(xx, w, None, layer.stride))
             f()
-            dense[str(dt).split(".")[-1]] = _median_s(f) * K
+            dense[str(dt).split(".")[-1]] = median_seconds(f) * K
         rows.append({"layer": layer.name, "synops": ops, "event_s": event_s, "dense_ops": plan.macs_per_image * K,
                      "dense_float64_s": dense["float64"], "dense_float32_s": dense["float32"]})
     return rows

@@ -43,18 +43,10 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import RESULTS_DIR, log, machine_info, machine_line, markdown_table, write_json_atomic  # noqa: E402
+from _common import (RESULTS_DIR, log, machine_info, machine_line, markdown_table, median_seconds,  # noqa: E402
+                     write_json_atomic)
 
 RATES = (0.01, 0.02, 0.05, 0.10, 0.20, 0.50)
-
-
-def _median_time(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def _fit(x, y):
@@ -96,7 +88,7 @@ def main(argv=None) -> int:
     x_t = diffusion.q_sample(x0, torch.tensor([t]), noise).double().numpy()
     x, _ = quantize_input(x_t, prog.metadata)
     eng.run(x, t)  # compile / load the kernel
-    call_s = _median_time(lambda: eng.run(x, t), max(3, args.repeats // 3))
+    call_s = median_seconds(lambda: eng.run(x, t), max(3, args.repeats // 3))
     res = eng.run(x, t, record=True)
     counts, rec = res["counts"], res["records"]
     K = prog.num_steps
@@ -121,8 +113,8 @@ def main(argv=None) -> int:
             ev_k, ops_k = scatter_kernel(*a)
             assert ev_k == addr.size
             ops += ops_k
-            kernel_s += _median_time(lambda: scatter_kernel(*a), args.repeats)  # the scan and the scatter, no zeroing
-            wrapped_s += _median_time(lambda: plan.scatter(inp[k], True, eng.backend.buf), args.repeats)
+            kernel_s += median_seconds(lambda: scatter_kernel(*a), args.repeats)  # the scan and the scatter, no zeroing
+            wrapped_s += median_seconds(lambda: plan.scatter(inp[k], True, eng.backend.buf), args.repeats)
         key = "synops" if layer.input == "spikes" else "graded_ops"
         assert ops == int(counts[layer.name][key].sum())
         real[layer.name] = {"events": int(counts[layer.name]["events_in"].sum()), "synops": int(ops),
@@ -155,7 +147,7 @@ def main(argv=None) -> int:
         for rate in RATES:
             s = (rng.random((1, *layer.in_shape)) < rate).astype(np.float64)
             _, ev, ops = plan.scatter(s, True, eng.backend.buf)
-            sec = _median_time(lambda: plan.scatter(s, True, eng.backend.buf), args.repeats)
+            sec = median_seconds(lambda: plan.scatter(s, True, eng.backend.buf), args.repeats)
             pts.append((rate, ev, ops, sec))
             xs_syn.append(ops)
             ys.append(sec)
@@ -172,7 +164,7 @@ def main(argv=None) -> int:
             xx, ww = torch.nn.functional.pad(xt.to(dt), pad), w.to(dt)
             f = (lambda xx=xx, ww=ww: torch.nn.functional.conv2d(xx, ww, None, layer.stride))
             f()
-            d[str(dt).split(".")[-1]] = _median_time(f, args.repeats)
+            d[str(dt).split(".")[-1]] = median_seconds(f, args.repeats)
         dense[layer.name] = {"dense_ops": plan.macs_per_image, **{f"{k}_s": v for k, v in d.items()}}
     a_all, b_all, r2_all = _fit(xs_syn, ys)
     dense_ops = sum(v["dense_ops"] for v in dense.values())
