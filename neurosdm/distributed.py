@@ -90,8 +90,8 @@ def world_from_env(device: str = "cpu") -> World:
 @contextlib.contextmanager
 def process_group(device: str = "cpu"):
     """Yield this process's :class:`World`; when ``WORLD_SIZE > 1`` join the process group first (gloo on the
-    CPU, nccl on CUDA with ``torch.cuda.set_device(LOCAL_RANK)``) and leave it at the end. A group that is
-    already initialised is used as it is (and left to its owner)."""
+    CPU, nccl on CUDA with ``torch.cuda.set_device(LOCAL_RANK)``) and leave it at the end, after a barrier
+    when the body ended normally. A group that is already initialised is used as it is (and left to its owner)."""
     world = world_from_env(device)
     if world.size == 1:
         yield world
@@ -108,6 +108,7 @@ def process_group(device: str = "cpu"):
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     try:
         yield world
+        barrier(world)  # no rank leaves (closing its connections, or rank 0 its store) while another still works
     finally:
         dist.destroy_process_group()
 

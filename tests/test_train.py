@@ -153,10 +153,12 @@ def test_ddp_two_processes_gloo(tmp_path):
             tr.save("{tmp_path / 'ckpt.pt'}")
             print("rank", tr.rank, "ok")
     """))
-    env = {**os.environ, "NEUROSDM_COMPILE": "0", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29533",
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(NEUROSDM_COMPILE="0", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                         str(script)], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[:4000]  # the workers' own messages come first
     assert "rank 0 ok" in r.stdout and "rank 1 ok" in r.stdout
     assert load_checkpoint(tmp_path / "ckpt.pt").step == 3
 
