@@ -104,6 +104,66 @@ def check_fields(obj) -> None:
             check_count(f"config {section}.{name}", getattr(obj, name), 1, hi)
 
 
+SCHEDULE_SYNTAX = ("a comma-separated list of rules 't<A:K' (diffusion steps t below A run K spiking steps; A "
+                   "increasing) ending in a bare default K, e.g. 't<300:4,t<700:3,2'; or one K")
+
+
+def parse_steps_schedule(spec: str, num_diffusion_steps: int, max_steps: int | None = None
+                         ) -> tuple[tuple[int, int], ...]:
+    """The spiking-steps schedule ``num_steps(t)`` from its text (:data:`SCHEDULE_SYNTAX`): segments ``((A_1, K_1),
+    ..., (N, K_default))`` with ``A`` increasing in ``1..N-1`` and the last segment ending at ``N =
+    num_diffusion_steps``; diffusion step ``t`` runs the ``K`` of the first segment with ``t < A``
+    (:func:`schedule_steps`). ``max_steps``: the largest ``K`` allowed (a TSM model's trained steps), else
+    ``LIMITS["num_steps"]``."""
+    hi = max_steps or LIMITS["num_steps"]
+    parts = [p.strip() for p in str(spec).split(",")]
+    segments: list[tuple[int, int]] = []
+
+    def steps(text: str) -> int:
+        try:
+            k = int(text)
+        except ValueError:
+            raise ConfigError(f"steps schedule {spec!r}: {text!r} is not a number of spiking steps; "
+                              f"{SCHEDULE_SYNTAX}") from None
+        if not 1 <= k <= hi:
+            raise ConfigError(f"steps schedule {spec!r}: spiking steps must be in 1..{hi}, got {k}"
+                              + (" (a TSM model has one scale per trained step)" if max_steps else ""))
+        return k
+
+    for i, part in enumerate(parts):
+        if i == len(parts) - 1:
+            segments.append((int(num_diffusion_steps), steps(part)))
+            break
+        cond, sep, k = part.partition(":")
+        cond = cond.replace(" ", "")
+        if not sep or not cond.startswith("t<"):
+            raise ConfigError(f"steps schedule {spec!r}: rule {part!r} is not 't<A:K'; {SCHEDULE_SYNTAX}")
+        try:
+            a = int(cond[2:])
+        except ValueError:
+            raise ConfigError(f"steps schedule {spec!r}: {cond[2:]!r} is not a diffusion step") from None
+        lo = segments[-1][0] + 1 if segments else 1
+        if not lo <= a <= num_diffusion_steps - 1:
+            raise ConfigError(f"steps schedule {spec!r}: bound t<{a} must be in {lo}..{num_diffusion_steps - 1} "
+                              f"(increasing, inside the {num_diffusion_steps}-step schedule)")
+        segments.append((a, steps(k)))
+    return tuple(segments)
+
+
+def schedule_steps(segments, t: int) -> int:
+    """``num_steps(t)`` of a parsed schedule (:func:`parse_steps_schedule`): the ``K`` of the first segment whose
+    bound exceeds ``t``."""
+    for bound, k in segments:
+        if t < bound:
+            return int(k)
+    raise ConfigError(f"diffusion step {t} lies outside the steps schedule {list(segments)}")
+
+
+def format_steps_schedule(segments) -> str:
+    """The text of a parsed schedule (the inverse of :func:`parse_steps_schedule`)."""
+    return ",".join([f"t<{a}:{k}" for a, k in segments[:-1]] + [str(segments[-1][1])])
+
+
 @dataclass
 class ModelConfig:
     """The spiking UNet (SDDPM ``Spk_UNet`` / SDM ``Spk_UNet_TSM`` architecture)."""
@@ -133,9 +193,14 @@ class ModelConfig:
     v_init: float = 0.0  # initial membrane of every IF neuron, as a fraction of its threshold
     thresholds: dict = field(default_factory=dict)  # per-layer thresholds {neuron module name: threshold}
     readout: str = "leaky"  # "leaky": sum_t readout_decay**(num_steps-1-t) h[t]; "mean": the time average (below)
+    # sampling: spiking steps per network call as a function of the diffusion step (parse_steps_schedule); "" runs
+    # num_steps at every call. Like threshold_scale an inference setting: training always runs num_steps
+    steps_schedule: str = ""
 
     def __post_init__(self):
         check_fields(self)
+        if self.steps_schedule:
+            parse_steps_schedule(self.steps_schedule, self.num_diffusion_steps, self.num_steps if self.tsm else None)
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
         self.thresholds = {str(k): float(v) for k, v in dict(self.thresholds).items()}
         if self.activation not in ("if", "qcfs"):
@@ -212,6 +277,10 @@ class TrainConfig:
     # statistics frozen (SpikingUNet.set_qat, Trainer); qat_weight_bits: signed weight mantissa width
     qat: bool = False
     qat_weight_bits: int = 8
+    # firing-rate regularisation (neurosdm.train.rate_penalty): loss += rate_penalty * mean over IF layers of
+    # max(0, rate - rate_target), rate = the layer's spikes per neuron per spiking step in the batch
+    rate_penalty: float = 0.0
+    rate_target: float = 0.0
 
     def __post_init__(self):
         check_fields(self)
@@ -223,6 +292,10 @@ class TrainConfig:
                               f"{self.ema_decay} and {self.grad_clip}")
         if not 2 <= self.qat_weight_bits <= 24:
             raise ConfigError(f"qat_weight_bits must be in 2..24, got {self.qat_weight_bits}")
+        if self.rate_penalty < 0:
+            raise ConfigError(f"--rate-penalty must be >= 0, got {self.rate_penalty}")
+        if not 0.0 <= self.rate_target < 1.0:
+            raise ConfigError(f"--rate-target must be in [0, 1) (spikes per neuron per step), got {self.rate_target}")
 
 
 @dataclass
