@@ -1,10 +1,13 @@
 """Hardware profiles: the schema and the loader of the TOML files in ``neurosdm/hw_profiles/`` (the schema is
 documented in that folder's README.md).
 
-A profile prices the terms of :data:`TERMS` (energy, latency), static power and a mapping (parallel cores, hops
-per spike); every constant has a value, a unit, a source and a kind of evidence (:data:`EVIDENCE`), and is stored
-in its section's canonical unit (:data:`CANONICAL`). :func:`load_profile` rejects, with one line naming the key and
-the file, unknown keys, missing or unknown units, unknown sources or evidence, and non-numeric values.
+A profile prices the terms of :data:`TERMS` (energy, latency), static power, the lower-bound mapping (parallel
+cores, hops per spike) and describes the chip's resources (:data:`RESOURCES`: cores, mesh, per-core limits, weight
+storage, routing, chips per board and system; read by :mod:`neurosdm.hardware.mapping`); every constant has a
+value, a unit, a source and a kind of evidence (:data:`EVIDENCE`), and is stored in its section's canonical unit
+(:data:`CANONICAL`; resources: bits, Gbit/s, plain counts). :func:`load_profile` rejects, with one line naming the
+key and the file, unknown keys, missing or unknown units, unknown sources or evidence, non-numeric values and
+inconsistent resources (:func:`check_resources`).
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from pathlib import Path
 from neurosdm.errors import ConfigError
 from neurosdm.io import regular_file
 
-__all__ = ["PROFILE_DIR", "TERMS", "SECTIONS", "CANONICAL", "EVIDENCE", "TOP_KEYS", "CONST_KEYS", "Constant",
-           "Profile", "list_profiles", "load_profile"]
+__all__ = ["PROFILE_DIR", "TERMS", "SECTIONS", "RESOURCES", "CANONICAL", "EVIDENCE", "TOP_KEYS", "CONST_KEYS",
+           "Constant", "Profile", "list_profiles", "load_profile", "check_resources"]
 
 PROFILE_DIR = Path(__file__).parent.parent / "hw_profiles"
 
@@ -36,10 +39,33 @@ TERMS = {
     "spike": "spike emitted (spikes_out)",
     "message": "spike packet to a destination core (spikes_out x packets per spike; only when priced)",
     "zero_synop": "binary spike x zero-weight synapse (synapse_events - synops; only with synapse_events)",
-    "hop": "router hop of a spike (spikes_out x mapping.hops_per_spike)",
+    "hop": "router hop of a spike (spikes_out x hops per spike: the mapping's, else mapping.hops_per_spike)",
+    "chip_hop": "a spike packet crossing a chip boundary (spikes_out x chip hops per spike of the mapping)",
     "sync": "barrier synchronisation, once per spiking step per image",
     "elementwise": "host element-wise operation (host_elementwise)",
 }
+#: chip resources: key -> (meaning, allowed units); read by the mapper (neurosdm.hardware.mapping)
+RESOURCES = {
+    "cores_per_chip": ("neuromorphic cores per chip", ("cores",)),
+    "mesh_x": ("routers along x of one chip's 2D mesh", ("routers",)),
+    "mesh_y": ("routers along y of one chip's 2D mesh", ("routers",)),
+    "cores_per_router": ("cores sharing one mesh router (Loihi's tile)", ("cores",)),
+    "neurons_per_core": ("neurons (compartments) per core", ("neurons",)),
+    "fanin_axons_per_core": ("distinct input axons one core receives", ("axons",)),
+    "fanout_axons_per_core": ("output axon entries (neuron -> destination core) per core", ("axons",)),
+    "synapse_memory_per_core": ("synaptic memory per core", ("bits", "KiB")),
+    "synapse_bits": ("bits of one stored synapse (or shared weight) entry", ("bits",)),
+    "conv_weight_sharing": ("1: a convolution's kernel is stored once per core and shared by its input axons; "
+                            "0: one entry per synapse", ("flag",)),
+    "multicast": ("1: a router forks one packet to many cores; 0: one packet per destination core", ("flag",)),
+    "targets_per_neuron": ("destination cores one neuron may reach", ("targets",)),
+    "weights_per_neuron": ("distinct synaptic weight values one neuron may use", ("weights",)),
+    "chips_per_board": ("chips on one board", ("chips",)),
+    "chips_per_system": ("chips in the largest system built", ("chips",)),
+    "chip_link_bandwidth": ("inter-chip bandwidth per chip", ("Gbit/s", "GB/s")),
+}
+#: resources every resource section must give (the others are optional: absent = no such limit)
+RESOURCES_REQUIRED = ("cores_per_chip", "mesh_x", "mesh_y", "cores_per_router", "neurons_per_core")
 SECTIONS = {
     "energy": ({"fJ": 1e-3, "pJ": 1.0, "nJ": 1e3, "uJ": 1e6}, TERMS),
     "latency": ({"ps": 1e-3, "ns": 1.0, "us": 1e3, "ms": 1e6}, {k: v for k, v in TERMS.items()
@@ -47,9 +73,12 @@ SECTIONS = {
     "power": ({"uW": 1e-3, "mW": 1.0, "W": 1e3}, {"static": "static power of the chip (or board) while it runs"}),
     "mapping": ({"cores": 1.0, "hops": 1.0}, {"parallel_cores": "units working in parallel (time model)",
                                               "hops_per_spike": "mean router hops per spike"}),
+    "resources": ({"cores": 1.0, "routers": 1.0, "neurons": 1.0, "axons": 1.0, "bits": 1.0, "KiB": 8192.0,
+                   "flag": 1.0, "targets": 1.0, "weights": 1.0, "chips": 1.0, "Gbit/s": 1.0, "GB/s": 8.0},
+                  {k: v[0] for k, v in RESOURCES.items()}),
 }
-CANONICAL = {"energy": "pJ", "latency": "ns", "power": "mW", "mapping": ""}
-EVIDENCE = ("silicon", "pre-silicon simulation", "calibrated model", "derived", "assumption")
+CANONICAL = {"energy": "pJ", "latency": "ns", "power": "mW", "mapping": "", "resources": ""}
+EVIDENCE = ("silicon", "specification", "pre-silicon simulation", "calibrated model", "derived", "assumption")
 TOP_KEYS = {"name", "description", "host", "sources", *SECTIONS}
 CONST_KEYS = {"value", "unit", "source", "evidence", "note"}
 
@@ -73,6 +102,7 @@ class Profile:
     latency: dict[str, Constant] = field(default_factory=dict)
     power: dict[str, Constant] = field(default_factory=dict)
     mapping: dict[str, Constant] = field(default_factory=dict)
+    resources: dict[str, Constant] = field(default_factory=dict)
     path: str = ""
 
     def constants(self):
@@ -152,8 +182,9 @@ def load_profile(name_or_path: str | os.PathLike | Profile) -> Profile:
                 _fail(path, f"key {key!r}: value must be a non-negative finite number, got {c['value']!r}")
             if key == "mapping.parallel_cores" and (c["value"] < 1 or not float(c["value"]).is_integer()):
                 _fail(path, f"key {key!r}: value must be a whole number of cores >= 1, got {c['value']!r}")
-            if c["unit"] not in units:
-                _fail(path, f"key {key!r}: unit {c['unit']!r} is not one of {', '.join(units)}")
+            allowed = RESOURCES[term][1] if section == "resources" else units
+            if c["unit"] not in allowed:
+                _fail(path, f"key {key!r}: unit {c['unit']!r} is not one of {', '.join(allowed)}")
             if c["source"] not in sources:
                 _fail(path, f"key {key!r}: source {c['source']!r} is not in [sources]")
             if c["evidence"] not in EVIDENCE:
@@ -161,4 +192,40 @@ def load_profile(name_or_path: str | os.PathLike | Profile) -> Profile:
             getattr(prof, section)[term] = Constant(float(c["value"]) * units[c["unit"]], c["unit"],
                                                     float(c["value"]), c["source"], c["evidence"],
                                                     str(c.get("note", "")))
+    problem = check_resources(prof.resources)
+    if problem:
+        _fail(path, f"inconsistent [resources]: {problem}")
     return prof
+
+
+def check_resources(res: dict[str, Constant]) -> str | None:
+    """What is inconsistent in a resources table (None if nothing or it is empty): a required key missing, a count
+    that is not a whole number >= 1, a flag not 0 or 1, more cores than the mesh holds (or a whole empty mesh row),
+    a synapse entry larger than the memory, more chips per board than per system."""
+    if not res:
+        return None
+    for k in RESOURCES_REQUIRED:
+        if k not in res:
+            return f"resources.{k} is missing (required: {', '.join(RESOURCES_REQUIRED)})"
+    for k, c in res.items():
+        if RESOURCES[k][1] == ("flag",):
+            if c.value not in (0.0, 1.0):
+                return f"resources.{k} must be 0 or 1, got {c.raw:g}"
+        elif k != "chip_link_bandwidth" and (c.value < 1 or not float(c.value).is_integer()):
+            return f"resources.{k} must be a whole number >= 1, got {c.raw:g}"
+    v = {k: c.value for k, c in res.items()}
+    slots = v["mesh_x"] * v["mesh_y"] * v["cores_per_router"]
+    if v["cores_per_chip"] > slots:
+        return (f"resources.cores_per_chip = {v['cores_per_chip']:g} > mesh_x x mesh_y x cores_per_router = "
+                f"{slots:g}")
+    if v["cores_per_chip"] <= v["mesh_x"] * (v["mesh_y"] - 1) * v["cores_per_router"]:
+        return (f"resources.cores_per_chip = {v['cores_per_chip']:g} leaves a whole row of the "
+                f"{v['mesh_x']:g} x {v['mesh_y']:g} mesh empty")
+    if ("synapse_bits" in v) != ("synapse_memory_per_core" in v):
+        return "resources.synapse_bits and resources.synapse_memory_per_core go together"
+    if "synapse_bits" in v and v["synapse_bits"] > v["synapse_memory_per_core"]:
+        return "resources.synapse_bits is larger than resources.synapse_memory_per_core"
+    if "chips_per_board" in v and "chips_per_system" in v and v["chips_per_board"] > v["chips_per_system"]:
+        return (f"resources.chips_per_board = {v['chips_per_board']:g} > chips_per_system = "
+                f"{v['chips_per_system']:g}")
+    return None
