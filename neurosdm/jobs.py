@@ -66,7 +66,8 @@ def train(out: Path, preset: str = "tiny", dataset: Optional[str] = None, steps:
           batch_size: Optional[int] = None, lr: Optional[float] = None, num_steps: Optional[int] = None,
           tsm: Optional[bool] = None, head: Optional[str] = None, data_dir: Optional[str] = None,
           init: Optional[Path] = None, qat: bool = False, qat_bits: Optional[int] = None, ann: bool = False,
-          ann_bits: Optional[int] = None, seed: Optional[int] = None, bf16: Optional[bool] = None,
+          ann_bits: Optional[int] = None, rate_penalty: Optional[float] = None,
+          rate_target: Optional[float] = None, seed: Optional[int] = None, bf16: Optional[bool] = None,
           ckpt_every: Optional[int] = None, sample_every: Optional[int] = None, sample_images: int = 64,
           resume: bool = True, device: str = "cpu", progress=None) -> Path:
     """``neurosdm train``: the preset (architecture and schedule from ``init`` when given), the options that are
@@ -76,6 +77,10 @@ def train(out: Path, preset: str = "tiny", dataset: Optional[str] = None, steps:
         raise ConfigError("--qat-bits needs --qat")
     if ann_bits is not None and not ann:
         raise ConfigError("--ann-bits needs --ann")
+    if rate_target is not None and not rate_penalty:
+        raise ConfigError("--rate-target needs --rate-penalty LAMBDA > 0")
+    if rate_penalty and ann:
+        raise ConfigError("--rate-penalty regularises IF spikes; the --ann model has QCFS activations")
     check_device(device)
     check_output_dir(out)
     if ann and num_steps is None:
@@ -90,7 +95,8 @@ def train(out: Path, preset: str = "tiny", dataset: Optional[str] = None, steps:
                  "train.data_dir": data_dir, "train.seed": seed, "train.bf16": bf16,
                  "train.ckpt_every": ckpt_every, "train.sample_every": sample_every,
                  "train.qat": qat or None, "train.qat_weight_bits": qat_bits,
-                 "model.qcfs_bits": ann_bits, "model.activation": "qcfs" if ann else None})
+                 "model.qcfs_bits": ann_bits, "train.rate_penalty": rate_penalty,
+                 "train.rate_target": rate_target, "model.activation": "qcfs" if ann else None})
     with T.distributed(device) as dev:
         return T.train(cfg, out, resume=resume, init=str(init) if init else None, device=dev, progress=progress,
                        num_sample_images=sample_images)
@@ -128,7 +134,8 @@ def check_sampler(sampler: str, order: int, gamma_file: Optional[Path], source: 
 
 def sample(ckpt: Path, out: Path, num_images: int = 64, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
            order: int = 3, gamma_file: Optional[Path] = None, seed: int = 0, threshold_scale: float = 1.0,
-           batch_size: int = 64, device: str = "cpu", progress=None) -> Optional[Path]:
+           batch_size: int = 64, device: str = "cpu", progress=None,
+           steps_schedule: Optional[str] = None) -> Optional[Path]:
     """``neurosdm sample``: the sampler options checked, then :func:`neurosdm.sample.sample_to_dir` (under torchrun
     each rank samples its share, rank 0 merges; ``progress`` shows on rank 0). Returns the PNG path on rank 0,
     None on the other ranks."""
@@ -138,7 +145,8 @@ def sample(ckpt: Path, out: Path, num_images: int = 64, sampler: str = "ddim", s
     with process_group(device) as world:
         return sample_to_dir(ckpt, out, num_images, seed=seed, sampler=sampler, num_sample_steps=steps, eta=eta,
                              threshold_scale=threshold_scale, batch_size=batch_size, device=world.device,
-                             progress=progress if world.is_main else None, order=order, gamma=table, world=world)
+                             progress=progress if world.is_main else None, order=order, gamma=table, world=world,
+                             steps_schedule=steps_schedule)
 
 
 def gamma(ckpt: Path, dataset: str, out: Path, steps: int = 50, num_samples: int = 100,
@@ -161,14 +169,16 @@ def gamma(ckpt: Path, dataset: str, out: Path, steps: int = 50, num_samples: int
 
 def export_nir(ckpt: Path, out: Optional[Path] = None, quantize: str = "none", force: bool = False,
                calibration: Optional[str] = None, data_dir: Optional[str] = None, calibration_images: int = 64,
-               junctions: str = "scale", peer: Optional[str] = None, upsample: str = "auto") -> tuple[Path, dict]:
+               junctions: str = "scale", peer: Optional[str] = None, upsample: str = "auto",
+               steps_schedule: Optional[str] = None) -> tuple[Path, dict]:
     """``neurosdm export --to nir``: export (rewritten for ``peer``'s NIR reader when given, in the core-NIR
     polyphase form unless ``upsample`` says otherwise; the file is removed if that fails), then inspect it.
     Returns ``(path, totals)`` of :func:`neurosdm.graph.inspect.inspect_nir`."""
     if peer is not None and upsample == "auto":
         upsample = "polyphase"  # a peer reads core NIR only (its placeholder of the extension runs as zeros)
     path = export_checkpoint(ckpt, out, quantize=quantize, force=force, calibration=calibration, data_dir=data_dir,
-                             calibration_images=calibration_images, junctions=junctions, upsample=upsample)
+                             calibration_images=calibration_images, junctions=junctions, upsample=upsample,
+                             steps_schedule=steps_schedule)
     if peer is not None:
         write_for_peer(path, peer, discard_on_error=True)
     _, totals = inspect_nir(path)
@@ -207,7 +217,8 @@ def run_foreign(file: Path, program, origin: dict, engine: Optional[str], input:
 def simulate(file: Path, out: Path, engine: Optional[str] = None, num_images: int = 4, sampler: str = "ddim",
              steps: int = 20, seed: int = 0, eta: float = 0.0, order: int = 3, gamma_file: Optional[Path] = None,
              batch_size: int = 16, device: str = "cpu", save_spikes: bool = False,
-             threshold_scale: Optional[float] = None, input: Optional[Path] = None, dt: Optional[float] = None,
+             threshold_scale: Optional[float] = None, steps_schedule: Optional[str] = None,
+             input: Optional[Path] = None, dt: Optional[float] = None,
              method: Optional[str] = None, reset: Optional[str] = None, comparison: Optional[str] = None,
              progress: Optional[Callable[[str], Callable]] = None, say: Say = lambda line: None
              ) -> Optional[Simulation]:
@@ -225,6 +236,8 @@ def simulate(file: Path, out: Path, engine: Optional[str] = None, num_images: in
         if threshold_scale is not None:
             raise ConfigError("--threshold-scale needs a neurosdm denoiser export (its metadata records the "
                               "threshold)")
+        if steps_schedule is not None:
+            raise ConfigError("--steps-schedule needs a neurosdm denoiser export (it runs inside the sampler)")
         name, res, stats = run_foreign(file, program, origin, engine, input, device, save_spikes, say)
         with output_set(out) as stage:  # the files appear together or not at all
             save_foreign_outputs(res, stage / "outputs.npz")
@@ -238,7 +251,7 @@ def simulate(file: Path, out: Path, engine: Optional[str] = None, num_images: in
     with process_group(device) as world, np.errstate(all="ignore"):  # under torchrun: each rank runs its share,
         # rank 0 merges; overflows are not warned about value by value: non-finite images are refused below
         res = simulate_sharded(program, engine, num_images, sampler, steps, seed, eta, batch_size, world.device,
-                               record=save_spikes, threshold_scale=threshold_scale,
+                               record=save_spikes, threshold_scale=threshold_scale, steps_schedule=steps_schedule,
                                progress=progress(f"{engine} engine") if progress and world.is_main else None,
                                world=world, shard_dir=out, order=order, gamma=table)
     if res is None:

@@ -29,6 +29,7 @@ from neurosdm.distributed import process_group
 from neurosdm.errors import ConfigError
 from neurosdm.io import image_grid, save_npy, save_png
 from neurosdm.models import SpikingUNet
+from neurosdm.neurons import SpikingNeurons
 from neurosdm.sample import generate
 
 
@@ -91,6 +92,33 @@ def freeze_batchnorm(model: torch.nn.Module) -> None:
             m.eval()
 
 
+class SpikeRates:
+    """Forward hooks on every IF layer (:class:`~neurosdm.neurons.SpikingNeurons`) of ``model``: after a forward
+    pass, ``rates[name]`` is the layer's firing rate in that pass, ``mean(spikes)`` over ``[num_steps, B, C, H,
+    W]`` (spikes per neuron per spiking step), a differentiable scalar (the surrogate gradient flows through it).
+    Installed only when the rate penalty is on, so the penalty-free path runs no hook."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.rates: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in model.named_modules()
+                        if isinstance(m, SpikingNeurons)]
+        if not self.handles:
+            raise ConfigError("--rate-penalty regularises IF spikes; this model has no IF layer")
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            self.rates[name] = output.float().mean()
+        return hook
+
+
+def rate_penalty(rates: dict[str, torch.Tensor], target: float) -> torch.Tensor:
+    """The firing-rate regulariser: ``mean_l max(0, r_l - target)`` over the IF layers' rates ``r_l``
+    (:class:`SpikeRates`). With ``target`` 0 it is the mean firing rate, an L1 penalty on spikes, whose gradient
+    lowers every layer's rate; above-target layers only otherwise. The trainer adds ``rate_penalty x`` this to
+    the denoising loss."""
+    return torch.stack([(r - target).clamp_min(0.0) for r in rates.values()]).mean()
+
+
 def learning_rate(step: int, cfg) -> float:
     """Linear warm-up to ``lr`` over ``warmup`` steps, then constant (as the SDDPM/pytorch-ddpm recipe)."""
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
@@ -128,6 +156,9 @@ class Trainer:
         self.data = data
         self.step_count = 0
         self.last_loss = float("nan")
+        self.spike_rates = SpikeRates(self.model) if tc.rate_penalty > 0 else None
+        self.last_rates: dict[str, float] = {}
+        self.last_penalty = 0.0
 
     def _set_qat(self, bits: int | None) -> None:
         """Quantisation-aware training on (``bits``) or off (None) for the model and its EMA
@@ -186,8 +217,14 @@ class Trainer:
             freeze_batchnorm(self.model)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
             loss = self.diffusion.loss(self.net, x_0, generator=step_generator(tc.seed, k, self.rank + 1))
+        total = loss
+        if self.spike_rates is not None:  # loss += lambda * mean_l max(0, rate_l - target)
+            penalty = rate_penalty(self.spike_rates.rates, tc.rate_target)
+            total = loss + tc.rate_penalty * penalty
+            self.last_penalty = float(penalty.detach())
+            self.last_rates = {n: float(r.detach()) for n, r in self.spike_rates.rates.items()}
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         self.opt.step()
@@ -233,7 +270,11 @@ def train(config: Config, out_dir: str | os.PathLike, resume: bool = True, init:
         k = tr.step_count
         if log and (k % tc.log_every == 0 or k == tc.steps):
             rate = (k - start) / (time.perf_counter() - t0)
-            log.write(json.dumps({"step": k, "loss": loss, "lr": learning_rate(k - 1, tc), "it_per_s": rate}) + "\n")
+            row = {"step": k, "loss": loss, "lr": learning_rate(k - 1, tc), "it_per_s": rate}
+            if tr.spike_rates is not None:  # the rate penalty's terms: per IF layer, and their regulariser
+                row.update(rate_penalty=tr.last_penalty, mean_rate=float(np.mean(list(tr.last_rates.values()))),
+                           rates=tr.last_rates)
+            log.write(json.dumps(row) + "\n")
             log.flush()
         if tc.ckpt_every and k % tc.ckpt_every == 0 and k < tc.steps:
             tr.save(ckpt_path, {"wall_s": time.perf_counter() - t0})

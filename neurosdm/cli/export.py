@@ -60,6 +60,10 @@ def export(
                                               "reader (docs/peer-readers.md); neurosdm's engines read the plain "
                                               "export"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
+    steps_schedule: Optional[str] = typer.Option(None, "--steps-schedule", help="spiking steps per network call by "
+                                                 "diffusion step: rules 't<A:K' then a default K, e.g. "
+                                                 "'t<300:4,t<700:3,2' (docs/pareto.md); written into the metadata, "
+                                                 "honoured by both engines"),
 ):
     """Export a checkpoint as a NIR graph (EMA weights, biases of diffusion step 0, all steps in metadata), or with
     --to lava its feed-forward chain as a lava-dl netx file (docs/lava.md)."""
@@ -77,7 +81,7 @@ def export(
     path, totals = jobs.export_nir(ckpt, out, quantize=quantize.value, force=force, calibration=calibration,
                                    data_dir=data_dir, calibration_images=calibration_images,
                                    junctions=junctions.value, peer=peer.value if peer is not None else None,
-                                   upsample=upsample.value)
+                                   upsample=upsample.value, steps_schedule=steps_schedule)
     q = totals["metadata"].get("quant")
     detail = (f"; int8, state unit 2^{int(q['state_exponent'])}, calibrated on {int(q['calibration']['images'])} "
               f"images" if isinstance(q, dict) else "")

@@ -35,6 +35,11 @@ def train(
                              "replaced by a QCFS activation (learnable clip), one step; then `neurosdm convert`"),
     ann_bits: Optional[int] = typer.Option(None, "--ann-bits", help="QCFS bits b with --ann (L = 2**b - 1 levels; "
                                            "the converted SNN runs L steps; default 2)"),
+    rate_penalty: Optional[float] = typer.Option(None, "--rate-penalty", help="firing-rate regularisation: loss += "
+                                                 "LAMBDA x mean over IF layers of max(0, rate - target); rates logged "
+                                                 "per layer in log.jsonl (default 0: off)"),
+    rate_target: Optional[float] = typer.Option(None, "--rate-target", help="the rate (spikes per neuron per step) "
+                                                "below which --rate-penalty costs nothing (default 0)"),
     seed: Optional[int] = typer.Option(None),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="bf16 autocast"),
     ckpt_every: Optional[int] = typer.Option(None),
@@ -48,7 +53,8 @@ def train(
 
     path = jobs.train(out, preset=preset, dataset=dataset, steps=steps, batch_size=batch_size, lr=lr,
                       num_steps=num_steps, tsm=tsm, head=head, data_dir=data_dir, init=init, qat=qat,
-                      qat_bits=qat_bits, ann=ann, ann_bits=ann_bits, seed=seed, bf16=bf16, ckpt_every=ckpt_every,
+                      qat_bits=qat_bits, ann=ann, ann_bits=ann_bits, rate_penalty=rate_penalty,
+                      rate_target=rate_target, seed=seed, bf16=bf16, ckpt_every=ckpt_every,
                       sample_every=sample_every, sample_images=sample_images, resume=resume, device=device,
                       progress=progress_bar("training"))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks
@@ -68,6 +74,9 @@ def sample(
     gamma: Optional[Path] = typer.Option(None, help=GAMMA_HELP),
     seed: int = typer.Option(0),
     threshold_scale: float = typer.Option(1.0, help="threshold guidance: inference threshold multiplier"),
+    steps_schedule: Optional[str] = typer.Option(None, "--steps-schedule", help="spiking steps per network call by "
+                                                 "diffusion step: rules 't<A:K' then a default K, e.g. "
+                                                 "'t<300:4,t<700:3,2' (docs/pareto.md)"),
     batch_size: int = typer.Option(64),
     device: str = typer.Option("cpu"),
 ):
@@ -76,7 +85,7 @@ def sample(
 
     png = jobs.sample(ckpt, out, num_images, sampler=sampler, steps=steps, eta=eta, order=order, gamma_file=gamma,
                       seed=seed, threshold_scale=threshold_scale, batch_size=batch_size, device=device,
-                      progress=progress_bar("sampling"))
+                      progress=progress_bar("sampling"), steps_schedule=steps_schedule)
     if png is not None:
         console.print(f"wrote {png} and {png.with_suffix('.npy')}")
 

@@ -38,6 +38,10 @@ def simulate(
                                      "(DIR/spikes.nird): every IF layer, or a foreign graph's spiking layers"),
     threshold_scale: Optional[float] = typer.Option(None, help="threshold guidance at simulation time: IF layers "
                                                     "fire at threshold x this (default: as exported)"),
+    steps_schedule: Optional[str] = typer.Option(None, "--steps-schedule", help="spiking steps per network call by "
+                                                 "diffusion step: rules 't<A:K' then a default K, e.g. "
+                                                 "'t<300:4,t<700:3,2' (docs/pareto.md); default: the export's "
+                                                 "metadata, '' for none"),
     input: Optional[Path] = typer.Option(None, "--input", help="foreign graphs: the input, .npy/.npz [T, B, *shape] "
                                          "or [T, *shape], or NIR data (TimeGriddedData [samples, T, neurons])"),
     dt: Optional[float] = typer.Option(None, help=DISC_HELP["dt"]),
@@ -53,8 +57,8 @@ def simulate(
     run = jobs.simulate(file, out, engine=engine.value if engine is not None else None, num_images=num_images,
                         sampler=sampler, steps=steps, seed=seed, eta=eta, order=order, gamma_file=gamma,
                         batch_size=batch_size, device=device, save_spikes=save_spikes,
-                        threshold_scale=threshold_scale, input=input, dt=dt, method=method, reset=reset,
-                        comparison=comparison, progress=progress_bar, say=say)
+                        threshold_scale=threshold_scale, steps_schedule=steps_schedule, input=input, dt=dt,
+                        method=method, reset=reset, comparison=comparison, progress=progress_bar, say=say)
     if run is None:  # another rank of a torchrun job
         return
     stats = run.stats

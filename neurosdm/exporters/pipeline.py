@@ -12,12 +12,13 @@ import numpy as np
 import torch
 
 from neurosdm.checkpoint import build_model, file_sha256, load_checkpoint
-from neurosdm.config import Config
+from neurosdm.config import Config, parse_steps_schedule
 from neurosdm.data import load_dataset
 from neurosdm.errors import ConfigError, DatasetError
 from neurosdm.exporters.fixed_point import calibrate, calibration_inputs, quantize_graph
 from neurosdm.exporters.nir import to_nir_graph
 from neurosdm.exporters.rewrite import inline_junctions
+from neurosdm.graph.dialect import STEPS_SCHEDULE_RULE, steps_schedule_table
 from neurosdm.io import atomic_buffer, check_output_file
 
 __all__ = ["export_checkpoint", "quantize_export", "calibration_set", "default_output_path", "QUANTIZE_CHOICES",
@@ -38,7 +39,7 @@ def default_output_path(ckpt_path: str | os.PathLike) -> Path:
 def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike | None = None,
                       quantize: str = "none", force: bool = False, calibration: str | None = None,
                       data_dir: str | None = None, calibration_images: int = 64, seed: int = 0,
-                      junctions: str = "scale", upsample: str = "auto") -> Path:
+                      junctions: str = "scale", upsample: str = "auto", steps_schedule: str | None = None) -> Path:
     """Export a checkpoint (any layout, EMA weights when present) as a NIR file; returns the written path.
 
     quantize: ``"none"`` (float32 graph) or ``"int8"`` (:mod:`neurosdm.exporters.fixed_point`, calibrated on
@@ -48,6 +49,9 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike 
         into every consumer and an identity 1x1 conv before the Output, for readers without Scale:
         :func:`neurosdm.exporters.rewrite.inline_junctions`; see docs/peer-readers.md).
     upsample: ``"auto"``, ``"polyphase"`` or ``"extension"`` (:func:`neurosdm.exporters.packing.upsample_form`).
+    steps_schedule: spiking steps per diffusion step (:func:`neurosdm.config.parse_steps_schedule`; default: the
+        checkpoint's ``model.steps_schedule``), written as ``metadata["steps_schedule"]``
+        (:func:`neurosdm.graph.dialect.steps_schedule_table`); engines run each call with its step count.
 
     The graph holds the biases of diffusion step 0 (all steps are in ``metadata["bias_tables"]``) and records the
     checkpoint's diffusion schedule, ``source_checkpoint`` (file name) and ``source_checkpoint_sha256``. The file
@@ -64,6 +68,10 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike 
     ckpt_file = ckpt_path / "ckpt.pt" if ckpt_path.is_dir() else ckpt_path
     check_output_file(out_path, force, sources=(ckpt_file,))  # before the work; never the checkpoint itself
     ckpt = load_checkpoint(ckpt_path)
+    m = ckpt.config.model
+    schedule = m.steps_schedule if steps_schedule is None else steps_schedule
+    if schedule:  # checked before the work (a TSM model's scales bound the step counts)
+        parse_steps_schedule(schedule, ckpt.config.diffusion.num_diffusion_steps, m.num_steps if m.tsm else None)
     # the calibration images before the model and graph are built: a missing dataset is a quick one-line error
     images = calibration_set(ckpt.config, calibration, data_dir, calibration_images) if quantize == "int8" else None
     state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
@@ -78,6 +86,9 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike 
     metadata["source_checkpoint"] = ckpt_file.name
     metadata["source_checkpoint_sha256"] = file_sha256(ckpt_file)
     metadata["weights"] = "ema" if ckpt.ema_state is not None else "model"
+    if schedule:
+        metadata["steps_schedule"] = steps_schedule_table(schedule, ckpt.config.diffusion.num_diffusion_steps)
+        metadata["steps_schedule_rule"] = STEPS_SCHEDULE_RULE
     with atomic_buffer(out_path) as buffer:  # HDF5 in memory: a full disk is a clean error, not a crash
         nir.write(buffer, graph)
     return out_path

@@ -8,7 +8,9 @@
   graph by :func:`graph_at`;
 - the up-sampling extension node (:data:`UPSAMPLE_RULE`: a sub-graph whose metadata names the operator), read by
   :func:`upsample_factor` and written by :func:`upsample_node`;
-- :func:`meta_value` / :func:`as_str`: values as ``nir.read`` returns them (0-d arrays, bytes) as Python values.
+- :func:`meta_value` / :func:`as_str`: values as ``nir.read`` returns them (0-d arrays, bytes) as Python values;
+- the spiking-steps schedule ``num_steps(t)`` (``metadata["steps_schedule"]``, :data:`STEPS_SCHEDULE_RULE`),
+  written by :func:`steps_schedule_table` and read (validated) by :func:`read_steps_schedule`.
 
 The host side of a denoiser export (unpacking, the analog "sdm" head) is :mod:`neurosdm.graph.host`.
 
@@ -45,13 +47,14 @@ from typing import Any
 import nir
 import numpy as np
 
+from neurosdm.config import format_steps_schedule, parse_steps_schedule
 from neurosdm.dynamics import METHODS, Reset, parse_method
 from neurosdm.errors import ConfigError, GraphError
 
 __all__ = ["Discretisation", "FixedPoint", "COMPARISONS", "RESETS", "METHODS", "as_str", "meta_value",
            "table_entry", "tables_vary_per_step", "graph_at",
            "quantize_input", "BIAS_TABLE_RULE", "SCALE_TABLE_RULE", "UNITS_RULE", "UPSAMPLE_OPERATOR", "UPSAMPLE_RULE",
-           "upsample_factor", "upsample_node"]
+           "upsample_factor", "upsample_node", "STEPS_SCHEDULE_RULE", "steps_schedule_table", "read_steps_schedule"]
 
 RESETS = tuple(r.value for r in Reset)
 COMPARISONS = (">=", ">")
@@ -69,6 +72,45 @@ UNITS_RULE = ("every value of the graph is an integer in units of 2**state_expon
               "+-(2**(input_bits-1)-1)) and reads eps from output * 2**output_exponent; weight mantissas are "
               "weight / 2**(weight_exponents[node] + u_in - state_exponent), u_in = 0 for spikes, "
               "input_exponent for the image, state_exponent for streams, plus tsm_exponents for TSM inputs")
+
+
+STEPS_SCHEDULE_RULE = ("steps_schedule is an integer table [n, 2] of rows (A, K), A increasing, the last A = "
+                       "num_diffusion_steps: a network call at diffusion step t runs K spiking steps of the first "
+                       "row with t < A (the constant input for K steps, per-step tables at k = 0..K-1, the "
+                       "readout over those K steps); absent: num_steps at every call")
+
+
+def steps_schedule_table(spec: str, num_diffusion_steps: int) -> np.ndarray:
+    """The metadata form ``[n, 2]`` int64 of a schedule's text (:func:`neurosdm.config.parse_steps_schedule`)."""
+    return np.asarray(parse_steps_schedule(spec, num_diffusion_steps), dtype=np.int64).reshape(-1, 2)
+
+
+def read_steps_schedule(metadata: dict, num_steps: int, per_step_tables: bool = False,
+                        fixed_steps: bool = False) -> str | None:
+    """The schedule of a graph's ``metadata["steps_schedule"]`` as its text (None when absent), validated by the
+    rule that parses option values: :class:`GraphError` for a malformed table, a step count above ``num_steps``
+    where the graph has per-step tables (``per_step_tables``: TSM scales exist for ``num_steps`` steps only), or
+    any step count other than ``num_steps`` where the readout depends on it (``fixed_steps``: a mean readout folded
+    into the weights)."""
+    if "steps_schedule" not in metadata:
+        return None
+    n = int(np.asarray(metadata.get("num_diffusion_steps", 0)))
+    try:
+        table = np.asarray(metadata["steps_schedule"])
+        if table.ndim != 2 or table.shape[1] != 2 or table.shape[0] < 1 or not np.issubdtype(table.dtype, np.number) \
+                or not np.all(table == np.round(table)):
+            raise ConfigError(f"a table [n, 2] of integers is expected, got shape {table.shape}")
+        rows = tuple((int(a), int(k)) for a, k in table)
+        if rows[-1][0] != n:
+            raise ConfigError(f"the last row must end at num_diffusion_steps = {n}, got {rows[-1][0]}")
+        spec = format_steps_schedule(rows)
+        parse_steps_schedule(spec, n, num_steps if per_step_tables else None)
+    except ConfigError as e:
+        raise GraphError(f"metadata steps_schedule is invalid: {e}") from None
+    if fixed_steps and any(k != num_steps for _, k in rows):
+        raise GraphError(f"metadata steps_schedule {spec!r}: this graph's readout is folded for {num_steps} steps "
+                         "(a converted SNN's mean readout); it cannot run other step counts")
+    return spec
 
 
 def as_str(value: Any) -> str:

@@ -110,6 +110,7 @@ class Conv(nn.Conv2d):
         super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=padding)
         self.tsmp = nn.Parameter(torch.ones(num_steps, 1, 1, 1, 1)) if tsm else None
         self.qat: tuple[int, nn.Module | None] | None = None  # a tuple is not registered as a submodule
+        self.steps: int | None = None  # spiking steps run now (SpikingUNet.set_spiking_steps); None: all of tsmp
         init.xavier_uniform_(self.weight)
         init.zeros_(self.bias)
 
@@ -131,7 +132,10 @@ class Conv(nn.Conv2d):
         w = self.effective_weight()
         y = per_step(lambda z: self._conv_forward(z, w, self.bias), x)
         # in the conv's output dtype: under bf16 autocast a float32 scale would promote every activation to float32
-        return y * self.tsmp.to(y.dtype) if self.tsmp is not None else y
+        if self.tsmp is None:
+            return y
+        p = self.tsmp if self.steps is None else self.tsmp[:self.steps]
+        return y * p.to(y.dtype)
 
 
 class BatchNorm(nn.BatchNorm2d):
@@ -257,6 +261,19 @@ class SpikingUNet(nn.Module):
         self._set_layer_thresholds(cfg.thresholds)
         self.set_threshold_scale(cfg.threshold_scale)
         self.qat_bits: int | None = None
+        self.spiking_steps: int | None = None
+
+    def set_spiking_steps(self, steps: int | None) -> None:
+        """Run ``steps`` spiking steps per call instead of ``cfg.num_steps`` (None: back to it); with TSM the first
+        ``steps`` scales (at most the trained ``num_steps``). The sampler's steps schedule
+        (:func:`neurosdm.sample.generate`) sets it per diffusion step; nothing is stored in the state dict."""
+        if steps is not None and self.cfg.tsm and not 1 <= steps <= self.cfg.num_steps:
+            raise ConfigError(f"a TSM model runs 1..{self.cfg.num_steps} spiking steps (one scale per trained step), "
+                              f"got {steps}")
+        self.spiking_steps = None if steps is None else int(steps)
+        for m in self.modules():
+            if isinstance(m, Conv):
+                m.steps = self.spiking_steps
 
     def qat_pairs(self) -> list[tuple[Conv, BatchNorm | None]]:
         """Every conv of the spiking path with the BatchNorm that follows it (None where none does): the stem's
@@ -309,7 +326,7 @@ class SpikingUNet(nn.Module):
         # direct encoding: the stem conv sees the same image at every spiking step, so it runs once (the TSM
         # scales then make the per-step copies); activations are channels-last from here on
         h = self.conv(x.contiguous(memory_format=torch.channels_last).unsqueeze(0))
-        h = self.bn(channels_last(h.expand(cfg.num_steps, *h.shape[1:])))
+        h = self.bn(channels_last(h.expand(self.spiking_steps or cfg.num_steps, *h.shape[1:])))
         h = self.bn_identity(self.conv_identity(self.neuron(h)))
         hs = [h]
         for layer in self.downblocks:

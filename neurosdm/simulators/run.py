@@ -21,8 +21,9 @@ import torch
 from neurosdm.config import Config, DiffusionConfig, ModelConfig, check_count, check_memory, check_positive
 from neurosdm.diffusion.samplers import host_ops_schedule
 from neurosdm.distributed import World, gather_shards
-from neurosdm.errors import ConfigError
-from neurosdm.graph.dialect import meta_value, quantize_input
+from neurosdm.errors import ConfigError, GraphError
+from neurosdm.graph.dialect import (as_str, meta_value, quantize_input, read_steps_schedule, steps_schedule_table,
+                                    tables_vary_per_step)
 from neurosdm.graph.host import HostHead, eps_from_outputs
 from neurosdm.graph.program import Program
 from neurosdm.io import atomic_buffer
@@ -33,7 +34,7 @@ from neurosdm.simulators.stats import RunStats, add_counts
 from neurosdm.simulators.torch_engine import TorchEngine
 
 __all__ = ["ENGINES", "make_engine", "GraphDenoiser", "simulate", "simulate_sharded", "merge_stats", "host_counts",
-           "config_of", "apply_threshold_scale", "save_spikes_nird", "is_denoiser_export"]
+           "config_of", "apply_threshold_scale", "save_spikes_nird", "is_denoiser_export", "steps_schedule_of"]
 
 ENGINES = ("event", "torch")
 
@@ -102,13 +103,36 @@ def apply_threshold_scale(program: Program, scale: float) -> Program:
     return program
 
 
-def host_counts(program: Program, batch: int) -> dict[str, int]:
+def steps_schedule_of(program: Program, override: str | None = None) -> str | None:
+    """The spiking-steps schedule a denoiser run uses: ``override`` (an option's text; "" for none) or the graph's
+    ``metadata["steps_schedule"]``, checked against the graph (:func:`neurosdm.graph.dialect.read_steps_schedule`:
+    TSM scale tables bound the step counts; a converted SNN's spiking head with a mean readout runs its own
+    ``num_steps`` only). Returns the text, or None for ``num_steps`` at every call."""
+    md = dict(program.metadata)
+    if override is not None:
+        if not override:
+            return None
+        try:
+            md["steps_schedule"] = steps_schedule_table(override, program.num_diffusion_steps)
+        except ConfigError as e:
+            raise ConfigError(f"--steps-schedule: {e}") from None
+    fixed = as_str(md.get("head")) == "spiking" and as_str(md.get("readout_mode", "leaky")) == "mean"
+    try:
+        return read_steps_schedule(md, program.num_steps, tables_vary_per_step(md), fixed)
+    except GraphError as e:
+        if override is None:
+            raise
+        raise ConfigError(str(e).replace("metadata steps_schedule", "--steps-schedule")) from None
+
+
+def host_counts(program: Program, batch: int, num_steps: int | None = None) -> dict[str, int]:
     """Host work of one denoiser call (per batch): input encoding (quantised graphs), output scaling (quantised),
     and the SDM head (``host_head``: tail BN, Swish, tail conv, T_output conv, last BN, Swish, residual add,
     TSM scale, leaky readout; dense multiply-accumulates and element-wise operations per spiking step, or once on
-    the time-averaged input for a converted model's mean readout, ``host_head["average_input"]``)."""
+    the time-averaged input for a converted model's mean readout, ``host_head["average_input"]``). ``num_steps``:
+    the spiking steps of the call (a steps schedule), default ``program.num_steps``."""
     md = program.metadata
-    k = program.num_steps
+    k = num_steps or program.num_steps
     c, h, w = (int(v) for v in np.asarray(md["image_shape"]).reshape(-1))
     pixels = c * h * w
     quant = program.fixed is not None
@@ -142,6 +166,13 @@ class GraphDenoiser:
         self.host: dict[int, dict[str, int]] = {}
         self.records: dict[int, list[dict]] = {}
         self.images = 0
+        self.steps: int | None = None  # spiking steps of the next call (a steps schedule); None: num_steps
+        self.steps_at: dict[int, int] = {}  # spiking steps run at each diffusion step
+
+    def set_spiking_steps(self, steps: int | None) -> None:
+        """Run ``steps`` spiking steps per call from now on (None: ``program.num_steps``), as
+        :meth:`neurosdm.models.SpikingUNet.set_spiking_steps`; :class:`neurosdm.sample.Scheduled` calls it."""
+        self.steps = None if steps is None else int(steps)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ts = set(int(v) for v in t.reshape(-1).tolist())
@@ -152,13 +183,15 @@ class GraphDenoiser:
         xs = x.detach().double().cpu().numpy()
         if self.program.fixed is not None:
             xs, _ = quantize_input(xs, md)
-        res = self.engine.run(xs, step, record=self.record or self.on_result is not None)
+        k = self.steps or self.program.num_steps
+        self.steps_at[step] = k
+        res = self.engine.run(xs, step, record=self.record or self.on_result is not None, num_steps=k)
         if self.on_result is not None:
             self.on_result(step, xs, res)
         eps = eps_from_outputs(res["outputs"][self.program.outputs[0]], md)
         add_counts(self.counts.setdefault(step, {}), res["counts"])
         host = self.host.setdefault(step, {})
-        for key, v in host_counts(self.program, xs.shape[0]).items():
+        for key, v in host_counts(self.program, xs.shape[0], k).items():
             host[key] = host.get(key, 0) + v
         if self.record:
             self.records.setdefault(step, []).append(res["records"])
@@ -177,28 +210,39 @@ class GraphDenoiser:
         config = config_of(self.program)
         pixels = config.model.img_ch * config.model.image_size ** 2
         kinds = {layer.name: layer.kind for layer in self.program.layers}
-        stats = RunStats(self.program.num_steps, images=images, layer_kinds=kinds)
         calls = sorted(self.counts, reverse=True)
+        width = max([self.steps_at.get(t, self.program.num_steps) for t in calls] or [self.program.num_steps])
+        stats = RunStats(width, images=images, layer_kinds=kinds)
         ops = host_ops_schedule(sampler, len(calls), eta, True, order=order)
         for i, t in enumerate(calls):
             host = dict(self.host[t])
             host["host_elementwise"] += images * pixels * ops[i]
-            stats.add_call(t, self.counts[t], host)
+            counts = self.counts[t]
+            if self.steps_at.get(t, width) != width:  # a shorter call (a steps schedule): zeros after its last step
+                counts = {layer: {c: np.pad(v, (0, width - len(v))) for c, v in cs.items()}
+                          for layer, cs in counts.items()}
+            stats.add_call(t, counts, host)
+        if any(k != width for k in self.steps_at.values()):
+            stats.meta["spiking_steps_per_call"] = [int(self.steps_at[t]) for t in calls]
         return stats
 
 
 def simulate(program: Program, engine: str = "event", num_images: int = 4, sampler: str = "ddim",
              steps: int = 20, seed: int = 0, eta: float = 0.0, batch_size: int = 16, device: str = "cpu",
              record: bool = False, progress=None, on_result=None, threshold_scale: float | None = None,
-             first_image: int = 0, order: int = 3, gamma=None, dtype: torch.dtype = torch.float64):
+             first_image: int = 0, order: int = 3, gamma=None, dtype: torch.dtype = torch.float64,
+             steps_schedule: str | None = None):
     """Generate ``num_images`` images on ``engine`` (``dtype``: the torch engine's, float64 or float32 for float
     graphs). Returns ``(images [N, C, H, W] float32 in [-1, 1], RunStats,
     denoiser)`` (the denoiser holds the spike records when ``record``). ``threshold_scale``: threshold guidance
     (:func:`apply_threshold_scale`; changes ``program``). ``first_image``: the index of the first image in the run
     (images ``first_image ..``, see :func:`neurosdm.sample.generate`; a shard of a larger run). ``sampler``: any of
     :data:`neurosdm.diffusion.samplers.SAMPLERS`; ``order`` (DPM-Solver) and ``gamma`` (the analytic samplers' table)
-    as in :func:`neurosdm.sample.generate`."""
+    as in :func:`neurosdm.sample.generate`. ``steps_schedule``: spiking steps per diffusion step (text, "" for none;
+    default: the graph's ``metadata["steps_schedule"]``, :func:`steps_schedule_of`); the counts of a shorter call
+    are zero after its last step and ``stats.meta["spiking_steps_per_call"]`` lists every call's steps."""
     check_count("--num-images", num_images)
+    schedule = steps_schedule_of(program, steps_schedule)
     config = config_of(program)
     m = config.model
     check_memory(f"{num_images} images of {m.img_ch}x{m.image_size}x{m.image_size}",
@@ -208,13 +252,15 @@ def simulate(program: Program, engine: str = "event", num_images: int = 4, sampl
     eng = make_engine(engine, program, device=device, dtype=dtype)
     den = GraphDenoiser(program, eng, record=record, on_result=on_result)
     images = generate(den, config, num_images, seed=seed, sampler=sampler, num_sample_steps=steps, eta=eta,
-                      batch_size=batch_size, progress=progress, first_image=first_image, order=order, gamma=gamma)
+                      batch_size=batch_size, progress=progress, first_image=first_image, order=order, gamma=gamma,
+                      steps_schedule=schedule or "")
     stats = den.stats(sampler, eta, num_images, order)
     stats.meta.update(engine=engine, sampler=sampler, steps=int(steps), seed=int(seed), eta=float(eta),
                       **({"order": int(order)} if sampler == "dpm-solver" else {}),
                       batch_size=int(batch_size), quantized=str(meta_value(program.metadata, "quantized", "none")),
                       threshold_scale=float(np.asarray(program.metadata.get("threshold_scale", 1.0))),
-                      source_checkpoint=str(meta_value(program.metadata, "source_checkpoint", "")))
+                      source_checkpoint=str(meta_value(program.metadata, "source_checkpoint", "")),
+                      **({"steps_schedule": schedule} if schedule else {}))
     return images, stats, den
 
 
@@ -243,7 +289,8 @@ def merge_stats(parts: list[RunStats]) -> RunStats:
 def simulate_sharded(program: Program, engine: str = "event", num_images: int = 4, sampler: str = "ddim",
                      steps: int = 20, seed: int = 0, eta: float = 0.0, batch_size: int = 16, device: str = "cpu",
                      record: bool = False, progress=None, threshold_scale: float | None = None,
-                     world: World | None = None, shard_dir=".", on_result=None, order: int = 3, gamma=None):
+                     world: World | None = None, shard_dir=".", on_result=None, order: int = 3, gamma=None,
+                     steps_schedule: str | None = None):
     """:func:`simulate` across torchrun processes: this rank runs its share of the images
     (:meth:`neurosdm.distributed.World.shard`, whole batches), rank 0 gathers the shards (files in ``shard_dir``,
     :func:`neurosdm.distributed.gather_shards`), concatenates the images in index order and sums the counts
@@ -255,7 +302,7 @@ def simulate_sharded(program: Program, engine: str = "event", num_images: int = 
     if world.size == 1:
         return simulate(program, engine, num_images, sampler, steps, seed, eta, batch_size, device, record=record,
                         progress=progress, on_result=on_result, threshold_scale=threshold_scale, order=order,
-                        gamma=gamma)
+                        gamma=gamma, steps_schedule=steps_schedule)
     if record:
         raise ConfigError("--save-spikes is not sharded: run `neurosdm simulate --save-spikes` without torchrun")
     check_count("--num-images", num_images)
@@ -263,7 +310,7 @@ def simulate_sharded(program: Program, engine: str = "event", num_images: int = 
     if len(mine):
         images, stats, _ = simulate(program, engine, len(mine), sampler, steps, seed, eta, batch_size, device,
                                     progress=progress, on_result=on_result, threshold_scale=threshold_scale,
-                                    first_image=mine.start, order=order, gamma=gamma)
+                                    first_image=mine.start, order=order, gamma=gamma, steps_schedule=steps_schedule)
     else:  # more ranks than batches: nothing to run here
         m = config_of(program).model
         images, stats = torch.empty(0, m.img_ch, m.image_size, m.image_size), RunStats(program.num_steps)
