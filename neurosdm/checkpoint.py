@@ -209,6 +209,10 @@ def check_state(state, path, key: str, optional: bool = False) -> dict | None:
             raise CheckpointError(f"{path}: {key}[{str(name)[:60]!r}] must be a tensor, got {type(value).__name__}")
         if value.is_complex() or value.dtype == torch.bool:
             raise CheckpointError(f"{path}: {key}[{name!r}] has dtype {value.dtype}; expected real numbers")
+        stored = value.untyped_storage().nbytes()
+        if value.numel() and value.numel() * value.element_size() > stored:  # expanded: no memory behind it
+            raise CheckpointError(f"{path}: {key}[{name!r}] declares {value.numel():,} values of shape "
+                                  f"{list(value.shape)} over {stored:,} stored bytes (an expanded tensor)")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise CheckpointError(f"{path}: {key}[{name!r}] holds NaN or infinite values")
     return state

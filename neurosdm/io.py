@@ -14,8 +14,11 @@ import io
 import math
 import os
 import shutil
+import signal
 import stat
 import tempfile
+import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -130,10 +133,31 @@ def atomic_buffer(path: str | os.PathLike):
     For HDF5 writers (``nir.write``, ``nir.write_data``): the HDF5 library crashes (signal 11) when the disk fills
     under it, a plain write of the finished bytes fails cleanly."""
     buffer = io.BytesIO()
-    yield buffer
+    with deferred_interrupts():  # an interrupt inside HDF5's callbacks would be printed and ignored
+        yield buffer
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(buffer.getbuffer())
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Hold SIGINT and SIGTERM during the block and raise :class:`KeyboardInterrupt` at its end: for code that an
+    interrupt cannot stop cleanly (h5py's object callbacks print an exception raised inside them and go on, so
+    Ctrl-C during an HDF5 write was lost and the command exited 0). Outside the main thread: no change."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+    if received:
+        raise KeyboardInterrupt
 
 
 def regular_file(path: str | os.PathLike, what: str, error: type[NeuroSDMError]) -> Path:
@@ -153,7 +177,45 @@ def regular_file(path: str | os.PathLike, what: str, error: type[NeuroSDMError])
         raise error(f"{what} {path} is {kind}, not a regular file")
     if not os.access(path, os.R_OK):
         raise error(f"{what} {path} is not readable (permission denied)")
+    if path.suffix.lower() in (".npy", ".npz"):
+        check_array_sizes(path, what, error)
     return path
+
+
+def check_array_sizes(path: Path, what: str, error: type[NeuroSDMError]) -> None:
+    """An ``.npy`` file (or each array of an ``.npz``) holds the bytes its header declares: a header edited to
+    declare 10^10 values is refused before numpy allocates them. Headers numpy cannot parse are left to the
+    reader (its own one-line error)."""
+    try:
+        if path.suffix.lower() == ".npy":
+            with open(path, "rb") as f:
+                sizes = [(path.name, _declared_bytes(f), os.fstat(f.fileno()).st_size)]
+        else:
+            with zipfile.ZipFile(path) as z:
+                sizes = []
+                for info in z.infolist():
+                    if info.filename.endswith(".npy"):
+                        with z.open(info) as f:
+                            sizes.append((info.filename, _declared_bytes(f), info.file_size))
+    except OSError:
+        return  # the reader says why
+    except (ValueError, EOFError, zipfile.BadZipFile):
+        kind = "a NumPy .npy file" if path.suffix.lower() == ".npy" else "a NumPy .npz archive"
+        raise error(f"{what} {path} is not {kind}: {describe_head(path)}") from None
+    for name, declared, held in sizes:
+        if declared is not None and declared > held:
+            raise error(f"{what} {path}: array {name} declares {declared:,} bytes but the file holds {held:,}")
+
+
+def _declared_bytes(f) -> int | None:
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        return None  # version 3 (utf-8 field names): left to the reader
+    shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0(f))
+    if dtype.hasobject:
+        return None
+    return math.prod(shape) * dtype.itemsize
 
 
 def _probe_directory(folder: Path, label: str) -> None:
@@ -198,6 +260,22 @@ def check_output_file(path: str | os.PathLike, force: bool = False, sources=(), 
         raise OutputError(f"{label} {path} is not a regular file")
     _probe_directory(path.parent, f"{label} directory")
     return path
+
+
+def check_outputs(out: str | os.PathLike | None, names=(), force: bool = False, sources=()) -> None:
+    """The one ``--force`` rule of every command that writes outputs, applied before its work starts: ``out`` is a
+    file (``names`` empty) or a directory that receives ``names``; an existing output file is refused unless
+    ``force``, as is an output that is one of ``sources`` (the command's inputs; even with ``force``), a directory
+    where a file is expected, a file where a directory is expected, and a location that cannot be written.
+    :class:`OutputError` (one line). Nothing is created; ``out`` None: nothing to check."""
+    if out is None:
+        return
+    if not names:
+        check_output_file(out, force, sources)
+        return
+    folder = check_output_dir(out)
+    for name in names:
+        check_output_file(folder / name, force, sources)
 
 
 def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:

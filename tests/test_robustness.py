@@ -5,6 +5,7 @@ Most cases run the real entry point (:func:`neurosdm.cli.main`) in-process; the 
 file size limit, a FIFO, an address-space limit) run ``python -m neurosdm`` in a subprocess.
 """
 
+import json
 import os
 import resource
 import subprocess
@@ -537,3 +538,171 @@ def test_sigterm_during_a_run_is_one_line_and_leaves_nothing(files, tmp_path):
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines == ["error: interrupted; no partial output was left"], err
     assert not (tmp_path / "sim").exists() and not no_temporaries(tmp_path)
+
+
+# ------------------------------------------------------------------------------- outputs: the --force rule
+
+
+def _force_cases(files, t):
+    """Each command that writes outputs: its command line writing into ``t``, and the name of one output it would
+    write there."""
+    return {
+        "export": (("export", files["spiking"], "--to", "nir", "-o", t / "x.nir"), "x.nir"),
+        "export lava": (("export", files["int8.nir"], "--to", "lava", "-o", t / "x.net"), "x.net"),
+        "simulate": (simulate_args(files["spiking.nir"], t)[:-1] + (t,), "images.npy"),
+        "simulate layers": (simulate_args(files["spiking.nir"], t)[:-1] + (t,), "layers.txt"),
+        "simulate spikes": (simulate_args(files["spiking.nir"], t)[:-1] + (t, "--save-spikes"), "spikes.nird"),
+        "sample": (("sample", files["spiking"], "--num-images", 1, "--steps", 1, "--out", t), "samples.png"),
+        "energy": (("energy", files["spiking.nir"], "--steps", 1, "--out", t / "e.txt"), "e.txt"),
+        "energy csv": (("energy", files["spiking.nir"], "--steps", 1, "--csv", "--out", t / "e.csv"), "e.csv"),
+        "compare": (("compare", files["int8.nir"], "--num-images", 1, "--steps", 1, "--out", t), "compare.json"),
+        "evaluate": (("evaluate", files["spiking"], "--dataset", "builtin", "--num-images", 2, "--out", t / "r.json"),
+                     "r.json"),
+        "sweep": (("sweep", files["spiking"], "--dataset", "builtin", "--num-images", 2, "--out", t), "sweep.png"),
+        "gamma": (("gamma", files["spiking"], "--dataset", "builtin", "--out", t / "g.npz"), "g.npz"),
+        "convert": (("convert", files["spiking"], "--out", t / "snn.pt"), "snn.pt"),
+        "train --restart": (("train", "--steps", 1, "--restart", "--out", t), "ckpt.pt"),
+    }
+
+
+FORCE_COMMANDS = ["export", "export lava", "simulate", "simulate layers", "simulate spikes", "sample", "energy",
+                  "energy csv", "compare", "evaluate", "sweep", "gamma", "convert", "train --restart"]
+
+
+@pytest.mark.parametrize("command", FORCE_COMMANDS)
+def test_every_command_refuses_an_existing_output_without_force(files, tmp_path, capsys, command):
+    """The same rule for every command, checked before the work: an existing output is one line, untouched, and
+    nothing else is written."""
+    args, name = _force_cases(files, tmp_path)[command]
+    (tmp_path / name).write_bytes(b"precious")
+    one_line_error(capsys, *args, needles=(f"{name} already exists; use --force",))
+    assert (tmp_path / name).read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_force_replaces_existing_outputs(files, tmp_path, capsys):
+    (tmp_path / "e.json").write_text("old")
+    code, _, err = run_cli(capsys, "energy", files["spiking.nir"], "--steps", 1, "--json", "--out",
+                           tmp_path / "e.json", "--force")
+    assert code in (0, None) and json.loads((tmp_path / "e.json").read_text())["totals"], err
+    (tmp_path / "sim").mkdir()
+    (tmp_path / "sim" / "images.npy").write_text("old")
+    code, _, err = run_cli(capsys, *simulate_args(files["spiking.nir"], tmp_path), "--force")
+    assert code in (0, None) and np.load(tmp_path / "sim" / "images.npy").shape[0] == 1, err
+    assert not no_temporaries(tmp_path)
+
+
+def test_outputs_that_are_inputs_are_refused_even_with_force(files, tmp_path, capsys):
+    stats = tmp_path / "stats.json"
+    code, _, err = run_cli(capsys, *simulate_args(files["spiking.nir"], tmp_path))
+    assert code in (0, None), err
+    (tmp_path / "sim" / "stats.json").rename(stats)
+    before = stats.read_bytes()
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(files["spiking"].read_bytes())
+    for args in [("energy", stats, "--graph", files["spiking.nir"], "--out", stats, "--force"),
+                 ("energy", stats, "--graph", files["spiking.nir"], "--json", "--out", files["spiking.nir"], "--force"),
+                 ("convert", ckpt, "--out", ckpt, "--force"),
+                 ("gamma", ckpt, "--dataset", "builtin", "--out", ckpt, "--force"),
+                 ("evaluate", ckpt, "--dataset", "builtin", "--out", ckpt, "--force"),
+                 ("export", ckpt, "--to", "lava", "-o", ckpt, "--force")]:
+        one_line_error(capsys, *args, needles=("is the command's input",))
+    assert stats.read_bytes() == before and ckpt.read_bytes() == files["spiking"].read_bytes()
+
+
+@pytest.mark.parametrize("option", ["energy", "evaluate", "gamma", "convert", "export"])
+def test_a_directory_where_a_file_is_expected(files, tmp_path, capsys, option):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    args = {"energy": ("energy", files["spiking.nir"], "--out", folder),
+            "evaluate": ("evaluate", files["spiking"], "--dataset", "builtin", "--out", folder),
+            "gamma": ("gamma", files["spiking"], "--dataset", "builtin", "--out", folder),
+            "convert": ("convert", files["spiking"], "--out", folder),
+            "export": ("export", files["spiking"], "--to", "nir", "-o", folder)}[option]
+    one_line_error(capsys, *args, needles=("is a directory",))
+    assert not any(folder.iterdir())
+
+
+def test_the_output_is_checked_before_the_input_is_read(tmp_path, capsys):
+    """The rule runs first: a missing checkpoint is not even opened when the output would be refused."""
+    (tmp_path / "samples.npy").write_text("x")
+    one_line_error(capsys, "sample", tmp_path / "missing.pt", "--out", tmp_path, needles=("already exists",))
+
+
+# ------------------------------------------------------------------------- interrupts inside an HDF5 write
+
+
+def test_ctrl_c_inside_an_hdf5_write_is_one_line_and_leaves_nothing(files, tmp_path, capsys, monkeypatch):
+    """SIGINT delivered inside h5py's object callbacks used to be printed ("Exception ignored in ...") and lost:
+    export went on and exited 0. Now it is held until the in-memory file is complete, then ends the command
+    (exit 130) before anything is written."""
+    import signal
+    import weakref
+
+    real_write = nir.write
+
+    def interrupted_write(*args, **kwargs):
+        class Probe:
+            pass
+
+        weakref.finalize(Probe(), os.kill, os.getpid(), signal.SIGINT)  # the handler runs inside a callback
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(nir, "write", interrupted_write)
+    code, out, err = run_cli(capsys, "export", files["spiking"], "--to", "nir", "-o", tmp_path / "m.nir")
+    assert code == 130 and err.strip() == "error: interrupted; no partial output was left", (code, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_deferred_interrupts_hold_the_signal_until_the_block_ends():
+    import signal
+
+    from neurosdm.io import deferred_interrupts
+
+    finished = False
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGTERM)
+            finished = True
+    assert finished and signal.getsignal(signal.SIGTERM) is not None
+
+
+# -------------------------------------------------------------------------------- findings of the fuzz runs
+
+
+@pytest.mark.parametrize("content, needle", [(b"", "an empty file"), (b"garbage", "garbage")])
+def test_an_input_array_that_is_not_npy_is_one_line(tmp_path, capsys, content, needle):
+    """An empty .npy raised EOFError inside numpy, which click turned into a bare "Aborted." (fuzz, array)."""
+    path = foreign_graph(tmp_path)
+    (tmp_path / "bad.npy").write_bytes(content)
+    one_line_error(capsys, "simulate", path, "--input", tmp_path / "bad.npy", "--out", tmp_path / "o",
+                   needles=("not a NumPy .npy file", needle))
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_npy_header_declaring_more_than_the_file_holds(tmp_path, capsys):
+    """A header edited to (400000000, 1, 3) made numpy allocate 9.6 GB (fuzz, array: MemoryError traceback)."""
+    path = foreign_graph(tmp_path)
+    data = (tmp_path / "x.npy").read_bytes().replace(b"(4, 1, 3)", b"(400000000, 1, 3)", 1)
+    (tmp_path / "big.npy").write_bytes(data)
+    np.savez(tmp_path / "big.npz", x=np.ones((4, 1, 3)))
+    one_line_error(capsys, "simulate", path, "--input", tmp_path / "big.npy", "--out", tmp_path / "o",
+                   needles=("declares 9,600,000,000 bytes",))
+
+
+def test_an_expanded_tensor_is_refused_before_it_is_read(files, tmp_path, capsys):
+    """A 10^9-element tensor stored in 4 bytes (torch.expand): the finite-value check allocated 1 GB (fuzz,
+    memory: an allocation error traceback under a memory cap)."""
+    path = edited_checkpoint(files, tmp_path, _set(["ema", "conv.weight"], torch.zeros(1).expand(100000, 10000)))
+    one_line_error(capsys, "info", path, needles=("expanded tensor",))
+
+
+@pytest.mark.xfail(strict=True, reason="neurosdm/hardware/profiles.py (not this file's owner's): "
+                   "math.isfinite(int beyond float range) raises OverflowError in load_profile; the fix is one "
+                   "isinstance/float check there (reported in issue 17's closing note)")
+def test_a_profile_value_beyond_float_range_is_one_line(files, tmp_path, capsys):
+    text = (open(os.path.join(ROOT, "neurosdm", "hw_profiles", "loihi2.toml")).read())
+    i = text.index("value =", text.index("[energy."))
+    (tmp_path / "p.toml").write_text(text[:i] + "value = " + "9" * 400 + "\n#" + text[i + len("value ="):])
+    one_line_error(capsys, "energy", files["spiking.nir"], "--profile", tmp_path / "p.toml", "--steps", 1,
+                   needles=("finite",))

@@ -20,6 +20,7 @@ DEFAULT_CKPT = Path(__file__).parent.parent / "assets" / "tiny_fashion.pt"  # th
 
 SAMPLER_HELP = "ddpm | ddim | dpm-solver (--order) | analytic-ddpm | analytic-ddim (--gamma)"
 GAMMA_HELP = "analytic samplers: the Gamma table written by `neurosdm gamma` (for the same --steps)"
+FORCE_HELP = "overwrite existing output files"
 DISC_HELP = {
     "dt": "foreign graphs: step length (default: the graph's metadata 'dt', else 1)",
     "method": "foreign graphs: euler | exp (default: metadata 'discretisation', else euler)",

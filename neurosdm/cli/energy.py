@@ -10,9 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from neurosdm.cli.common import DISC_HELP, console, fmt_energy, say, write_rendered
+from neurosdm.cli.common import DISC_HELP, FORCE_HELP, console, fmt_energy, say, write_rendered
 from neurosdm.errors import ConfigError
-from neurosdm.io import atomic_path
+from neurosdm.io import atomic_path, check_outputs
 
 
 def energy(
@@ -34,10 +34,12 @@ def energy(
     as_json: bool = typer.Option(False, "--json", help="print/write JSON"),
     as_csv: bool = typer.Option(False, "--csv", help="print/write CSV (layer, kind, term, count, pJ)"),
     out: Optional[Path] = typer.Option(None, "--out", help="write the report (JSON, CSV or the table) to FILE"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """Energy, time and EDP of a run on a hardware profile, per layer and term, with an ANN baseline."""
     if as_json and as_csv:
         raise ConfigError("choose one of --json and --csv")
+    check_outputs(out, (), force, sources=(file, graph, input))
     from neurosdm import jobs
 
     quiet = as_json or as_csv

@@ -10,9 +10,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from neurosdm.cli.common import console, progress_bar, say
+from neurosdm.cli.common import FORCE_HELP, console, progress_bar, say
 from neurosdm.errors import ConfigError
-from neurosdm.io import atomic_path
+from neurosdm.io import atomic_path, check_outputs
 
 
 class Features(str, Enum):
@@ -42,8 +42,10 @@ def evaluate(
     threshold_scale: Optional[float] = typer.Option(None, help="threshold guidance: every IF neuron fires at "
                                                     "threshold x this (default: as trained/exported)"),
     out: Optional[Path] = typer.Option(None, "--out", help="write the results as JSON"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """FID (and IS) of generated images against real ones; the sample counts are printed beside the figures."""
+    check_outputs(out, (), force, sources=(source, inception, classifier))
     from neurosdm.distributed import process_group
     from neurosdm.metrics import evaluate as run_evaluate
 
@@ -80,12 +82,14 @@ def sweep(
     steps: int = typer.Option(20, help="DDIM steps"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(..., "--out", help="output directory (sweep.json, sweep.png)"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """Threshold guidance sweep: FID (and IS) against the threshold scale, same seeds at every scale."""
     try:
         values = [float(v) for v in scales.split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"--scales must be comma-separated numbers, got {scales!r}") from None
+    check_outputs(out, ["sweep.json", "sweep.png"], force, sources=(source,))
     from neurosdm.metrics import sweep as run_sweep
 
     r = run_sweep(source, dataset, values, out, num_images, features.value, steps, seed,

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from neurosdm.cli.common import console, say
+from neurosdm.cli.common import FORCE_HELP, console, say
+from neurosdm.io import check_outputs
 
 
 class ExportFormat(str, Enum):
@@ -59,7 +60,7 @@ def export(
     peer: Optional[PeerReader] = typer.Option(None, "--peer", help="rewrite the graph for this framework's own NIR "
                                               "reader (docs/peer-readers.md); neurosdm's engines read the plain "
                                               "export"),
-    force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     steps_schedule: Optional[str] = typer.Option(None, "--steps-schedule", help="spiking steps per network call by "
                                                  "diffusion step: rules 't<A:K' then a default K, e.g. "
                                                  "'t<300:4,t<700:3,2' (docs/pareto.md); written into the metadata, "
@@ -67,6 +68,7 @@ def export(
 ):
     """Export a checkpoint as a NIR graph (EMA weights, biases of diffusion step 0, all steps in metadata), or with
     --to lava its feed-forward chain as a lava-dl netx file (docs/lava.md)."""
+    check_outputs(out, (), force, sources=(ckpt,))  # the default output is checked by the exporter
     if to == ExportFormat.lava:
         from neurosdm.exporters.lava import export_lava
 

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from neurosdm.cli.common import GAMMA_HELP, SAMPLER_HELP, console, progress_bar, say
+from neurosdm.cli.common import FORCE_HELP, GAMMA_HELP, SAMPLER_HELP, console, progress_bar, say
+from neurosdm.io import check_outputs
 
 
 def train(
@@ -47,8 +48,11 @@ def train(
     sample_images: int = typer.Option(64, help="images in the final sample grid (0: none)"),
     resume: bool = typer.Option(True, "--resume/--restart", help="continue from OUT/ckpt.pt if it exists"),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N (under torchrun each rank takes its local GPU)"),
+    force: bool = typer.Option(False, "--force", help="with --restart: overwrite an existing OUT/ckpt.pt"),
 ):
     """Train a spiking diffusion model (epsilon-MSE, surrogate gradients)."""
+    if not resume:  # --resume continues OUT/ckpt.pt; --restart would replace it
+        check_outputs(out, ["ckpt.pt"], force, sources=(init,))
     from neurosdm import jobs
 
     path = jobs.train(out, preset=preset, dataset=dataset, steps=steps, batch_size=batch_size, lr=lr,
@@ -79,8 +83,10 @@ def sample(
                                                  "'t<300:4,t<700:3,2' (docs/pareto.md)"),
     batch_size: int = typer.Option(64),
     device: str = typer.Option("cpu"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """Sample images on the GPU path (the float torch model): OUT/samples.png and OUT/samples.npy."""
+    check_outputs(out, ["samples.png", "samples.npy"], force, sources=(ckpt, gamma))
     from neurosdm import jobs
 
     png = jobs.sample(ckpt, out, num_images, sampler=sampler, steps=steps, eta=eta, order=order, gamma_file=gamma,
@@ -108,8 +114,10 @@ def gamma(
     data_dir: Optional[str] = typer.Option(None),
     seed: int = typer.Option(0),
     out: Path = typer.Option(..., "--out", help="the Gamma table (.npz) for `neurosdm sample --gamma`"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """Estimate Analytic-DPM's Gamma_t = E||eps(x_t, t)||^2 / d on training data (Bao et al. 2022)."""
+    check_outputs(out, (), force, sources=(ckpt,))
     from neurosdm import jobs
 
     timesteps, values = jobs.gamma(ckpt, dataset, out, steps=steps, num_samples=num_samples, data_dir=data_dir,
@@ -128,10 +136,11 @@ def convert(
     lr: float = typer.Option(1e-4, help="fine-tuning learning rate"),
     batch_size: int = typer.Option(32, help="fine-tuning batch size"),
     seed: int = typer.Option(0),
-    force: bool = typer.Option(False, "--force", help="overwrite an existing output file"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """ANN-to-SNN conversion: QCFS -> IF (threshold = clip, membrane starts at half of it, reset by subtraction,
     L = 2**bits - 1 steps, mean readout); writes an ordinary SNN checkpoint (export, simulate, sample)."""
+    check_outputs(out, (), force, sources=(ann_ckpt,))
     from neurosdm.convert import convert_checkpoint
 
     r = convert_checkpoint(ann_ckpt, out, force=force, num_steps=num_steps, finetune_steps=finetune_steps,

@@ -11,8 +11,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from neurosdm.cli.common import (DEFAULT_CKPT, DISC_HELP, GAMMA_HELP, SAMPLER_HELP, console, layer_table, progress_bar,
-                                 say, write_rendered)
+from neurosdm.cli.common import (DEFAULT_CKPT, DISC_HELP, FORCE_HELP, GAMMA_HELP, SAMPLER_HELP, console, layer_table,
+                                 progress_bar, say, write_rendered)
+from neurosdm.io import check_outputs
 
 
 class Engine(str, Enum):
@@ -49,9 +50,13 @@ def simulate(
     reset: Optional[str] = typer.Option(None, help=DISC_HELP["reset"]),
     comparison: Optional[str] = typer.Option(None, help=DISC_HELP["comparison"]),
     out: Path = typer.Option(..., "--out", help="output directory"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """Run an exported graph on an engine: a denoiser inside the sampler (images), or a foreign graph on --input
     (outputs.npz); exact per-layer counts."""
+    written = ["outputs.npz"] if input is not None else ["images.npy", "images.png"]
+    check_outputs(out, [*written, "stats.json", "layers.txt", *(["spikes.nird"] if save_spikes else [])], force,
+                  sources=(file, input, gamma))
     from neurosdm import jobs
 
     run = jobs.simulate(file, out, engine=engine.value if engine is not None else None, num_images=num_images,
@@ -106,8 +111,11 @@ def compare(
     data_dir: Optional[str] = typer.Option(None),
     calibration_images: int = typer.Option(64, help="images for int8 calibration (checkpoint input)"),
     out: Path = typer.Option(..., "--out", help="output directory"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """GPU path (float torch model) vs the quantised graph on the torch engine vs the event engine, same seeds."""
+    check_outputs(out, ["compare.json", "compare.png", "stats_torch.json", "stats_event.json"], force,
+                  sources=(source,))
     from neurosdm.compare import compare as run_compare
 
     r = run_compare(source, out, num_images, steps, seed, sampler, batch_size, calibration, data_dir,
