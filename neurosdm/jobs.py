@@ -28,6 +28,7 @@ from neurosdm.exporters.pipeline import export_checkpoint
 from neurosdm.exporters.rewrite import write_for_peer
 from neurosdm.graph.inspect import inspect_nir
 from neurosdm.hardware.profiles import load_profile
+from neurosdm.hardware.routing import try_map
 from neurosdm.graph.program import load_program
 from neurosdm.io import (atomic_path, check_output_dir, check_output_file, image_grid, os_reason, output_set,
                          regular_file, save_npy, save_png)
@@ -273,29 +274,34 @@ def energy_report(file: Path, profile: str = "loihi2", baseline: str = "cmos45-f
                   graph: Optional[Path] = None, num_images: int = 1, steps: int = 10, seed: int = 0,
                   input: Optional[Path] = None, dt: Optional[float] = None, method: Optional[str] = None,
                   reset: Optional[str] = None, comparison: Optional[str] = None,
-                  say: Say = lambda line: None) -> dict:
+                  say: Say = lambda line: None, mapping: str = "auto") -> dict:
     """``neurosdm energy``: the counts (a stats.json of ``neurosdm simulate``; or the event engine on a denoiser
     .nir, DDIM; or the torch engine on a foreign .nir with ``input``), priced on ``profile``
-    (:func:`neurosdm.energy.estimate`), with the ANN baseline on ``baseline`` when the denoiser graph is known
-    (:func:`neurosdm.energy.with_ann_baseline`). Returns the report dict (``foreign``: True for a foreign graph)."""
+    (:func:`neurosdm.energy.estimate`; with ``mapping="auto"`` and a graph, on the mapping of
+    :func:`neurosdm.hardware.routing.try_map`, else the profile's lower bound; ``mapping_note`` says which), with
+    the ANN baseline on ``baseline`` when the denoiser graph is known (:func:`neurosdm.energy.with_ann_baseline`).
+    Returns the report dict (``foreign``: True for a foreign graph)."""
     if not file.exists():
         raise ConfigError(f"file not found: {file}")
     regular_file(file, "input", ConfigError)  # a FIFO would block: never opened
     for name in (profile, host, baseline):  # the profiles first: a bad one fails before the work
         if name is not None:
             load_profile(name)
-    program = None
+    program = graph_program = None
+    if mapping not in ("auto", "none"):
+        raise ConfigError(f"--mapping must be auto or none, got {mapping!r}")
     if file.suffix == ".json":
         try:
             stats = RunStats.load(file)
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"{file} is not a RunStats file written by `neurosdm simulate`: {e}") from None
         if graph is not None:
-            program = load_program(graph)
+            program = graph_program = load_program(graph)
             if not is_denoiser_export(program):
                 program = None  # a foreign graph: no ANN baseline
     else:
         program, origin = load_any(file, dt, method, reset, comparison)
+        graph_program = program
         if origin is not None:
             _, _, stats = run_foreign(file, program, origin, None, input, "cpu", False, say)
             program = None
@@ -304,7 +310,10 @@ def energy_report(file: Path, profile: str = "loihi2", baseline: str = "cmos45-f
                 raise ConfigError("--input is for foreign graphs; a neurosdm denoiser export generates from noise")
             say(f"simulating {file.name} on the event engine: {num_images} image(s), DDIM {steps} steps, seed {seed}")
             _, stats, _ = simulate_images(program, "event", num_images, "ddim", steps, seed)
-    report = estimate(stats, profile, host)
+    mapped, note = try_map(graph_program, profile) if mapping == "auto" and graph_program is not None else \
+        (None, "no mapping (--mapping none, or stats.json without --graph): the time is the profile's lower bound")
+    report = estimate(stats, profile, host, mapping=mapped)
+    report["mapping_note"] = note
     if stats.meta.get("graph") == "foreign":
         report["foreign"] = True
     if program is not None:

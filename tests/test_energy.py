@@ -13,6 +13,7 @@ from neurosdm import cli
 from neurosdm import energy as E
 from neurosdm.errors import ConfigError
 from neurosdm.hardware.profiles import EVIDENCE, list_profiles, load_profile
+from neurosdm.hardware.routing import map_program
 from neurosdm.simulators.stats import RunStats
 
 runner = CliRunner()
@@ -248,7 +249,8 @@ def test_cli_energy_and_profiles(graph, run, tmp_path):
                                 "--graph", str(graph), "--baseline", "cmos45-int8"])
     assert r.exit_code == 0, r.output
     program = run[0]
-    lib = E.with_ann_baseline(E.estimate(stats, "loihi2"), program, "cmos45-int8")
+    lib = E.with_ann_baseline(E.estimate(stats, "loihi2", mapping=map_program(program, "loihi2")), program,
+                              "cmos45-int8")
     assert json.loads(r.stdout)["ann_baseline"] == json.loads(json.dumps(lib["ann_baseline"]))
     r = runner.invoke(cli.app, ["profiles"])
     assert r.exit_code == 0 and "loihi2" in r.output and "Davies" in r.output
@@ -275,7 +277,7 @@ def test_neurobench_synaptic_operations_agree(run):
         for layer in program.layers:
             if layer.kind != "conv" or layer.input != "spikes":
                 continue
-            w = torch.from_numpy(layer.weight)
+            w = torch.from_numpy(layer.weight.astype(np.float64))  # stored compact (int8)
             (pt, pb), (pl, pr) = layer.padding
             assert pt == pb and pl == pr
             conv = torch.nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), stride=layer.stride,

@@ -24,8 +24,13 @@ evidence. :func:`estimate` is a pure function of a :class:`~neurosdm.simulators.
   one step of latency per layer runs ``num_steps + pipeline_steps`` steps per call and every neuron pays the idle
   update (the neuron access) in the extra ones;
 - host terms (``host_macs``, ``host_elementwise``) priced with the profile's host profile (``mac``, ``elementwise``);
-- static power x the estimated chip time: per spiking step ``sync`` plus the sum of count x latency over
-  ``mapping.parallel_cores`` (host time is not modelled);
+- a mapping (``estimate(..., mapping=...)``: the report of :func:`neurosdm.hardware.routing.map_program`, what
+  ``neurosdm energy`` uses by default): packets, hops and chip crossings per spike of every spiking layer from the
+  placement (``chip_hop``: a packet crossing a chip boundary, listed unpriced where the profile has no price), the
+  time of a spiking step = ``sync`` + the busiest core's work (:mod:`neurosdm.energy.timing`), the static power
+  of every chip used, and the cores that limit the time;
+- without a mapping, static power x the estimated chip time: per spiking step ``sync`` plus the sum of count x
+  latency over ``mapping.parallel_cores`` (a lower bound: every core evenly loaded; host time is not modelled);
 - ``unpriced``: every nonzero count the profile has no price for (never silently zero), with its count.
 
 ``events_in`` of convs and ``saturations`` describe work already priced (or none) and are not terms.
@@ -43,6 +48,7 @@ import numpy as np
 
 from neurosdm.energy.baselines import (ann_baseline, ann_per_image, firing_rates, paper_energy, program_macs,
                                        snn_to_ann_ratio)
+from neurosdm.energy.timing import SYNAPTIC_TERMS, core_time
 from neurosdm.errors import ConfigError
 from neurosdm.hardware.profiles import Constant, Profile, list_profiles, load_profile
 
@@ -51,7 +57,7 @@ __all__ = ["PLACEMENT_LAYER_KEYS", "estimate", "price_all", "report_csv"]
 
 # ----------------------------------------------------------------------------------------------------- estimate
 
-PLACEMENT_LAYER_KEYS = {"packets_per_spike", "hops_per_spike", "source", "extra_updates"}
+PLACEMENT_LAYER_KEYS = {"packets_per_spike", "hops_per_spike", "chip_hops_per_spike", "source", "extra_updates"}
 
 
 def _check_placement(placement: dict | None, stats) -> dict:
@@ -70,7 +76,7 @@ def _check_placement(placement: dict | None, stats) -> dict:
         if not isinstance(p, dict) or set(p) - PLACEMENT_LAYER_KEYS:
             raise ConfigError(f"placement of layer {name!r}: allowed keys are {sorted(PLACEMENT_LAYER_KEYS)}, got "
                               f"{sorted(p) if isinstance(p, dict) else p!r}")
-        for k in ("packets_per_spike", "hops_per_spike", "extra_updates"):
+        for k in ("packets_per_spike", "hops_per_spike", "chip_hops_per_spike", "extra_updates"):
             if k in p and (isinstance(p[k], bool) or not isinstance(p[k], (int, float)) or p[k] < 0):
                 raise ConfigError(f"placement of layer {name!r}: {k} must be a number >= 0, got {p[k]!r}")
     steps = placement.get("pipeline_steps", 0)
@@ -80,8 +86,10 @@ def _check_placement(placement: dict | None, stats) -> dict:
 
 
 def _layer_term_counts(kind: str, cs: dict, hops: float | None, place: dict | None = None,
-                       messages: bool = False, pipeline_steps: int = 0) -> dict[str, np.ndarray]:
-    """Counts ``[denoising_steps]`` of every chip term of one layer (float for ``hop`` and ``message``).
+                       messages: bool = False, pipeline_steps: int = 0,
+                       per_step: bool = False) -> dict[str, np.ndarray]:
+    """Counts ``[denoising_steps]`` (``per_step``: ``[denoising_steps, num_steps]``; pipeline updates in the last
+    step) of every chip term of one layer (float for ``hop``, ``chip_hop`` and ``message``).
 
     ``hops``: the profile's hops per spike (None: no mapping, no hop term); ``place``: this layer's placement
     (``packets_per_spike`` (default 1), ``hops_per_spike`` (default ``hops``), ``source``: only ``message`` and
@@ -93,7 +101,7 @@ def _layer_term_counts(kind: str, cs: dict, hops: float | None, place: dict | No
     place = place or {}
 
     def d(name):
-        return cs[name].sum(axis=1) if name in cs else None
+        return (cs[name] if per_step else cs[name].sum(axis=1)) if name in cs else None
 
     active = "updated_neurons" if "updated_neurons" in cs else "active_neurons"
     for counter, term in (("synops", "synop"), ("graded_ops", "graded_op"), ("macs", "mac"),
@@ -109,8 +117,10 @@ def _layer_term_counts(kind: str, cs: dict, hops: float | None, place: dict | No
         extra = float(place.get("extra_updates", 0))
         if extra:
             out["neuron_update_active"] = out.get("neuron_update_active", 0) + extra
-        out["neuron_update_idle"] = d("neuron_updates") - out.get("neuron_update_active", 0) + \
-            pipeline_steps * cs["neuron_updates"][:, 0]
+        pipe = pipeline_steps * cs["neuron_updates"][:, 0]
+        if per_step:
+            pipe = np.concatenate([np.zeros((len(pipe), cs["neuron_updates"].shape[1] - 1)), pipe[:, None]], axis=1)
+        out["neuron_update_idle"] = d("neuron_updates") - out.get("neuron_update_active", 0) + pipe
     if "spikes_out" in cs:
         spikes = d("spikes_out").astype(np.float64)
         out["spike"] = spikes
@@ -119,6 +129,8 @@ def _layer_term_counts(kind: str, cs: dict, hops: float | None, place: dict | No
         h = place.get("hops_per_spike", hops)
         if h is not None:
             out["hop"] = spikes * float(h)
+        if place.get("chip_hops_per_spike"):
+            out["chip_hop"] = spikes * float(place["chip_hops_per_spike"])
     if place.get("source"):  # an input neuron: no soma work, only its packets and hops
         for term in ("neuron_update_active", "neuron_update_idle", "spike"):
             out.pop(term, None)
@@ -133,7 +145,7 @@ def _price(profile: Profile, term: str, table: str = "energy") -> Constant | Non
 
 
 def estimate(stats, profile: str | Profile, host_profile: str | Profile | None = None,
-             placement: dict | None = None) -> dict:
+             placement: dict | None = None, mapping: dict | None = None) -> dict:
     """Price a :class:`RunStats` with ``profile`` (host work with ``host_profile``, default the profile's own
     ``host``). Pure: reads only its arguments (and the profile files when given by name). Energies in pJ, times
     in seconds. Returns a dict (JSON-ready): ``layers`` (per layer and term: count, pJ), ``host``, ``static``,
@@ -147,9 +159,18 @@ def estimate(stats, profile: str | Profile, host_profile: str | Profile | None =
     pays only its ``p x message + h x hop``; ``pipeline_steps``: every neuron pays ``n`` more idle updates per call
     (a chip with one step of latency per layer runs ``num_steps + n`` steps), ``u`` of which are active updates
     (neurons that a chip updates after their input ended, e.g. a nonzero membrane under Loihi's rule).
-    ``neuron_update_active`` + ``neuron_update_idle`` per call = ``neuron_updates + n x neurons``."""
+    ``neuron_update_active`` + ``neuron_update_idle`` per call = ``neuron_updates + n x neurons``.
+
+    ``mapping`` (optional; :func:`neurosdm.hardware.routing.map_program` on the same graph and profile): packets,
+    hops and chip hops per spike of every spiking layer from the placement (a ``placement`` entry wins), the time
+    per spiking step = ``sync`` + the busiest core's work (:func:`neurosdm.energy.timing.core_time`), static power
+    x the chips used; the report gains ``mapping`` (cores, chips, fits, the limiting cores)."""
     prof = load_profile(profile)
     place = _check_placement(placement, stats)
+    if mapping is not None:
+        for name, s in mapping.get("spikes", {}).items():
+            if name in stats.layers:
+                place["layers"][name] = {**s, **place["layers"].get(name, {})}
     messages = "message" in prof.energy
     host_name = host_profile if host_profile is not None else (prof.host or None)
     host = load_profile(host_name) if host_name else None
@@ -165,6 +186,7 @@ def estimate(stats, profile: str | Profile, host_profile: str | Profile | None =
     untimed: set[str] = set()
     by_term: dict[str, np.ndarray] = {}
     busy_ns = np.zeros(D)  # chip latency sum (before dividing by the cores)
+    work: dict[str, dict[str, np.ndarray]] = {}  # with a mapping: per layer, ns [D, K] by kind of term
     any_latency = bool(prof.latency)
     layers = []
     for name, cs in stats.layers.items():
@@ -172,6 +194,14 @@ def estimate(stats, profile: str | Profile, host_profile: str | Profile | None =
         counts = _layer_term_counts(kind, cs, hops if hops_c is not None else None, place["layers"].get(name),
                                     messages, place["pipeline_steps"])
         terms = {}
+        if mapping is not None:
+            per_k = _layer_term_counts(kind, cs, hops if hops_c is not None else None, place["layers"].get(name),
+                                       messages, place["pipeline_steps"], per_step=True)
+            w = work.setdefault(name, {"synaptic": np.zeros((D, K)), "neuron": np.zeros((D, K))})
+            for term, v in per_k.items():
+                lat = _price(prof, term, "latency")
+                if lat is not None and _price(prof, term) is not None:
+                    w["synaptic" if term in SYNAPTIC_TERMS else "neuron"] += np.asarray(v, np.float64) * lat.value
         for term, v in counts.items():
             v = np.asarray(v, np.float64)
             total = float(v.sum())
@@ -216,22 +246,37 @@ def estimate(stats, profile: str | Profile, host_profile: str | Profile | None =
         by_term[f"host_{term}"] = v * c.value
     # time and static power
     time = None
+    mapped = None
+    chips = 1
+    if mapping is not None:
+        chips = int(mapping["chips_used"])
+        mapped = {k: mapping[k] for k in ("profile", "scheme", "fits", "violations", "cores_used", "chips_used",
+                                          "boards_used")}
     if any_latency:
-        step_ns = sync_ns + busy_ns / cores
+        if mapping is not None:
+            busiest, limiting, _ = core_time(work, mapping, (D, K))
+            step_ns = sync_ns + busiest.sum(axis=1)
+            mapped["limiting_cores"] = limiting
+            model = (f"per spiking step: sync + the busiest core's work ({mapping['cores_used']} cores on {chips} "
+                     f"chip(s); each layer's counts spread over its pieces by neurons or synapses); host time not "
+                     f"modelled")
+        else:
+            step_ns = sync_ns + busy_ns / cores
+            model = (f"per spiking step: sync + sum(count x latency) / {cores:g} parallel cores (a lower bound: no "
+                     f"mapping, every core evenly loaded); host time not modelled")
         time = {"total_s": float(step_ns.sum() * 1e-9), "per_image_s": float(step_ns.sum() * 1e-9 / images),
                 "per_denoising_step_s": (step_ns * 1e-9).tolist(), "untimed_terms": sorted(untimed),
-                "model": f"per spiking step: sync + sum(count x latency) / {cores:g} parallel cores; host time "
-                         f"not modelled"}
+                "model": model}
     static = None
     if "static" in prof.power:
-        p_mw = prof.power["static"].value
+        p_mw = prof.power["static"].value * chips
         if time is None:
             unpriced[("static", "chip")] = {"term": "static", "where": "chip (no time estimate: no latencies)",
                                             "count": p_mw, "layers": 0}
         else:
             st = np.asarray(time["per_denoising_step_s"]) * p_mw * 1e-3 * 1e12  # W x s -> J -> pJ
             by_term["static"] = st
-            static = {"power_mw": p_mw, "time_s": time["total_s"], "pj": float(st.sum())}
+            static = {"power_mw": p_mw, "chips": chips, "time_s": time["total_s"], "pj": float(st.sum())}
     per_step = np.zeros(D)
     for v in by_term.values():
         per_step = per_step + v
@@ -249,7 +294,8 @@ def estimate(stats, profile: str | Profile, host_profile: str | Profile | None =
             "unpriced": [dict(v, count=(int(v["count"]) if float(v["count"]).is_integer() else v["count"]))
                          for v in unpriced.values()],
             "assumptions": assumptions, "meta": dict(stats.meta),
-            **({"placement": place} if placement is not None else {})}
+            **({"placement": place} if placement is not None else {}),
+            **({"mapping": mapped} if mapped is not None else {})}
 
 
 def report_csv(report: dict) -> str:

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from neurosdm.errors import GraphError
+from neurosdm.errors import ConfigError, GraphError
 from neurosdm.hardware.mapping import (LIMITS, Piece, channel_window, destination_counts, limits_of, populations, split,
                                        window)
 from neurosdm.hardware.profiles import load_profile
 
-__all__ = ["map_program", "core_slots", "SCHEME"]
+__all__ = ["map_program", "try_map", "core_slots", "SCHEME"]
 
 SCHEME = "one piece per core, serpentine placement, dimension-order (X then Y) routing"
 UTILISATION = {"neurons": "neurons_per_core", "fanin_axons": "fanin_axons_per_core",
@@ -216,3 +216,15 @@ def _core_id(core, lim) -> int:
     lx = x - chip * mx
     col = lx if y % 2 == 0 else mx - 1 - lx
     return int(chip * lim["cores_per_chip"] + (y * mx + col) * per + slot)
+
+
+def try_map(program, profile) -> tuple[dict | None, str]:
+    """:func:`map_program`, or None and the reason (one line) when the profile describes no chip or the graph cannot
+    be mapped: what ``neurosdm energy`` falls back on (the lower bound) instead of failing."""
+    try:
+        m = map_program(program, profile)
+    except (ConfigError, GraphError) as e:
+        return None, f"no mapping ({e}): the time is the profile's lower bound"
+    fit = "fits" if m["fits"] else "does NOT fit (" + "; ".join(
+        f"{v['layer']}: {v['limit']} needs {v['need']:,}, allows {v['allowed']:,}" for v in m["violations"][:3]) + ")"
+    return m, (f"mapped: {m['cores_used']:,} cores on {m['chips_used']} chip(s), {fit}; {SCHEME}")
