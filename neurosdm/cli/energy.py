@@ -31,6 +31,8 @@ def energy(
     method: Optional[str] = typer.Option(None, help=DISC_HELP["method"]),
     reset: Optional[str] = typer.Option(None, help=DISC_HELP["reset"]),
     comparison: Optional[str] = typer.Option(None, help=DISC_HELP["comparison"]),
+    mapping: str = typer.Option("auto", help="auto: map the graph onto the profile's chips (cores, chips, hops, the "
+                                "busiest core's time; docs/mapping.md) | none: the profile's lower bound"),
     as_json: bool = typer.Option(False, "--json", help="print/write JSON"),
     as_csv: bool = typer.Option(False, "--csv", help="print/write CSV (layer, kind, term, count, pJ)"),
     out: Optional[Path] = typer.Option(None, "--out", help="write the report (JSON, CSV or the table) to FILE"),
@@ -46,7 +48,7 @@ def energy(
     err = Console(stderr=True)  # with --json/--csv, stdout carries only the report
     r = jobs.energy_report(file, profile=profile, baseline=baseline, host=host, graph=graph, num_images=num_images,
                            steps=steps, seed=seed, input=input, dt=dt, method=method, reset=reset,
-                           comparison=comparison, say=(lambda m: say(m, err)) if quiet else say)
+                           comparison=comparison, mapping=mapping, say=(lambda m: say(m, err)) if quiet else say)
     if quiet:
         if as_json:
             text = json.dumps(r, indent=1)
@@ -107,6 +109,11 @@ def _report_table(file: Path, r: dict) -> tuple[Table, list[str]]:
                         if r["time"]["untimed_terms"] else ""))
     else:
         lines.append("no time estimate: the profile publishes no latencies (no EDP, no static energy)")
+    if r.get("mapping_note"):
+        lines.append(r["mapping_note"])
+    for c in (r.get("mapping") or {}).get("limiting_cores", [])[:3]:
+        lines.append(f"limiting core {c['core']} ({c['population']}): {c['work_s'] * 1e3:.3g} ms of work, "
+                     f"{c['share_of_busiest_time']:.0%} of the chip time")
     b = r.get("ann_baseline")
     if b:
         lines.append(f"ANN baseline ({b['profile']}, {b['mac_pj']:g} pJ/MAC, {b['macs']:,} MACs per call): "
