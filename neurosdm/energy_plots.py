@@ -3,6 +3,7 @@
 - :func:`plot_layer_terms`: per-layer energy by term (stacked bars) of one :func:`neurosdm.energy.estimate` report;
 - :func:`plot_spikes`: spikes per layer per spiking step of a RunStats (summed over denoising steps and images);
 - :func:`plot_profiles`: energy per image per profile against the ANN baseline(s), log scale;
+- :func:`plot_core_loads`: the cores of a mapping on their meshes, coloured by utilisation;
 - :func:`write_plots`: the three of a :func:`neurosdm.energy.price_all` result into a folder.
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from neurosdm.io import atomic_path
 
-__all__ = ["plot_layer_terms", "plot_spikes", "plot_profiles", "write_plots"]
+__all__ = ["plot_layer_terms", "plot_spikes", "plot_profiles", "plot_core_loads", "write_plots"]
 
 
 def _plt():
@@ -97,3 +98,30 @@ def write_plots(priced: dict, stats, out_dir, profile: str = "loihi2") -> dict[s
                                   {k: v["pj_per_image"] for k, v in priced["ann_baseline"].items()},
                                   out / "energy_profiles.png"),
     }
+
+
+def plot_core_loads(mapping: dict, path: str | os.PathLike, max_chips: int = 16) -> Path:
+    """The cores of a mapping (:func:`neurosdm.hardware.routing.map_program`) on their meshes, coloured by each
+    core's highest utilisation over its resources (neurons, axons, synaptic memory); chips side by side, at most
+    ``max_chips`` of them (the title says how many are shown)."""
+    plt = _plt()
+    mx, my, per = mapping["mesh"]
+    chips = min(mapping["chips_used"], max_chips)
+    grid = np.full((my, chips * mx * per), np.nan)
+    for p in mapping["populations"]:
+        for pc in p["pieces"]:
+            chip, x, y, slot = pc["core"]
+            if chip < chips:
+                grid[y, x * per + slot] = max(pc["utilisation"].values(), default=0.0)
+    fig, ax = plt.subplots(figsize=(min(18, 2 + chips * mx * per * 0.12), 1.5 + my * 0.3))
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    for c in range(1, chips):
+        ax.axvline(c * mx * per - 0.5, color="red", lw=1)
+    ax.set_xlabel(f"core (x x {per} + slot); red lines: chip boundaries")
+    ax.set_ylabel("mesh y")
+    shown = f"{chips} of {mapping['chips_used']} chips shown" if chips < mapping["chips_used"] else \
+        f"{chips} chip(s)"
+    ax.set_title(f"{mapping['profile']}: {mapping['cores_used']:,} cores, {shown}; colour: highest utilisation "
+                 "per core (white: unused)")
+    fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
+    return _save(fig, path)

@@ -4,7 +4,11 @@ price on the hardware profiles, compare, and write one self-contained HTML repor
 Stages (each timed in the report): export the checkpoint to int8 NIR (``model_int8.nir``); ``compare`` on the same
 seeds (the torch model, the graph on the torch engine and on the event engine, the event run checked in lockstep
 spike for spike); ``energy.price_all`` of the event engine's counts on every profile with the ANN baselines;
-the plots; ``report.html`` (images, tables and plots embedded) next to the JSON files it was made from.
+the plots; ``report.html`` (images, tables and plots embedded) next to the JSON files it was made from, with the
+mapping of the graph onto Loihi 2 (cores, chips, utilisation, the core loads on the mesh).
+
+:func:`map_graph` is ``neurosdm map``: a NIR file mapped onto a profile's chips, ``mapping.json`` and the picture
+of the core loads (``mapping.png``) written together into a folder.
 """
 
 from __future__ import annotations
@@ -18,13 +22,33 @@ from pathlib import Path
 from neurosdm.checkpoint import file_sha256
 from neurosdm.compare import compare
 from neurosdm.energy import price_all
-from neurosdm.energy_plots import write_plots
+from neurosdm.energy_plots import plot_core_loads, write_plots
 from neurosdm.exporters.pipeline import export_checkpoint
 from neurosdm.graph.program import load_program
-from neurosdm.io import atomic_path
+from neurosdm.hardware.routing import map_program, try_map
+from neurosdm.io import atomic_path, output_set
+from neurosdm.simulators.foreign import load_any
 from neurosdm.simulators.stats import RunStats
 
-__all__ = ["run_demo", "write_html"]
+__all__ = ["run_demo", "write_html", "map_graph", "MAP_PROFILE"]
+
+MAP_PROFILE = "loihi2"  # the mapping shown in report.html
+
+
+def map_graph(file, profile: str = "loihi2", out=None, dt=None, method=None, reset=None, comparison=None) -> dict:
+    """``neurosdm map``: read ``file`` (a denoiser export or a foreign graph, with its discretisation options),
+    map it onto ``profile`` (:func:`neurosdm.hardware.routing.map_program`); with ``out``, write ``mapping.json``
+    and ``mapping.png`` there together. Returns the mapping (``files``: what was written)."""
+    program, _ = load_any(file, dt, method, reset, comparison)
+    mapping = map_program(program, profile)
+    mapping["graph"] = str(file)
+    mapping["files"] = []
+    if out is not None:
+        with output_set(out) as stage:
+            Path(stage, "mapping.json").write_text(json.dumps(mapping, indent=1))
+            plot_core_loads(mapping, Path(stage) / "mapping.png")
+        mapping["files"] = [str(Path(out) / "mapping.json"), str(Path(out) / "mapping.png")]
+    return mapping
 
 
 def run_demo(ckpt, out_dir, num_images: int = 4, steps: int = 20, seed: int = 0, progress=None,
@@ -51,6 +75,12 @@ def run_demo(ckpt, out_dir, num_images: int = 4, steps: int = 20, seed: int = 0,
     stats = RunStats.load(out / "stats_event.json")
     priced = price_all(stats, program)
     plots = write_plots(priced, stats, out)
+    mapping, note = try_map(program, MAP_PROFILE)
+    priced["mapping_note"] = note
+    if mapping is not None:
+        plots["mapping"] = plot_core_loads(mapping, out / f"mapping_{MAP_PROFILE}.png")
+        with atomic_path(out / f"mapping_{MAP_PROFILE}.json") as tmp:
+            tmp.write_text(json.dumps(mapping, indent=1))
     with atomic_path(out / "energy.json") as tmp:
         tmp.write_text(json.dumps(priced, indent=1))
     times["price on every profile and plot"] = time.perf_counter() - t0
@@ -64,7 +94,7 @@ def run_demo(ckpt, out_dir, num_images: int = 4, steps: int = 20, seed: int = 0,
                   f"{int(q.get('calibration', {}).get('images', 0))} images; {len(program.layers)} NIR nodes",
         "generation": f"{num_images} images, DDIM {steps} steps, seed {seed}, {program.num_steps} spiking steps",
     }
-    return write_html(out / "report.html", info, cmp, priced, stats, plots, out / "compare.png", times)
+    return write_html(out / "report.html", info, cmp, priced, stats, plots, out / "compare.png", times, mapping)
 
 
 def _img(path: Path) -> str:
@@ -76,6 +106,23 @@ def _table(headers: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _mapping_section(mapping: dict | None, note: str, png) -> list[str]:
+    """report.html's mapping section: fits or not, cores and chips, utilisation per resource, the core loads."""
+    out = [f"<h2>Mapping onto {MAP_PROFILE} (docs/mapping.md)</h2>", f"<p>{html.escape(note)}</p>"]
+    if mapping is None:
+        return out
+    rows = [["fits", "yes" if mapping["fits"] else "NO: " + "; ".join(
+                f"{v['layer']} {v['limit']} {v['need']:,} > {v['allowed']:,}" for v in mapping["violations"])],
+            ["cores used", f"{mapping['cores_used']:,}"], ["chips used", mapping["chips_used"]],
+            ["boards used", mapping["boards_used"] if mapping["boards_used"] is not None else "-"]]
+    rows += [[f"utilisation of {k} (mean / max per core)", f"{u['mean']:.2f} / {u['max']:.2f}"]
+             for k, u in mapping["utilisation"].items()]
+    out.append(_table(["", ""], rows))
+    if png:
+        out.append(_img(png))
+    return out
 
 
 def _fmt(v, digits=3) -> str:
@@ -91,7 +138,8 @@ table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;
 th{background:#f3f3f3}td{text-align:right}td:first-child{text-align:left}h2{margin-top:1.6em}.note{color:#555}"""
 
 
-def write_html(path, info: dict, cmp: dict, priced: dict, stats, plots: dict, compare_png, times: dict) -> Path:
+def write_html(path, info: dict, cmp: dict, priced: dict, stats, plots: dict, compare_png, times: dict,
+               mapping: dict | None = None) -> Path:
     """The report (see the module docstring), written atomically; returns its path."""
     parts = [f"<!doctype html><meta charset='utf-8'><title>neurosdm report</title><style>{CSS}</style>",
              "<h1>neurosdm: a spiking diffusion model on simulated neuromorphic hardware</h1>"]
@@ -154,6 +202,7 @@ def write_html(path, info: dict, cmp: dict, priced: dict, stats, plots: dict, co
             f"<li>{html.escape(u['term'])} ({html.escape(u['where'])}): {u['count']:,}</li>"
             for u in rep["unpriced"]) + "</ul>")
 
+    parts += _mapping_section(mapping, priced.get("mapping_note", ""), plots.get("mapping"))
     parts.append("<h2>Run</h2>")
     parts.append(_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in times.items()]))
     parts.append("<p class='note'>Files next to this report: model_int8.nir (the exported graph), compare.json, "

@@ -6,6 +6,7 @@ and renders what it returns.
 - ``export``: export, inspect (the NIR exchange format)
 - ``simulate``: simulate, compare, demo (the exported graph on the engines)
 - ``energy``: energy, profiles (pricing on hardware profiles)
+- ``map``: map (a graph onto a profile's chips: cores, chips, utilisation)
 - ``evaluate``: evaluate, sweep (FID and IS)
 - ``common``: consoles, progress bar, the one-line user error, shared tables and help texts
 
@@ -24,6 +25,7 @@ import typer
 from rich.console import Console
 
 from neurosdm.cli import energy, evaluate, export, model, simulate
+from neurosdm.cli import map as mapping
 from neurosdm.cli.common import DEFAULT_CKPT, fail
 from neurosdm.errors import NeuroSDMError
 
@@ -33,7 +35,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Spiking diffusion models from the GPU to neuromorphic hardware.")
 
 for command in (model.train, model.sample, model.info, simulate.demo, export.export, export.inspect,
-                simulate.simulate, simulate.compare, energy.energy, energy.profiles, evaluate.evaluate,
+                simulate.simulate, simulate.compare, energy.energy, energy.profiles, mapping.map, evaluate.evaluate,
                 evaluate.sweep, model.gamma, model.convert):  # the order of `neurosdm --help`
     app.command()(command)
 

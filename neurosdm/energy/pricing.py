@@ -51,6 +51,7 @@ from neurosdm.energy.baselines import (ann_baseline, ann_per_image, firing_rates
 from neurosdm.energy.timing import SYNAPTIC_TERMS, core_time
 from neurosdm.errors import ConfigError
 from neurosdm.hardware.profiles import Constant, Profile, list_profiles, load_profile
+from neurosdm.hardware.routing import try_map
 
 __all__ = ["PLACEMENT_LAYER_KEYS", "estimate", "price_all", "report_csv"]
 
@@ -321,11 +322,15 @@ def report_csv(report: dict) -> str:
 
 def price_all(stats, program, profiles=None, baselines=("cmos45-fp32", "cmos45-int8")) -> dict:
     """A simulated run priced on every profile (default: all shipped), with the ANN baselines of the same
-    architecture and the SDM paper's formula on the measured firing rates. JSON-ready dict: ``counts``,
+    architecture and the SDM paper's formula on the measured firing rates; each profile with resources on the
+    mapping of ``program`` (:func:`neurosdm.hardware.routing.try_map`). JSON-ready dict: ``counts``,
     ``host``, ``firing_rates``, ``summary`` (per profile: mJ per image, time, EDP, ratio to the fp32 ANN, unpriced,
-    energy by term), ``ann_baseline``, ``paper_formula_on_measured_rates`` and the full ``reports``."""
+    energy by term, cores and chips of the mapping), ``ann_baseline``, ``paper_formula_on_measured_rates`` and the full ``reports``."""
     calls = len(stats.timesteps)
-    reports = {name: estimate(stats, name) for name in (profiles or list_profiles())}
+    reports = {}
+    for name in profiles or list_profiles():
+        mapping, note = try_map(program, name)
+        reports[name] = dict(estimate(stats, name, mapping=mapping), mapping_note=note)
     base = {name: ann_per_image(ann_baseline(program, name), calls) for name in baselines}
     rates = firing_rates(stats, program)
     # the paper formula's first layer (priced as MACs): the first conv in evaluation order, which reads the image
@@ -341,6 +346,8 @@ def price_all(stats, program, profiles=None, baselines=("cmos45-fp32", "cmos45-i
                "edp_per_image_js": r["edp_per_image_js"],
                "vs_ann_fp32": snn_to_ann_ratio(r, ref) if ref else None,
                "unpriced": {f"{u['term']} ({u['where']})": u["count"] for u in r["unpriced"]},
+               "cores": r["mapping"]["cores_used"] if r.get("mapping") else None,
+               "chips": r["mapping"]["chips_used"] if r.get("mapping") else None,
                "by_term_mj": {k: v * 1e-9 for k, v in r["totals"]["by_term_pj"].items()}}
         for name, r in reports.items()}
     return {
