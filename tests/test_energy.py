@@ -203,7 +203,8 @@ def test_ann_baseline_per_image_one_rule(run):
     """price_all's baselines and ratios are with_ann_baseline's: per call x denoising steps, SNN / ANN per image."""
     program, stats, _ = run
     priced = E.price_all(stats, program, profiles=["loihi2"])
-    report = E.with_ann_baseline(E.estimate(stats, "loihi2"), program, "cmos45-fp32")
+    report = E.with_ann_baseline(E.estimate(stats, "loihi2", mapping=map_program(program, "loihi2")), program,
+                                 "cmos45-fp32")  # price_all prices on the mapping
     base = report["ann_baseline"]
     assert base["pj_per_image"] == base["pj_per_call"] * len(stats.timesteps) == \
         priced["ann_baseline"]["cmos45-fp32"]["pj_per_image"]
