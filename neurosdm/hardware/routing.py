@@ -69,16 +69,21 @@ def _fractions(e, src_pieces, dst_pieces) -> np.ndarray:
     return f
 
 
-def _tree(src_xy, dst_xy) -> int:
-    """Links of the union of X-then-Y routes from ``src_xy`` to every point of ``dst_xy``."""
-    if len(dst_xy) == 0:
-        return 0
-    x0, y0 = src_xy
-    xs = dst_xy[:, 0]
-    links = max(int(xs.max()) - x0, 0) + max(x0 - int(xs.min()), 0)
-    for x in np.unique(xs):
-        ys = dst_xy[xs == x, 1]
-        links += max(int(ys.max()) - y0, 0) + max(y0 - int(ys.min()), 0)
+def _trees(src_xy: np.ndarray, dst_xy: np.ndarray, reach: np.ndarray) -> np.ndarray:
+    """Per source ``i``: the links of the union of X-then-Y routes from ``src_xy[i]`` to every destination ``d`` with
+    ``reach[i, d]`` (the x span through the source row, then per destination column its y span from that row)."""
+    x0, y0 = src_xy[:, 0].astype(float), src_xy[:, 1].astype(float)
+    dx, dy = dst_xy[:, 0].astype(float), dst_xy[:, 1].astype(float)
+    hi = np.where(reach, dx[None, :], -np.inf).max(axis=1, initial=-np.inf)
+    lo = np.where(reach, dx[None, :], np.inf).min(axis=1, initial=np.inf)
+    any_ = reach.any(axis=1)
+    links = np.where(any_, np.maximum(hi - x0, 0) + np.maximum(x0 - lo, 0), 0.0)
+    for x in np.unique(dst_xy[:, 0]):
+        col = dst_xy[:, 0] == x
+        r = reach[:, col]
+        yh = np.where(r, dy[col][None, :], -np.inf).max(axis=1, initial=-np.inf)
+        yl = np.where(r, dy[col][None, :], np.inf).min(axis=1, initial=np.inf)
+        links += np.where(r.any(axis=1), np.maximum(yh - y0, 0) + np.maximum(y0 - yl, 0), 0.0)
     return links
 
 
@@ -92,9 +97,9 @@ def _route(e, src_pieces, dst_pieces, src_pos, dst_pos, multicast: bool) -> dict
     if multicast:
         reach = f > 0
         packets = reach.any(axis=1).astype(np.float64)
-        hops = np.array([_tree(src_pos[i, 1:3], dst_pos[reach[i], 1:3]) for i in range(len(src_pieces))], float)
-        chip_x = np.array([(np.ptp(np.append(dst_pos[reach[i], 0], src_pos[i, 0]))) for i in range(len(src_pieces))],
-                          float)
+        hops = _trees(src_pos[:, 1:3], dst_pos[:, 1:3], reach)
+        chip_x = _trees(np.c_[src_pos[:, 0], np.zeros(len(src_pos))], np.c_[dst_pos[:, 0], np.zeros(len(dst_pos))],
+                        reach)  # chips in one row: the span of the chip indices
     else:
         packets, hops, chip_x = f.sum(axis=1), (f * dist).sum(axis=1), (f * chips).sum(axis=1)
     w = n / n.sum()
