@@ -25,7 +25,7 @@ LAYERS = [
     ("hardware", ["hardware", "loihi"]),
     ("energy", ["energy"]),
     ("exporters", ["exporters"]),
-    ("app", ["compare", "metrics", "report", "energy_plots", "jobs"]),
+    ("app", ["compare", "metrics", "report", "energy_plots", "jobs", "pareto"]),
     ("cli", ["cli", "__main__"]),
 ]
 #: imported inside functions on purpose: optional, heavy or platform-specific

@@ -8,6 +8,7 @@ and renders what it returns.
 - ``energy``: energy, profiles (pricing on hardware profiles)
 - ``map``: map (a graph onto a profile's chips: cores, chips, utilisation)
 - ``evaluate``: evaluate, sweep (FID and IS)
+- ``pareto``: pareto (energy-quality trade-offs of the knobs)
 - ``common``: consoles, progress bar, the one-line user error, shared tables and help texts
 
 Import rule: a command module imports at its top only typer, rich, the leaves (``neurosdm.errors``,
@@ -24,7 +25,7 @@ import signal
 import typer
 from rich.console import Console
 
-from neurosdm.cli import energy, evaluate, export, model, simulate
+from neurosdm.cli import energy, evaluate, export, model, pareto, simulate
 from neurosdm.cli import map as mapping
 from neurosdm.cli.common import DEFAULT_CKPT, fail
 from neurosdm.errors import NeuroSDMError
@@ -36,7 +37,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 for command in (model.train, model.sample, model.info, simulate.demo, export.export, export.inspect,
                 simulate.simulate, simulate.compare, energy.energy, energy.profiles, mapping.map, evaluate.evaluate,
-                evaluate.sweep, model.gamma, model.convert):  # the order of `neurosdm --help`
+                evaluate.sweep, pareto.pareto, model.gamma, model.convert):  # the order of `neurosdm --help`
     app.command()(command)
 
 

@@ -34,7 +34,8 @@ from neurosdm.simulators.stats import RunStats, add_counts
 from neurosdm.simulators.torch_engine import TorchEngine
 
 __all__ = ["ENGINES", "make_engine", "GraphDenoiser", "simulate", "simulate_sharded", "merge_stats", "host_counts",
-           "config_of", "apply_threshold_scale", "save_spikes_nird", "is_denoiser_export", "steps_schedule_of"]
+           "config_of", "apply_threshold_scale", "save_spikes_nird", "is_denoiser_export", "steps_schedule_of",
+           "split_by_steps"]
 
 ENGINES = ("event", "torch")
 
@@ -262,6 +263,25 @@ def simulate(program: Program, engine: str = "event", num_images: int = 4, sampl
                       source_checkpoint=str(meta_value(program.metadata, "source_checkpoint", "")),
                       **({"steps_schedule": schedule} if schedule else {}))
     return images, stats, den
+
+
+def split_by_steps(stats: RunStats) -> list[RunStats]:
+    """A run of a steps schedule as one RunStats per spiking-step count ``K`` (``stats.meta
+    ["spiking_steps_per_call"]``): the calls with ``K`` steps, counters cut to ``[calls, K]`` (the zero padding
+    dropped), so that anything priced per spiking step (barriers, static power over time) counts ``K`` steps per
+    call. Every count lands in exactly one part. A run without a schedule is returned whole."""
+    per_call = stats.meta.get("spiking_steps_per_call")
+    if not per_call:
+        return [stats]
+    parts = []
+    for k in sorted(set(per_call)):
+        idx = [i for i, v in enumerate(per_call) if v == k]
+        layers = {layer: {c: v[idx, :k] for c, v in cs.items()} for layer, cs in stats.layers.items()}
+        host = {c: v[idx] for c, v in stats.host.items()}
+        meta = {key: v for key, v in stats.meta.items() if key != "spiking_steps_per_call"}
+        parts.append(RunStats(int(k), stats.images, [stats.timesteps[i] for i in idx], layers, host,
+                              dict(stats.layer_kinds), meta))
+    return parts
 
 
 def merge_stats(parts: list[RunStats]) -> RunStats:
