@@ -325,7 +325,8 @@ def price_all(stats, program, profiles=None, baselines=("cmos45-fp32", "cmos45-i
     architecture and the SDM paper's formula on the measured firing rates; each profile with resources on the
     mapping of ``program`` (:func:`neurosdm.hardware.routing.try_map`). JSON-ready dict: ``counts``,
     ``host``, ``firing_rates``, ``summary`` (per profile: mJ per image, time, EDP, ratio to the fp32 ANN, unpriced,
-    energy by term, cores and chips of the mapping), ``ann_baseline``, ``paper_formula_on_measured_rates`` and the full ``reports``."""
+    energy by term, cores and chips of the mapping), ``ann_baseline``, ``paper_formula_on_measured_rates`` and the
+    full ``reports``."""
     calls = len(stats.timesteps)
     reports = {}
     for name in profiles or list_profiles():

@@ -1,6 +1,6 @@
-"""neurosdm against SANA-FE's Loihi (docs/sanafe.md): the suite of small integrate-and-fire networks, their mapping
-onto SANA-FE's cores and the placement that models SANA-FE's accounting, neurosdm's side of a network (counts and
-energy), and the comparison with what SANA-FE reports for the same network and input.
+"""neurosdm against SANA-FE's Loihi (docs/sanafe.md; with the mapper's placement: :func:`run_mapped`, docs/mapping.md):
+the suite of small integrate-and-fire networks, their mapping onto SANA-FE's cores and the placement that models
+SANA-FE's accounting, neurosdm's side of a network (counts and energy), and the comparison with what SANA-FE reports for the same network and input.
 
 SANA-FE itself (GPL-3.0) is never imported: ``scripts/sanafe_compare.py`` runs it in its own environment on the
 graphs, inputs and mappings written here (``scripts/sanafe_suite.py`` and ``scripts/sanafe_compare.sh`` run the
@@ -37,6 +37,7 @@ import numpy as np
 
 from neurosdm.errors import ConfigError
 from neurosdm.graph.program import load_program
+from neurosdm.hardware.routing import map_program
 from neurosdm.io import atomic_buffer, atomic_path
 from neurosdm.simulators.activity import add_state_updates, add_synapse_events
 from neurosdm.simulators.foreign import simulate_foreign
@@ -261,3 +262,82 @@ def compare(ns: dict, sf: dict) -> dict:
                    for prev, st in zip([ns["steps"][0]] + ns["steps"][:-1], ns["steps"])],
         "sanafe_dense_synapse_unit": sf.get("dense_unit"),
     }
+
+
+# ---------------------------------------------------------------------------- the mapper's placement on SANA-FE
+
+def _sanafe_cores(m: dict, name: str, shape) -> np.ndarray:
+    """Per neuron (NIR's C order) of population ``name``: its SANA-FE core index (SANA-FE numbers the tiles of its
+    8 x 4 mesh column by column, tile = x * 4 + y, and the cores of a tile after it: core = tile x 4 + slot)."""
+    C, H, W = (list(shape) + [1, 1])[:3] if len(shape) == 3 else (int(np.prod(shape)), 1, 1)
+    mx, my, per = m["mesh"]
+    out = np.zeros((C, H, W), np.int64)
+    for pc in next(p for p in m["populations"] if p["population"] == name)["pieces"]:
+        chip, x, y, slot = pc["core"]
+        if chip:
+            raise ConfigError("the SANA-FE check keeps every network on one chip")
+        out[slice(*pc["c"]), slice(*pc["h"]), slice(*pc["w"])] = (x * my + y) * per + slot
+    return out.reshape(-1)
+
+
+def _targets(program, mp: dict, src: str, dst: str, n_src: int) -> list[np.ndarray]:
+    """Per neuron of spiking layer ``src``: the neurons of ``dst`` its synapses reach (every pair of a dense layer,
+    every kernel position of a stride-1 unpadded conv, as SANA-FE connects them)."""
+    syn = program.by_name[mp["layers"][dst]["synapse_layer"]]
+    if syn.kind == "affine":
+        return [np.arange(mp["layers"][dst]["size"])] * n_src
+    co, ci, kh, kw = syn.weight.shape
+    _, hi, wi = syn.in_shape
+    ho, wo = hi - kh + 1, wi - kw + 1
+    out = []
+    for j in range(n_src):
+        c, y, x = np.unravel_index(j, (ci, hi, wi))
+        oy = y - np.arange(kh)
+        ox = x - np.arange(kw)
+        oy, ox = oy[(oy >= 0) & (oy < ho)], ox[(ox >= 0) & (ox < wo)]
+        out.append((np.arange(co)[:, None, None] * ho * wo + oy[None, :, None] * wo + ox[None, None, :]).ravel())
+    return out
+
+
+def run_mapped(name: str, out: Path, profile, price: Callable[..., dict]) -> dict:
+    """Suite network ``name`` placed by neurosdm's mapper (:func:`neurosdm.hardware.routing.map_program` on
+    ``profile``, a ``loihi-sanafe`` variant) for SANA-FE (``scripts/sanafe_mapped.py``): writes ``<name>.nir``,
+    ``<name>.input.npz`` and ``<name>.mapped.json`` (SANA-FE's layer table with each neuron's core, neurosdm's spikes,
+    the exact packets and hops of this placement for the simulated spikes, the mapper's per-layer estimate from
+    the spike counts, and the time per step of ``price(stats, mapping=...)``) and returns the latter."""
+    graph, x = build_graph(name)
+    with atomic_buffer(out / f"{name}.nir") as buffer:
+        nir.write(buffer, graph)
+    with atomic_path(out / f"{name}.input.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, spikes=x[:, 0].astype(np.uint8))
+    program = load_program(out / f"{name}.nir")
+    res, stats = simulate_foreign(program, x, engine="event", record=True)
+    mp = mapping(program)
+    m = map_program(program, profile)
+    per, my = m["mesh"][2], m["mesh"][1]
+    spikes, exact = {}, {"packets": 0, "hops": 0}
+    for name_l, info in mp["layers"].items():
+        info["core_of_neuron"] = _sanafe_cores(m, name_l, info["shape"]).tolist()
+        info["cores"] = [info["core_of_neuron"][0]]
+        spikes[name_l] = np.asarray(res["records"][name_l])[:, 0].reshape(x.shape[0], -1).astype(np.int64)
+    for name_l, info in mp["layers"].items():
+        src_core = np.asarray(info["core_of_neuron"])
+        fired = spikes[name_l].sum(axis=0)
+        for dst in info["destinations"]:
+            dcore = np.asarray(mp["layers"][dst]["core_of_neuron"])
+            for j, t in enumerate(_targets(program, mp, name_l, dst, info["size"])):
+                cores = np.unique(dcore[t])
+                tile, dtile = src_core[j] // per, cores // per
+                exact["packets"] += int(fired[j]) * len(cores)
+                hops = np.abs(tile // my - dtile // my) + np.abs(tile % my - dtile % my)  # tile = x * my + y
+                exact["hops"] += int(fired[j]) * int(hops.sum())
+    est = {k: sum(m["spikes"].get(n, {}).get(f"{k}_per_spike", 0) * int(s.sum()) for n, s in spikes.items())
+           for k in ("packets", "hops")}
+    r = price(stats, mapping=m)
+    side = {"network": name, "num_steps": int(x.shape[0]), "mapping": mp, "cores_used": m["cores_used"],
+            "spikes": {n: s.sum(axis=1).tolist() for n, s in spikes.items()}, "exact": exact, "mapper": est,
+            "time_per_step_s": r["time"]["total_s"] / x.shape[0] if r["time"] else None}
+    with atomic_path(out / f"{name}.mapped.json") as tmp:
+        Path(tmp).write_text(json.dumps(side))
+    return side
