@@ -2,6 +2,7 @@
 counts, placement and routing checked by hand on two small graphs, limits, bad input, the profiles' resources."""
 
 import json
+import subprocess
 
 import nir
 import numpy as np
@@ -13,6 +14,7 @@ from neurosdm.errors import ConfigError, GraphError
 from neurosdm.graph.program import load_program
 from neurosdm.hardware.profiles import PROFILE_DIR, RESOURCES, list_profiles, load_profile
 from neurosdm.hardware.routing import core_slots, map_program, try_map
+from neurosdm.hardware.sanafe import run_mapped
 from neurosdm.simulators.stats import RunStats
 
 # a 2 x 2 mesh, one core per router, 4 cores per chip; the limits set per test
@@ -240,3 +242,40 @@ def test_cli_map_bad_input_is_one_line(tmp_path):
     bad = profile(tmp_path, name="bad", cores_per_chip=5)
     assert_one_line_error(neurosdm("map", tmp_path / "conv.nir", "--profile", bad, cwd=tmp_path),
                           "inconsistent [resources]", "bad.toml")
+
+
+# ------------------------------------------------------------------ SANA-FE with neurosdm's placement
+
+ROOT = PROFILE_DIR.parent.parent
+SANAFE_READY = ROOT / ".venv-sanafe" / ".sanafe-installed"
+
+
+def small_sanafe(tmp_path, neurons=32):
+    old = "[resources.neurons_per_core]\nvalue = 1024\n"
+    path = tmp_path / "loihi-sanafe-small.toml"
+    path.write_text((PROFILE_DIR / "loihi-sanafe.toml").read_text().replace(old, old.replace("1024", str(neurons))))
+    return path
+
+
+def test_mapped_suite_network_exact_counts_agree_with_the_mapper_on_a_dense_network(tmp_path):
+    prof = small_sanafe(tmp_path)
+    side = run_mapped("dense2", tmp_path, prof, lambda stats, mapping: E.estimate(stats, prof, mapping=mapping))
+    # every input of a dense layer reaches every destination core: the per-layer average is exact
+    assert side["exact"]["packets"] == side["mapper"]["packets"] > 0 and side["exact"]["hops"] == side["mapper"]["hops"]
+    assert side["cores_used"] > 3 and side["time_per_step_s"] > 0
+
+
+@pytest.mark.skipif(not SANAFE_READY.exists(), reason=".venv-sanafe is missing: SANA-FE runs only in its own "
+                                                      "environment (scripts/sanafe_env.sh)")
+def test_sanafe_with_the_mappers_placement_counts_the_same_packets_and_hops(tmp_path):
+    prof = small_sanafe(tmp_path)
+    side = run_mapped("conv2", tmp_path, prof, lambda stats, mapping: E.estimate(stats, prof, mapping=mapping))
+    out = subprocess.run([str(ROOT / ".venv-sanafe" / "bin" / "python"), str(ROOT / "scripts" / "sanafe_mapped.py"),
+                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    sf = json.loads((tmp_path / "conv2.sanafe_mapped.json").read_text())
+    layers = side["mapping"]["layers"]
+    for name, per_step in side["spikes"].items():
+        d = layers[name]["depth"]
+        assert sf["spikes"][name][d:d + side["num_steps"]] == per_step
+    assert (side["exact"]["packets"], side["exact"]["hops"]) == (sf["packets"], sf["hops"]) and sf["hops"] > 0

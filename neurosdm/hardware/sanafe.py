@@ -1,6 +1,7 @@
 """neurosdm against SANA-FE's Loihi (docs/sanafe.md; with the mapper's placement: :func:`run_mapped`, docs/mapping.md):
 the suite of small integrate-and-fire networks, their mapping onto SANA-FE's cores and the placement that models
-SANA-FE's accounting, neurosdm's side of a network (counts and energy), and the comparison with what SANA-FE reports for the same network and input.
+SANA-FE's accounting, neurosdm's side of a network (counts and energy), and the comparison with what SANA-FE reports
+for the same network and input.
 
 SANA-FE itself (GPL-3.0) is never imported: ``scripts/sanafe_compare.py`` runs it in its own environment on the
 graphs, inputs and mappings written here (``scripts/sanafe_suite.py`` and ``scripts/sanafe_compare.sh`` run the
