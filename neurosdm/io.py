@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neurosdm.errors import NeuroSDMError, OutputError
+from neurosdm.errors import GraphError, NeuroSDMError, OutputError
 
 
 @contextlib.contextmanager
@@ -276,6 +276,19 @@ def check_outputs(out: str | os.PathLike | None, names=(), force: bool = False, 
     folder = check_output_dir(out)
     for name in names:
         check_output_file(folder / name, force, sources)
+
+
+def check_finite_report(report, what: str, where: str = "") -> None:
+    """:class:`GraphError` (one line) when a report about to be printed or written (nested dicts, lists, numbers)
+    holds NaN or an infinity: never a silent "total nan pJ"."""
+    if isinstance(report, dict):
+        for key, value in report.items():
+            check_finite_report(value, what, f"{where}.{key}" if where else str(key))
+    elif isinstance(report, (list, tuple)):
+        for i, value in enumerate(report):
+            check_finite_report(value, what, f"{where}[{i}]")
+    elif isinstance(report, (float, np.floating)) and not math.isfinite(report):
+        raise GraphError(f"{what} came out {float(report)} at {where} (values out of range?); nothing was written")
 
 
 def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:

@@ -179,6 +179,9 @@ def main() -> int:
         r["max_rss"] = max(r["max_rss"], outcome.max_rss)
         for f in failures:
             r["failures"][f.split(" ")[0]] += 1
+        if failures:
+            print(f"case {i} ({category}): {failures} {case.note} exit {outcome.code}: "
+                  f"{(outcome.stderr + outcome.escaped).strip().splitlines()[-1:] or ''}", flush=True)
         if failures and len(r["examples"]) < 20:
             r["examples"].append({"case": i, "failures": failures, "note": case.note,
                                   "argv": [str(a).replace(str(root), "$TMP") for a in case.argv],

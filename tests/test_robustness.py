@@ -706,3 +706,27 @@ def test_a_profile_value_beyond_float_range_is_one_line(files, tmp_path, capsys)
     (tmp_path / "p.toml").write_text(text[:i] + "value = " + "9" * 400 + "\n#" + text[i + len("value ="):])
     one_line_error(capsys, "energy", files["spiking.nir"], "--profile", tmp_path / "p.toml", "--steps", 1,
                    needles=("finite",))
+
+
+def test_a_profile_value_that_overflows_the_report_is_one_line(files, tmp_path, capsys):
+    """A latency of 1e308 ns is finite, but times the counts it is infinite: the report printed and wrote "inf"
+    with exit 0 (fuzz, profile). Now refused in one line, nothing written."""
+    text = open(os.path.join(ROOT, "neurosdm", "hw_profiles", "loihi2.toml")).read()
+    i = text.index("value =", text.index("[latency.synop]"))
+    (tmp_path / "p.toml").write_text(text[:i] + "value = 1e308\n#" + text[i + len("value ="):])
+    one_line_error(capsys, "energy", files["spiking.nir"], "--profile", tmp_path / "p.toml", "--steps", 1, "--out",
+                   tmp_path / "e.txt", needles=("came out inf",))
+    assert not (tmp_path / "e.txt").exists()
+
+
+def test_a_string_where_a_node_parameter_is_expected(tmp_path, capsys):
+    """An HDF5 edit that stores text as an Affine's bias: nir reads it, the translation raised ValueError (fuzz,
+    nir_h5). Now the node check names the parameter."""
+    import h5py
+
+    path = foreign_graph(tmp_path)
+    with h5py.File(path, "r+") as f:
+        del f["node/nodes/fc/bias"]
+        f["node/nodes/fc/bias"] = "text"
+    one_line_error(capsys, "simulate", path, "--input", tmp_path / "x.npy", "--out", tmp_path / "o",
+                   needles=("bias must be numbers",))

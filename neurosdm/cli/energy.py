@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +13,7 @@ from rich.table import Table
 
 from neurosdm.cli.common import DISC_HELP, FORCE_HELP, console, fmt_energy, say, write_rendered
 from neurosdm.errors import ConfigError
-from neurosdm.io import atomic_path, check_outputs
+from neurosdm.io import atomic_path, check_finite_report, check_outputs
 
 
 def energy(
@@ -46,9 +47,13 @@ def energy(
 
     quiet = as_json or as_csv
     err = Console(stderr=True)  # with --json/--csv, stdout carries only the report
-    r = jobs.energy_report(file, profile=profile, baseline=baseline, host=host, graph=graph, num_images=num_images,
-                           steps=steps, seed=seed, input=input, dt=dt, method=method, reset=reset,
-                           comparison=comparison, mapping=mapping, say=(lambda m: say(m, err)) if quiet else say)
+    with warnings.catch_warnings():  # overflows are not warned about one by one: a non-finite report is refused
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r = jobs.energy_report(file, profile=profile, baseline=baseline, host=host, graph=graph,
+                               num_images=num_images, steps=steps, seed=seed, input=input, dt=dt, method=method,
+                               reset=reset, comparison=comparison, mapping=mapping,
+                               say=(lambda m: say(m, err)) if quiet else say)
+    check_finite_report(r, f"the energy report of {file.name}")
     if quiet:
         if as_json:
             text = json.dumps(r, indent=1)

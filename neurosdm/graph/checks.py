@@ -37,6 +37,7 @@ BYTES_PER_ELEMENT = 24
 BYTES_PER_STATE = 64
 _TIME_CONSTANTS = ("tau", "tau_mem", "tau_syn")
 _SKIP = ("input_type", "output_type", "metadata")
+_TEXT = ("padding",)  # parameters that may be words
 
 
 def check_file(path: str | os.PathLike) -> None:
@@ -74,11 +75,13 @@ def check_node(name: str, node, strict: bool = False) -> None:
     if isinstance(node, nir.NIRGraph):  # an extension node (up-sampling): its parameters are in its metadata
         return
     for field, value in vars(node).items():
-        if field in _SKIP or value is None or isinstance(value, (str, bytes, dict, nir.NIRNode)):
+        if field in _SKIP or value is None or isinstance(value, (dict, nir.NIRNode)):
             continue
         arr = np.asarray(value)
-        if arr.dtype.kind in "USO":  # padding "same", names
-            continue
+        if arr.dtype.kind in "USO":
+            if field in _TEXT or arr.dtype.kind == "O":  # padding "same"; nested values are nir's own
+                continue
+            raise GraphError(f"node {name!r} ({kind}): {field} must be numbers, got {str(value)[:40]!r}")
         if arr.dtype.kind == "c":
             raise GraphError(f"node {name!r} ({kind}): {field} holds complex numbers; NIR parameters are real")
         if arr.dtype.kind not in "biuf":
