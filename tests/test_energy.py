@@ -278,7 +278,7 @@ def test_neurobench_synaptic_operations_agree(run):
         for layer in program.layers:
             if layer.kind != "conv" or layer.input != "spikes":
                 continue
-            w = torch.from_numpy(layer.weight.astype(np.float64))  # stored compact (int8)
+            w = torch.from_numpy(layer.dense_weight())
             (pt, pb), (pl, pr) = layer.padding
             assert pt == pb and pl == pr
             conv = torch.nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), stride=layer.stride,

@@ -212,3 +212,31 @@ def test_rejects_wrong_input_shape():
     eng = EventEngine(load_program(graph))
     with pytest.raises(GraphError):
         eng.run(x[:, :, :4], T)
+
+
+def test_weights_are_stored_compact_and_widened_exactly():
+    """An int8 export's weights are held as int8 (one byte each) by the program, the event plans and the torch
+    engine; a float graph's keep float64 where float32 would round them; the engines still agree bit for bit."""
+    import torch
+
+    from neurosdm.graph.nodes import compact
+    from neurosdm.simulators.torch_engine import TorchEngine
+
+    assert compact(np.array([1.0, -128.0, 127.0])).dtype == np.int8
+    assert compact(np.array([1.0, 300.0])).dtype == np.int16
+    assert compact(np.array([0.5, 0.25], np.float64)).dtype == np.float32
+    assert compact(np.array([0.1])).dtype == np.float64 and compact(np.array([0.1]))[0] == 0.1
+    graph, md, x = _graph("spiking", True, (1, 2), True)
+    prog = load_program(graph)
+    convs = [layer for layer in prog.layers if layer.kind == "conv"]
+    assert convs and all(layer.weight.dtype == np.int8 for layer in convs)
+    ev, te = EventEngine(prog), TorchEngine(prog)
+    assert all(plan.wv.dtype == np.int8 for plan in ev.plans.values() if plan.event)
+    assert all(te.backend.layers[layer.name].weight[0].dtype == torch.int8 for layer in convs)
+    a, b = ev.run(x, T), te.run(x, T)
+    for name in a["outputs"]:
+        assert np.array_equal(a["outputs"][name], b["outputs"][name])
+    for layer, counts in a["counts"].items():
+        for counter, values in counts.items():
+            if counter in b["counts"].get(layer, {}):
+                assert np.array_equal(values, b["counts"][layer][counter]), (layer, counter)

@@ -17,7 +17,7 @@ from neurosdm.graph.dialect import Discretisation, FixedPoint, upsample_factor
 from neurosdm.graph.geometry import as_tuple, conv_padding, fanout, out_size
 
 __all__ = ["Layer", "KINDS", "SPIKING", "NEURONS", "layer_kind", "declared_input_shape", "type_shape", "translate",
-           "delay_steps"]
+           "delay_steps", "compact", "mantissas"]
 
 KINDS = {nir.Input: "input", nir.Output: "output", nir.Conv2d: "conv", nir.Conv1d: "gconv", nir.Scale: "scale",
          nir.IF: "if", nir.LI: "li", nir.I: "i", nir.LIF: "lif", nir.CubaLI: "cubali", nir.CubaLIF: "cubalif",
@@ -37,15 +37,52 @@ _ELEMENTWISE_PARAMS = {
 }
 
 
+def compact(a) -> np.ndarray:
+    """``a`` in the smallest dtype that holds every value exactly: int8, int16 or int32 for whole numbers in their
+    range (an int8 export's weights: one byte each), else float32 where every value round-trips (a float export's),
+    else float64. No copy when ``a`` already has that dtype. Arithmetic is unchanged: the backends compute in their
+    own dtype (float64 for the reference and fixed point) and widen a layer's weights when they use them."""
+    a = np.asarray(a)
+    if a.dtype.kind in "iub" or (a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.array_equal(a, np.rint(a))):
+        lo, hi = (a.min(), a.max()) if a.size else (0, 0)
+        for dtype in (np.int8, np.int16, np.int32):
+            if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
+                return a.astype(dtype, copy=False)
+    if a.dtype == np.float32:
+        return a
+    a64 = np.asarray(a, np.float64)
+    a32 = a64.astype(np.float32)
+    return a32 if np.array_equal(a32, a64) else a64
+
+
+def mantissas(w) -> tuple[np.ndarray, float]:
+    """``(m, scale)`` with ``w == m * scale`` exactly, ``scale`` a power of two and ``m`` integers of at most 16 bits
+    stored :func:`compact` (a quantised export's 8-bit mantissas and its per-layer exponent: one byte a weight, as
+    a chip stores them) where that holds; else ``(compact(w), 1.0)``. Multiplying a sum by a power of two is exact,
+    so the backends may scale before or after they sum."""
+    a = np.asarray(w, np.float64)
+    nz = a[a != 0]
+    if nz.size and np.all(np.isfinite(nz)):
+        frac, ex = np.frexp(nz)
+        k = np.abs(frac * 2.0**53).astype(np.int64)  # the 53-bit significand, an integer
+        s = int((ex - 53 + np.log2(k & -k).astype(np.int64)).min())  # the lowest set bit over all values
+        m = np.ldexp(a, -s)
+        if np.abs(m).max() <= np.iinfo(np.int16).max:
+            return compact(m), float(2.0**s)
+    return compact(w), 1.0
+
+
 @dataclass
 class Layer:
-    """One node, ready to run. Arrays are float64 and full-shaped (per neuron / element) unless said otherwise.
+    """One node, ready to run. Arrays are float64 and full-shaped (per neuron / element) unless said otherwise;
+    conv/affine weights are ``weight * weight_scale`` (:func:`mantissas`: int8 mantissas and a power of two for an
+    int8 export; :meth:`dense_weight` gives them as float64) and ``fanout`` is stored :func:`compact`.
 
     ``sources``: the nodes whose outputs are summed into this layer's input; ``back[j]``: the edge from
     ``sources[j]`` is a back edge (previous step's value). conv/gconv: ``weight [Co, Ci/groups, kh, kw]`` (a Conv1d
     as height 1, ``nd = 1``), ``bias [Co]``, ``stride``, ``padding ((top, bottom), (left, right))``, ``dilation``,
     ``groups``, ``rounded``. affine: ``weight [..., out, in]``, ``bias [..., out]``. pool: ``kernel``, ``stride``,
-    ``padding``, ``pool_scale``. conv/gconv/pool/affine: ``fanout`` (int64, input shape: the nonzero synapses each
+    ``padding``, ``pool_scale``. conv/gconv/pool/affine: ``fanout`` (integers, input shape: the nonzero synapses each
     input element reaches inside the output; its sum is the layer's MACs per image). threshold: ``threshold``.
     scale: ``scale``. upsample: ``scale_factor``. delay: ``delay`` (int64 steps per element), ``late``. Neurons:
     ``neuron`` (float
@@ -61,6 +98,7 @@ class Layer:
     back: list[bool] = field(default_factory=list)
     late: bool = False
     weight: np.ndarray | None = None
+    weight_scale: float = 1.0
     bias: np.ndarray | None = None
     stride: tuple[int, int] = (1, 1)
     padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
@@ -93,6 +131,11 @@ class Layer:
         """A neuron layer's firing threshold in the graph's units (``neuron.threshold``, or ``threshold_int`` in
         fixed point)."""
         return self.neuron.threshold if self.neuron is not None else self.threshold_int
+
+    def dense_weight(self) -> np.ndarray:
+        """The weights as float64 values (``weight * weight_scale``, exact; a new array unless already float64)."""
+        w = np.asarray(self.weight, np.float64)
+        return w * self.weight_scale if self.weight_scale != 1.0 else w
 
     @property
     def macs(self) -> int:
@@ -167,13 +210,13 @@ def translate(layer: Layer, node, disc: Discretisation, fixed: FixedPoint | None
     if layer.kind in ("input", "output"):
         return
     if isinstance(node, (nir.Affine, nir.Linear)):
-        w = np.asarray(node.weight, dtype=np.float64)
+        w, layer.weight_scale = mantissas(node.weight)
         b = getattr(node, "bias", None)
         layer.weight = w
         layer.bias = np.zeros(w.shape[:-1]) if b is None else np.broadcast_to(np.asarray(b, np.float64),
                                                                               w.shape[:-1]).copy()
         layer.out_shape = tuple(int(v) for v in w.shape[:-1])
-        layer.fanout = (w != 0).sum(axis=-2).astype(np.int64)
+        layer.fanout = compact((w != 0).sum(axis=-2))
     elif isinstance(node, nir.Scale):
         layer.scale = p("scale")
     elif isinstance(node, (nir.Conv1d, nir.Conv2d)):
@@ -191,8 +234,8 @@ def translate(layer: Layer, node, disc: Discretisation, fixed: FixedPoint | None
             raise GraphError(f"node {name!r} ({kind}): input {shape} is too small for kernel {layer.kernel}")
         layer.out_shape = (shape[0], *out_sp)
         layer.pool_scale = 1.0 if isinstance(node, nir.SumPool2d) else 1.0 / (layer.kernel[0] * layer.kernel[1])
-        layer.fanout = fanout(np.ones((shape[0], 1, *layer.kernel)), shape, layer.stride, layer.padding,
-                              (1, 1), shape[0])
+        layer.fanout = compact(fanout(np.ones((shape[0], 1, *layer.kernel)), shape, layer.stride, layer.padding,
+                                      (1, 1), shape[0]))
     elif isinstance(node, nir.Flatten):
         nd = len(shape)
         start, end = int(np.asarray(node.start_dim)), int(np.asarray(node.end_dim))
@@ -231,7 +274,7 @@ def translate(layer: Layer, node, disc: Discretisation, fixed: FixedPoint | None
 def _conv(layer: Layer, node, fixed: FixedPoint | None) -> None:
     name, shape, kind = layer.name, layer.in_shape, type(node).__name__
     nd = 1 if isinstance(node, nir.Conv1d) else 2
-    w = np.asarray(node.weight, dtype=np.float64)
+    w, layer.weight_scale = mantissas(node.weight)
     groups = int(np.asarray(node.groups).reshape(-1)[0])
     if w.ndim != nd + 2 or len(shape) != nd + 1:
         raise GraphError(f"node {name!r} ({kind}): weight {w.shape} and input {shape} must have "
@@ -257,7 +300,7 @@ def _conv(layer: Layer, node, fixed: FixedPoint | None) -> None:
     layer.bias = np.zeros(w.shape[0]) if node.bias is None else \
         np.broadcast_to(np.asarray(node.bias, np.float64), (w.shape[0],)).copy()
     layer.rounded = fixed is not None and name in fixed.round_nodes
-    layer.fanout = fanout(w, shape, stride, padding, dilation, groups)
+    layer.fanout = compact(fanout(w, shape, stride, padding, dilation, groups))
 
 
 def _float_neuron(layer: Layer, node, p, disc: Discretisation) -> None:
@@ -312,7 +355,7 @@ def _fixed_neuron(layer: Layer, node, p, disc: Discretisation, fixed: FixedPoint
         if not np.array_equal(thr, np.rint(thr)):
             bad = thr[np.rint(thr) != thr].flat[0]
             raise GraphError(f"node {name!r}: fixed-point mode got a non-integer value {bad!r} (threshold)")
-        layer.threshold_int = thr.astype(np.int64)
+        layer.threshold_int = compact(thr)
         layer.reset = disc.reset_kind
     else:  # I / LI never fire: the output is the state
         layer.threshold_int = state_limit(fixed.state_bits) + 1

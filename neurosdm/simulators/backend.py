@@ -89,7 +89,8 @@ class Engine:
         dict by Input node for graphs with several. ``num_steps``: the steps of a constant input (default
         ``program.num_steps``). ``t`` None: the parameters as stored in the graph, at every step. Returns
         ``{"outputs": {output: float64 [K, B, *shape]}, "counts": {layer: {counter: int64 [K]}}, "records":
-        {layer: float64 [K, B, *shape]}}`` (records empty unless ``record``; counts empty unless ``count``)."""
+        {layer: float64 [K, B, *shape]}}`` (records empty unless ``record``: True for every layer, or the names of
+        the layers to record; counts empty unless ``count``)."""
         with self.backend.running():
             inputs, steps = self.inputs(x, num_steps)
             if self._params is None or self._params[0] != t:

@@ -208,13 +208,14 @@ class ConvPlan:
     input position modulo the stride, after padding) the runs of nonzero weights of all the taps it reaches, as
     offsets in a haloed channel-last output buffer (channel order ``perm`` chosen to keep the runs contiguous);
     the graph's weights (a view, not a copy) for the numpy path and the im2col matrix; the per-call constants
-    (``macs_per_image``). The stored weights are float32 when that is exact (every weight of an int8 graph; any
-    float weight that round-trips), else float64."""
+    (``macs_per_image``). The runs store the weights in the program's dtype (:func:`neurosdm.graph.nodes.compact`:
+    int8 for an int8 graph); the kernels widen each weight to float64 as they multiply (exact)."""
 
     max_gap = 3  # zeros inside a run up to this many (stored and multiplied; never counted)
 
     def __init__(self, layer: Layer):
-        w = np.asarray(layer.weight, np.float64)  # the program's array: no copy
+        w = np.asarray(layer.weight)  # the program's array (its compact dtype): no copy
+        self.scale = float(layer.weight_scale)  # the weights are w * scale (a power of two: exact after the sums)
         self.Co, self.C, self.kh, self.kw = w.shape
         _, self.H, self.W = layer.in_shape
         _, self.Ho, self.Wo = layer.out_shape
@@ -231,7 +232,7 @@ class ConvPlan:
         else:  # [C*kh*kw, Co] for the dense path (a transposed view)
             self.wmat = w.reshape(self.Co, -1).T
             self.rptr = self.rstart = self.rlen = self.roff = self.cls_nnz = np.zeros(0, np.int32)
-            self.wv = np.zeros(0)
+            self.wv = np.zeros(0, w.dtype)
         self.macs_per_image = layer.macs  # every input position times its nonzero fan-out inside the output map
 
     def _build_runs(self, wt: np.ndarray, nz: np.ndarray) -> None:
@@ -257,7 +258,6 @@ class ConvPlan:
         self.perm = _channel_order(segs_nz.reshape(-1, ni, Co), self.max_gap)
         self.inv = np.argsort(self.perm).astype(np.int32)  # slot of each channel
         wp = wt[..., self.perm]
-        exact32 = bool(np.all(wp.astype(np.float32).astype(np.float64) == wp))
         groups, cls_nnz = [], []
         for c in range(self.C):
             for kys, kxs in phases:
@@ -268,8 +268,7 @@ class ConvPlan:
                         segs.append((off, wp[c, ky][kxs].reshape(-1)))
                 groups.append(segs)
                 cls_nnz.append(sum(int(self.nnz[c, ky, kx]) for ky in kys for kx in kxs))
-        self.rptr, self.rstart, self.rlen, self.roff, self.wv = _runs(groups, self.max_gap,
-                                                                      np.float32 if exact32 else np.float64)
+        self.rptr, self.rstart, self.rlen, self.roff, self.wv = _runs(groups, self.max_gap, wp.dtype)
         self.cls_nnz = np.asarray(cls_nnz, np.int64)
 
     @property
@@ -300,14 +299,14 @@ class ConvPlan:
                                    self.Wp, self.tY, self.tX, self.Co)
             y = np.empty((batch, self.Co, self.Ho, self.Wo))
             _crop(buf, y, self.inv, self.Hp, self.Wp, self.tY, self.tX)
-            return y, int(events), int(ops)
+            return self._scaled(y), int(events), int(ops)
         flat = x.reshape(-1)
         addr = np.flatnonzero(flat)
         vals = flat[addr]
         out = np.zeros(batch * self.Ho * self.Wo * self.Co)
         ops = _scatter_numpy(addr, vals, out, self)
         y = out.reshape(batch, self.Ho, self.Wo, self.Co)
-        return np.ascontiguousarray(y.transpose(0, 3, 1, 2)), int(addr.size), int(ops)
+        return self._scaled(np.ascontiguousarray(y.transpose(0, 3, 1, 2))), int(addr.size), int(ops)
 
     def dense(self, x: np.ndarray) -> np.ndarray:
         """Dense conv of ``x [B, C, H, W]`` (bias excluded): im2col and one float64 matmul."""
@@ -317,7 +316,12 @@ class ConvPlan:
         win = win[:, :, ::self.sh, ::self.sw][:, :, :self.Ho, :self.Wo]  # [B, C, Ho, Wo, kh, kw]
         cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(batch * self.Ho * self.Wo, -1)
         y = (cols @ self.wmat).reshape(batch, self.Ho, self.Wo, self.Co).transpose(0, 3, 1, 2)
-        return np.ascontiguousarray(y)
+        return self._scaled(np.ascontiguousarray(y))
+
+    def _scaled(self, y: np.ndarray) -> np.ndarray:
+        if self.scale != 1.0:
+            y *= self.scale
+        return y
 
 
 def _plain_conv(layer: Layer) -> Layer:
@@ -326,17 +330,18 @@ def _plain_conv(layer: Layer) -> Layer:
     ``[Co, Ci, kh, kw]`` weight and the dilated kernel spread out with zeros between its taps. Exact: the zeros are
     never stored as runs, never multiplied where they would matter and never counted (the counters see only the
     nonzero synapses, as for any conv)."""
-    w = np.asarray(layer.weight, np.float64)  # [Co, Ci / groups, kh, kw] (a Conv1d: kh = 1)
+    w = np.asarray(layer.weight)  # [Co, Ci / groups, kh, kw] (a Conv1d: kh = 1)
     co, cg, kh, kw = w.shape
     g = int(layer.groups)
     dh, dw = layer.dilation
-    full = np.zeros((co, cg * g, (kh - 1) * dh + 1, (kw - 1) * dw + 1))
+    full = np.zeros((co, cg * g, (kh - 1) * dh + 1, (kw - 1) * dw + 1), w.dtype)
     per = co // g
     for j in range(g):
         full[j * per:(j + 1) * per, j * cg:(j + 1) * cg, ::dh, ::dw] = w[j * per:(j + 1) * per]
     shape3 = (lambda s: tuple(s) if len(s) == 3 else (s[0], 1, *s[1:]))
     return Layer(layer.name, "conv", layer.sources, shape3(layer.in_shape), shape3(layer.out_shape),
-                 input=layer.input, weight=full, bias=layer.bias, stride=layer.stride, padding=layer.padding,
+                 input=layer.input, weight=full, weight_scale=layer.weight_scale, bias=layer.bias, stride=layer.stride,
+                 padding=layer.padding,
                  rounded=layer.rounded, fanout=layer.fanout)
 
 
@@ -349,7 +354,7 @@ class EventBackend(ReferenceBackend):
     """The reference's kernels, with event-driven convs and affine layers (module docstring).
 
     ``use_numba``: None (default) uses the kernel when numba is installed; False forces the numpy path.
-    ``force_rate`` (benchmarks only, not for results): when a rate in (0, 1], every IF layer outputs random spikes
+    ``force_rate`` (benchmarks only, not for results): when a rate in [0, 1], every IF layer outputs random spikes
     at that rate (drawn from ``numpy.random.default_rng(force_seed)``) instead of its own; the state evolves as
     usual. The kernels' output buffer is shared by the layers and kept between calls: one backend must not run
     two calls at once (one engine per thread)."""
@@ -359,8 +364,8 @@ class EventBackend(ReferenceBackend):
     def __init__(self, use_numba: bool | None = None, force_rate: float | None = None, force_seed: int = 0):
         if use_numba and not HAVE_NUMBA:
             raise ConfigError("use_numba=True but numba is not installed (pip install numba)")
-        if force_rate is not None and not 0.0 < float(force_rate) <= 1.0:
-            raise ConfigError(f"force_rate must lie in (0, 1], got {force_rate}")
+        if force_rate is not None and not 0.0 <= float(force_rate) <= 1.0:
+            raise ConfigError(f"force_rate must lie in [0, 1], got {force_rate}")
         self.use_numba = HAVE_NUMBA if use_numba is None else bool(use_numba)
         self.force_rate = None if force_rate is None else float(force_rate)
         self.force_rng = np.random.default_rng(force_seed)
@@ -395,7 +400,7 @@ class EventBackend(ReferenceBackend):
         for b in range(x.shape[0]):
             idx = np.flatnonzero(x[b])
             y[b] = w[:, idx] @ x[b, idx]
-        return y + layer.bias
+        return y * layer.weight_scale + layer.bias
 
     def _forced(self, layer: Layer, y, s):
         if self.force_rate is None or layer.kind != "if":

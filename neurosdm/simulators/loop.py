@@ -60,7 +60,8 @@ def run(program: Program, backend, inputs: dict, num_steps: int, params: list, r
     (``sequence`` False) or ``[steps, B, *shape]`` read at step ``k`` (True). params: the backend's form of
     ``program.step_params(t)`` (per spiking step, the last one repeated). Returns ``{"outputs": {output: numpy
     float64 [K, B, *shape]}, "counts": {layer: {counter: int64 [K]}}, "records": {layer: [K, B, *shape]}}``
-    (records empty unless ``record``; counts empty unless ``count``).
+    (records empty unless ``record``: True for every layer, or a collection of layer names; counts empty unless
+    ``count``).
     """
     be = backend
     arr0, seq0 = next(iter(inputs.values()))
@@ -79,7 +80,9 @@ def run(program: Program, backend, inputs: dict, num_steps: int, params: list, r
             state[layer.name] = be.zeros((int(layer.delay.max(initial=0)) + 1, batch, *layer.in_shape))
     recurrent = sorted({src for layer in program.layers for src, b in zip(layer.sources, layer.back) if b})
     prev = {name: be.zeros((batch, *program.by_name[name].out_shape)) for name in recurrent}
-    wanted = set(program.outputs) | ({layer.name for layer in program.layers} if record else set())
+    recorded = [] if not record else [layer.name for layer in program.layers] if record is True else \
+        [name for name in record if name in program.by_name]
+    wanted = set(program.outputs) | set(recorded)
     traces: dict[str, list] = {name: [] for name in wanted}
     free_after = _free_after(program)
 
@@ -130,7 +133,7 @@ def run(program: Program, backend, inputs: dict, num_steps: int, params: list, r
 
     return {"outputs": {name: stack(name) for name in program.outputs},
             "counts": result_counts,
-            "records": {layer.name: stack(layer.name) for layer in program.layers} if record else {}}
+            "records": {name: stack(name) for name in recorded}}
 
 
 def _layer(be, layer: Layer, x, over: dict, state: dict, batch: int, add, not_integer: dict, fixed: bool):

@@ -88,7 +88,7 @@ class ReferenceBackend:
     # ------------------------------------------------------------------------------------------- kernels
     def conv(self, layer: Layer, x, bias, count: bool = True):
         x4 = x if layer.nd == 2 else x[:, :, None, :]
-        y = conv2d(x4, layer.weight, layer.bias if bias is None else bias, layer.stride, layer.padding,
+        y = conv2d(x4, layer.dense_weight(), layer.bias if bias is None else bias, layer.stride, layer.padding,
                    layer.dilation, layer.groups)
         if layer.rounded and self.fixed is not None:
             y = np.round(y)  # half to even
@@ -104,7 +104,7 @@ class ReferenceBackend:
         return y if layer.pool_scale == 1.0 else y * layer.pool_scale
 
     def affine(self, layer: Layer, x):
-        return np.matmul(layer.weight, x[..., None])[..., 0] + layer.bias
+        return np.matmul(layer.dense_weight(), x[..., None])[..., 0] + layer.bias
 
     def scale(self, layer: Layer, x, scale):
         return x * (layer.scale if scale is None else scale)

@@ -46,9 +46,10 @@ class _Prepared:
         if layer.kind in ("conv", "gconv", "pool"):
             if layer.kind == "pool":
                 c = layer.in_shape[0]
-                self.weight, self.groups, self.dilation = t(np.ones((c, 1, *layer.kernel))), c, (1, 1)
+                self.weight, self.groups, self.dilation = (t(np.ones((c, 1, *layer.kernel))), 1.0), c, (1, 1)
             else:
-                self.weight, self.groups, self.dilation = t(layer.weight), int(layer.groups), tuple(layer.dilation)
+                self.weight, self.groups, self.dilation = be.stored(layer), int(layer.groups), \
+                    tuple(layer.dilation)
                 self.bias = t(layer.bias)
             self.conv1d = layer.kind == "gconv" and int(layer.nd) == 1
             self.stride = tuple(int(s) for s in layer.stride)
@@ -58,7 +59,7 @@ class _Prepared:
             else:
                 self.pad, self.conv_padding = (int(pl), int(pr), int(pt), int(pb)), (0, 0)
         elif layer.kind == "affine":
-            self.weight, self.bias = t(layer.weight), t(layer.bias)
+            self.weight, self.bias = be.stored(layer), t(layer.bias)
         elif layer.kind == "threshold":
             self.threshold = t(layer.threshold)
         elif layer.kind == "delay":
@@ -90,6 +91,28 @@ class TorchBackend:
     def tensor(self, a) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(a), dtype=self.dtype, device=self.device)
 
+    def stored(self, layer: Layer) -> tuple[torch.Tensor, float]:
+        """A layer's weights on the device as the program stores them (``(mantissas, power-of-two scale)``: int8
+        for an int8 graph, one byte each), widened to the engine's dtype layer by layer when used; weights as wide
+        as the engine's dtype or wider are converted once here."""
+        a = np.ascontiguousarray(layer.weight)
+        if a.dtype.kind == "f" and a.dtype.itemsize >= torch.empty((), dtype=self.dtype).element_size():
+            return self.tensor(layer.dense_weight()), 1.0
+        self.widen_size = max(self.widen_size, a.size)
+        return torch.as_tensor(a, device=self.device), float(layer.weight_scale)
+
+    def widen(self, stored: tuple[torch.Tensor, float]) -> torch.Tensor:
+        """Stored weights in the engine's dtype (exact: at most 16-bit mantissas, or float32 values, times a power
+        of two): as they are, or written into one scratch buffer shared by the layers (one layer's weights at a
+        time; no allocation per call, so nothing fragments the heap)."""
+        weight, scale = stored
+        if weight.dtype == self.dtype and scale == 1.0:
+            return weight
+        if self.scratch.numel() < weight.numel():
+            self.scratch = torch.empty(self.widen_size, dtype=self.dtype, device=self.device)
+        w = self.scratch[:weight.numel()].view(weight.shape).copy_(weight)
+        return w.mul_(scale) if scale != 1.0 else w
+
     def prepare(self, program: Program) -> None:
         self.fixed = program.fixed
         self.strict = program.disc.strict
@@ -98,6 +121,7 @@ class TorchBackend:
                               f"{self.dtype}; its integer convolutions are exact in float64 (integers below 2**53) "
                               "but not in float32 (24-bit mantissa: the 24-bit neuron states and the sums of 8-bit "
                               "weights times them would be rounded), and it must match the reference bit for bit")
+        self.widen_size, self.scratch = 0, torch.empty(0, dtype=self.dtype, device=self.device)
         self.layers = {layer.name: _Prepared(layer, self) for layer in program.layers}
 
     @contextlib.contextmanager
@@ -169,10 +193,11 @@ class TorchBackend:
         if c.pad is not None:
             x = F.pad(x, c.pad)
         kw = dict(stride=c.stride, padding=c.conv_padding, dilation=c.dilation, groups=c.groups)
+        w = self.widen(c.weight)
         if bias is not None and self.dtype == torch.float32 and self.fixed is None:
-            y = F.conv2d(x, c.weight, bias, **kw)
+            y = F.conv2d(x, w, bias, **kw)
         else:  # float64: the sum first, then the bias (the reference's order)
-            y = F.conv2d(x, c.weight, None, **kw)
+            y = F.conv2d(x, w, None, **kw)
             if bias is not None:
                 y = y + bias.view(-1, 1, 1)
                 if rounded:
@@ -193,7 +218,7 @@ class TorchBackend:
 
     def affine(self, layer: Layer, x):
         c = self.layers[layer.name]
-        return torch.matmul(c.weight, x.unsqueeze(-1)).squeeze(-1) + c.bias
+        return torch.matmul(self.widen(c.weight), x.unsqueeze(-1)).squeeze(-1) + c.bias
 
     def scale(self, layer: Layer, x, scale):
         return x * (self.layers[layer.name].scale if scale is None else scale)
