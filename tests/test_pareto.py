@@ -1,6 +1,7 @@
 """`neurosdm pareto` (neurosdm.pareto): configurations, checks before work, the sweep's tables, resuming."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,11 +118,29 @@ def test_sweep_writes_tables_and_resumes(model, tmp_path, monkeypatch):
 
 def test_cli_errors_before_any_work(model, tmp_path):
     cases = [(["--config", "threshold_scale=-1"], "threshold_scale must be a positive"),
-             (["--config", "num_steps=99999"], "num_steps must be in"),
-             (["--config", "name=a", "--profiles", "loihi2,warp-drive"], "warp-drive"),
-             (["--grid", tmp_path / "empty.toml"], "grid is empty")]
-    (tmp_path / "empty.toml").write_text("")
+             (["--config", "name=a", "--profiles", "loihi2,warp-drive"], "warp-drive")]
     for args, needle in cases:
         r = neurosdm("pareto", model, "--out", tmp_path / "o", "--dataset", "builtin", *args, cwd=tmp_path)
         assert_one_line_error(r, needle)
         assert not (tmp_path / "o").exists()
+    (tmp_path / "empty.toml").write_text("")
+    for configs, needle in [(load_grid(tmp_path / "empty.toml"), "grid is empty"),
+                            ([{"num_steps": 99999}], "num_steps must be in"),
+                            ([{"name": "a"}, {"name": "a", "sampler_steps": 2}], "names repeat")]:
+        with pytest.raises(ConfigError, match=needle):
+            run_pareto(model, configs, tmp_path / "o", dataset="builtin")
+        assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="prices no synaptic operation"):
+        run_pareto(model, [{}], tmp_path / "o", profiles=[str(synop_free_profile(tmp_path))], dataset="builtin")
+    assert not (tmp_path / "o").exists()
+
+
+def synop_free_profile(tmp_path):
+    """A copy of cmos45-int8 without its [energy.synop] table: a profile that cannot price a spiking run."""
+    from neurosdm.hardware.profiles import load_profile
+
+    src = Path(load_profile("cmos45-int8").path).read_text()
+    head, _, rest = src.partition("[energy.synop]")
+    path = tmp_path / "nosynop.toml"
+    path.write_text(head + rest[rest.index("\n["):] + "\n")
+    return path
