@@ -286,14 +286,15 @@ def _worst_piece(pop: Population, tiles, sharing, bits, fanout_cnt, wc) -> Piece
 
 def _max_fanout(cnt, tiles, shape) -> int:
     """Most output-axon entries of one piece: per out edge, the sums over the piece of the per-channel, per-row and
-    per-column destination counts (a product: the edge's pieces are separable), the largest aligned tile taken."""
+    per-column destination counts (a product: the edge's pieces are separable), the largest aligned tile taken.
+    ``cnt``: per out edge the three prefix sums of those counts."""
     total = 0
-    for cc, ch, cw in cnt:
+    for sums in cnt:
         best = 1
-        for arr, t in zip((cc, ch, cw), tiles):
-            cs = np.concatenate([[0], np.cumsum(arr)])
-            starts = np.arange(0, len(arr), t)
-            best *= int((cs[np.minimum(starts + t, len(arr))] - cs[starts]).max())
+        for cs, t in zip(sums, tiles):
+            n = len(cs) - 1
+            starts = np.arange(0, n, t)
+            best *= int((cs[np.minimum(starts + t, n)] - cs[starts]).max())
         total += best
     return total
 
@@ -336,19 +337,22 @@ def split(pops: dict[str, Population], lim: dict, fanout_counts) -> dict[str, li
     pieces: dict[str, list[Piece]] = {}
     for pop in sorted(pops.values(), key=lambda p: -p.order):
         C, H, W = pop.shape
-        cnt = fanout_counts(pop, pieces)
+        cnt = [tuple(np.concatenate([[0], np.cumsum(a)]) for a in edge) for edge in fanout_counts(pop, pieces)]
         wc = _channel_weight(pop)
         cands = sorted(((math.ceil(C / tc) * math.ceil(H / th) * math.ceil(W / tw), tc, th, tw)
                         for tc in _sizes(C) for th in _sizes(H) for tw in _sizes(W)
                         if tc * th * tw <= lim["neurons_per_core"]), key=lambda t: (t[0], -t[1]))
         chosen, best = None, None
         for n, tc, th, tw in cands:
-            if chosen is not None and n > limit_n:
+            if chosen is not None and n > min(limit_n, best[0]):  # the cost is at least n
                 break
+            producers = _producer_cores(pop, (tc, th, tw), lim)
+            if best is not None and n + producers > best[0]:
+                continue
             pc = _worst_piece(pop, (tc, th, tw), sharing, bits, cnt, wc)
             if _violation(pc, lim) is not None:
                 continue
-            cost = (n + _producer_cores(pop, (tc, th, tw), lim), pc.fanin_axons)
+            cost = (n + producers, pc.fanin_axons)
             if best is None or cost < best:
                 chosen, best = (n, tc, th, tw), cost
                 limit_n = 4 * n if "fanout_axons_per_core" in lim else n
