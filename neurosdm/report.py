@@ -5,7 +5,8 @@ Stages (each timed in the report): export the checkpoint to int8 NIR (``model_in
 seeds (the torch model, the graph on the torch engine and on the event engine, the event run checked in lockstep
 spike for spike); ``energy.price_all`` of the event engine's counts on every profile with the ANN baselines;
 the plots; ``report.html`` (images, tables and plots embedded) next to the JSON files it was made from, with the
-mapping of the graph onto Loihi 2 (cores, chips, utilisation, the core loads on the mesh).
+mapping of the graph onto Loihi 2 (cores, chips, utilisation, the core loads on the mesh). When a ``neurosdm
+pareto`` sweep was written to ``out_dir/pareto``, the report shows it too (its table and plots).
 
 :func:`map_graph` is ``neurosdm map``: a NIR file mapped onto a profile's chips, ``mapping.json`` and the picture
 of the core loads (``mapping.png``) written together into a folder.
@@ -94,7 +95,8 @@ def run_demo(ckpt, out_dir, num_images: int = 4, steps: int = 20, seed: int = 0,
                   f"{int(q.get('calibration', {}).get('images', 0))} images; {len(program.layers)} NIR nodes",
         "generation": f"{num_images} images, DDIM {steps} steps, seed {seed}, {program.num_steps} spiking steps",
     }
-    return write_html(out / "report.html", info, cmp, priced, stats, plots, out / "compare.png", times, mapping)
+    return write_html(out / "report.html", info, cmp, priced, stats, plots, out / "compare.png", times, mapping,
+                      pareto_dir=out / "pareto")
 
 
 def _img(path: Path) -> str:
@@ -138,9 +140,30 @@ table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;
 th{background:#f3f3f3}td{text-align:right}td:first-child{text-align:left}h2{margin-top:1.6em}.note{color:#555}"""
 
 
+def pareto_section(folder: Path) -> list[str]:
+    """The HTML of a ``neurosdm pareto`` sweep in ``folder`` (its pareto.json and plots), or nothing."""
+    try:
+        table = json.loads((Path(folder) / "pareto.json").read_text())
+    except (OSError, ValueError):
+        return []
+    s, profiles = table["settings"], table["profiles"]
+    rows = [[r["name"], f"{r['fid']:.2f}", f"{r['firing_rate']:.3f}",
+             *[f"{r['energy_mj_per_image'][p]:.3g}" + (" *" if r["pareto"][p] else "") for p in profiles],
+             f"{r['ann_mj_per_image']['cmos45-fp32']:.3g}", f"{r['ann_mj_per_image']['cmos45-int8']:.3g}"]
+            for r in table["rows"]]
+    parts = ["<h2>Energy against quality (neurosdm pareto)</h2>",
+             f"<p>Classifier FID of {s['num_images']} samples per configuration; energy from the event engine's "
+             f"counts of {s['energy_images']} images; * on that profile's Pareto front.</p>",
+             _table(["configuration", "FID", "firing rate", *[f"{p} mJ" for p in profiles], "ANN fp32 mJ",
+                     "ANN int8 mJ"], rows)]
+    return parts + [_img(Path(folder) / f"pareto_{p}.png") for p in profiles
+                    if (Path(folder) / f"pareto_{p}.png").is_file()]
+
+
 def write_html(path, info: dict, cmp: dict, priced: dict, stats, plots: dict, compare_png, times: dict,
-               mapping: dict | None = None) -> Path:
-    """The report (see the module docstring), written atomically; returns its path."""
+               mapping: dict | None = None, pareto_dir: Path | None = None) -> Path:
+    """The report (see the module docstring), written atomically; returns its path. ``pareto_dir``: a
+    ``neurosdm pareto`` folder, shown when it holds a pareto.json."""
     parts = [f"<!doctype html><meta charset='utf-8'><title>neurosdm report</title><style>{CSS}</style>",
              "<h1>neurosdm: a spiking diffusion model on simulated neuromorphic hardware</h1>"]
     parts.append(_table(["", ""], [[k, v] for k, v in info.items()]))
@@ -203,6 +226,7 @@ def write_html(path, info: dict, cmp: dict, priced: dict, stats, plots: dict, co
             for u in rep["unpriced"]) + "</ul>")
 
     parts += _mapping_section(mapping, priced.get("mapping_note", ""), plots.get("mapping"))
+    parts += pareto_section(pareto_dir) if pareto_dir is not None else []
     parts.append("<h2>Run</h2>")
     parts.append(_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in times.items()]))
     parts.append("<p class='note'>Files next to this report: model_int8.nir (the exported graph), compare.json, "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from neurosdm.pareto import write_tables
 from neurosdm.report import run_demo
 
 PROBE = """<script>
@@ -73,6 +74,11 @@ def report(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("report")
     ckpt = tiny_checkpoint(d / "m.pt", head="sdm")
+    (d / "demo" / "pareto").mkdir(parents=True)  # a sweep's folder (two made-up rows: this tests the rendering)
+    rows = [{"name": n, "fid": f, "firing_rate": 0.3, "num_images": 4, "mean_spiking_steps": 2.0, "network_calls": 2,
+             "energy_mj_per_image": {"loihi2": e}, "ann_mj_per_image": {"cmos45-fp32": 1.0, "cmos45-int8": 0.1}}
+            for n, f, e in (("a", 10.0, 2.0), ("b", 20.0, 1.0))]
+    write_tables(rows, d / "demo" / "pareto", ["loihi2"], {"num_images": 4, "energy_images": 1})
     return run_demo(ckpt, d / "demo", num_images=1, steps=2, log=lambda line: None, calibration="builtin",
                     calibration_images=8)
 
@@ -81,7 +87,8 @@ def test_report_in_headless_chromium(report, tmp_path):
     shot = tmp_path / "report.png"
     res = open_in_browser(report, shot)
     html = report.read_text()
-    assert len(res["images"]) == html.count("<img") >= 4  # every image of the report was found
+    assert len(res["images"]) == html.count("<img") >= 5  # every image of the report was found
+    assert "Energy against quality" in html and html.count("data:image/png") == html.count("<img")
     assert all(i["ok"] and i["w"] > 0 for i in res["images"]), res["images"]
     assert res["problems"] == [] and res["console_errors"] == [], res
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
