@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import tempfile
 import threading
 import zipfile
@@ -38,8 +39,9 @@ def atomic_path(path: str | os.PathLike):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        with deferred_interrupts():  # the name is known before an interrupt can end the block
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
+            os.close(fd)
         yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)
@@ -72,13 +74,15 @@ def output_set(folder: str | os.PathLike):
             pid = old.name[len(STAGE_PREFIX):].split("-", 1)[0]
             if old.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
                 shutil.rmtree(old, ignore_errors=True)
-        stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=folder))
+        with deferred_interrupts():
+            stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=folder))
     except OSError as e:
         raise OutputError(f"cannot write into {folder}: {os_reason(e)}") from None
     try:
         yield stage
-        for p in sorted(stage.iterdir()):
-            os.replace(p, folder / p.name)
+        with deferred_interrupts():  # all the renames or none
+            for p in sorted(stage.iterdir()):
+                os.replace(p, folder / p.name)
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
         if created:
@@ -138,6 +142,35 @@ def atomic_buffer(path: str | os.PathLike):
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(buffer.getbuffer())
+
+
+def interrupts_end_the_command() -> None:
+    """SIGINT and SIGTERM raise :class:`KeyboardInterrupt` (the command's one-line exit 130). One that lands in a
+    callback whose exceptions Python only prints ("Exception ignored in ...": weakref, h5py and other extension
+    callbacks) is not printed but raised again 10 ms later (SIGALRM), in ordinary code; :func:`cancel_interrupts`
+    stops that timer."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
+        signal.signal(s, interrupt)
+    if not getattr(sys.unraisablehook, "neurosdm", False):
+        sys.unraisablehook = _redeliver(sys.unraisablehook)
+
+
+def _redeliver(previous):
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            signal.setitimer(signal.ITIMER_REAL, 0.01)
+        else:
+            previous(unraisable)
+
+    hook.neurosdm = True
+    return hook
+
+
+def cancel_interrupts() -> None:
+    signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 @contextlib.contextmanager
@@ -228,9 +261,10 @@ def _probe_directory(folder: Path, label: str) -> None:
     if not existing.is_dir():
         raise OutputError(f"{label} {folder} cannot be created: {existing} is not a directory")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".neurosdm-probe-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
+        with deferred_interrupts():  # never an interrupt between creating the probe and removing it
+            fd, probe = tempfile.mkstemp(prefix=".neurosdm-probe-", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
     except OSError as e:
         raise OutputError(f"{label} {folder} is not writable: {os_reason(e)}") from None
 

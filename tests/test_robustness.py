@@ -730,3 +730,35 @@ def test_a_string_where_a_node_parameter_is_expected(tmp_path, capsys):
         f["node/nodes/fc/bias"] = "text"
     one_line_error(capsys, "simulate", path, "--input", tmp_path / "x.npy", "--out", tmp_path / "o",
                    needles=("bias must be numbers",))
+
+
+def test_an_interrupt_lost_in_a_callback_is_raised_again():
+    """SIGTERM whose KeyboardInterrupt lands in a callback whose exceptions Python only prints ("Exception ignored
+    in ...": weakref or h5py callbacks) used to be lost, the command exiting 0 (fuzz, signal). It is raised again
+    10 ms later, in ordinary code, and nothing is printed."""
+    import signal
+    import time
+    import weakref
+
+    from neurosdm.io import cancel_interrupts, interrupts_end_the_command
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    hook = sys.unraisablehook
+    printed = []
+    sys.unraisablehook = printed.append
+    try:
+        interrupts_end_the_command()
+
+        class Probe:
+            pass
+
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            weakref.finalize(Probe(), os.kill, os.getpid(), signal.SIGTERM)  # runs at once, inside the callback
+            time.sleep(5)
+        assert time.monotonic() - start < 2 and printed == []
+    finally:
+        cancel_interrupts()
+        sys.unraisablehook = hook
+        for s, handler in saved.items():
+            signal.signal(s, handler)

@@ -20,8 +20,6 @@ usage errors are typer's (exit 2).
 
 from __future__ import annotations
 
-import signal
-
 import typer
 from rich.console import Console
 
@@ -29,6 +27,7 @@ from neurosdm.cli import energy, evaluate, export, model, pareto, simulate
 from neurosdm.cli import map as mapping
 from neurosdm.cli.common import DEFAULT_CKPT, fail
 from neurosdm.errors import NeuroSDMError
+from neurosdm.io import cancel_interrupts, interrupts_end_the_command
 
 __all__ = ["DEFAULT_CKPT", "app", "main"]
 
@@ -41,23 +40,24 @@ for command in (model.train, model.sample, model.info, simulate.demo, export.exp
     app.command()(command)
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: temporaries are removed, one line, exit 130
-
-
 def main() -> None:
     """Entry point. Usage errors are typer's (usage line, exit 2); user errors print one line and exit 1;
     Ctrl-C and SIGTERM print ``error: interrupted`` and exit 130 (outputs are written atomically and staged, so
     nothing is left half-written)."""
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupts_end_the_command()  # SIGTERM as Ctrl-C: temporaries are removed, one line, exit 130
     try:
-        app()
+        try:
+            app()
+        except KeyboardInterrupt:  # before click's own handling starts (typer still building the command)
+            raise SystemExit(130) from None
     except NeuroSDMError as e:
         fail(e)
     except SystemExit as e:
         if e.code == 130:  # typer's exit for a KeyboardInterrupt, silent otherwise
             Console(stderr=True).print("[bold red]error:[/] interrupted; no partial output was left", highlight=False)
         raise
+    finally:
+        cancel_interrupts()
 
 
 if __name__ == "__main__":

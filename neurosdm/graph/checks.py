@@ -24,6 +24,7 @@ from neurosdm.config import LIMITS, check_memory
 from neurosdm.errors import GraphError
 from neurosdm.graph import structure
 from neurosdm.graph.dialect import meta_value
+from neurosdm.io import deferred_interrupts
 
 __all__ = ["MAX_NODES", "BYTES_PER_ELEMENT", "check_file", "check_graph", "check_node"]
 
@@ -56,7 +57,7 @@ def check_file(path: str | os.PathLike) -> None:
         found["elements"] += int(np.prod(obj.shape, dtype=np.float64)) if obj.shape else 1
 
     try:
-        with h5py.File(path, "r") as f:
+        with deferred_interrupts(), h5py.File(path, "r") as f:  # Ctrl-C in h5py's callbacks would be lost
             f.visititems(visit)
     except GraphError:
         raise

@@ -14,7 +14,7 @@ from neurosdm.errors import GraphError
 from neurosdm.graph.checks import check_file
 from neurosdm.graph.dialect import FixedPoint, upsample_factor
 from neurosdm.graph.structure import order
-from neurosdm.io import describe_head, first_line, regular_file
+from neurosdm.io import deferred_interrupts, describe_head, first_line, regular_file
 
 __all__ = ["graph_size", "inspect_nir", "read_nir", "describe_fixed_point"]
 
@@ -62,7 +62,8 @@ def read_nir(path: str | os.PathLike) -> nir.NIRGraph:
                          f"by nir.write")
     check_file(path)  # declared sizes and types, before any array is read
     try:
-        with warnings.catch_warnings():  # nir's type inference warns on absurd values: the error says it once
+        with warnings.catch_warnings(), deferred_interrupts():  # nir's type inference warns on absurd values: the
+            # error says it once; Ctrl-C inside h5py's callbacks would be printed and lost
             warnings.simplefilter("ignore")
             graph = nir.read(path)
     except Exception as e:  # truncated HDF5, unknown node types, missing fields, ...
