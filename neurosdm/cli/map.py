@@ -36,7 +36,8 @@ def map(  # noqa: A001 - the command's name
     table = Table(title=f"{file.name} on {m['profile']}: {m['cores_used']:,} cores, {m['chips_used']} chip(s)")
     for col in ("population", "shape", "pieces", "neurons / core (max)", "input axons (max)",
                 "output axons (max)", "memory bits (max)"):
-        table.add_column(col, justify="left" if col == "population" else "right")
+        table.add_column(col, justify="left" if col == "population" else "right",
+                         overflow="fold" if col == "population" else "ellipsis")
     for p in m["populations"]:
         pcs = p["pieces"]
         table.add_row(p["population"], "x".join(map_str(p["shape"])), str(len(pcs)),
