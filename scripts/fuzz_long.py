@@ -69,6 +69,9 @@ def run_forked(case, work: Path, address_space: int) -> Outcome:
     if pid == 0:  # the child
         code = 98
         try:
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: never outlive the parent
             os.chdir(work)
             for fd, (r, w) in zip((1, 2), pipes):
                 os.dup2(w, fd)
@@ -122,6 +125,8 @@ def run_forked(case, work: Path, address_space: int) -> Outcome:
     out, err = (b"".join(chunks[r]).decode(errors="replace") for r in readers)
     killed = os.WTERMSIG(status) if os.WIFSIGNALED(status) and not timed_out else None
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    if signalled and killed == case.signal[0]:  # ended by the signal itself before neurosdm handled it
+        code, killed = 128 + killed, None
     return Outcome(code, out, err, escaped=err if code in (97, 99) else "", killed_by=killed, timed_out=timed_out,
                    max_rss=rusage.ru_maxrss * 1024)
 
@@ -154,7 +159,10 @@ def main() -> int:
     categories = args.categories.split(",")
     root = Path(tempfile.mkdtemp(prefix="neurosdm-fuzz-long-"))
     t0 = time.monotonic()
-    fx = make_fixtures(root / "fixtures")
+    fx = make_fixtures(root / "fixtures")  # through cli.main: its signal handlers are undone below
+    for s in (signal.SIGTERM, signal.SIGALRM):
+        signal.signal(s, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     preload()
     address_space = vm_size() + int(args.address_space_gb * (1 << 30))
     per = {c: {"cases": 0, "exit_codes": collections.Counter(), "failures": collections.Counter(), "max_rss": 0,

@@ -697,9 +697,11 @@ CHILD_CODE = """
 import os, resource, sys, signal
 sys.path.insert(0, {tests!r})
 from fuzz_cases import run_in_process
+import neurosdm.cli, neurosdm.jobs, neurosdm.exporters.pipeline, neurosdm.graph.inspect  # before a signal
 limits = {limits!r}
 for name, value in limits.items():
     resource.setrlimit(getattr(resource, name), (value, value))
+print("READY", flush=True)
 code, out, err, escaped = run_in_process({argv!r})
 sys.stdout.write(out); sys.stderr.write(err + escaped)
 sys.stdout.flush(); sys.stderr.flush()
@@ -729,8 +731,9 @@ def run_subprocess(case: Case, cwd: Path, address_space: int = 12 << 30) -> Outc
                          stderr=subprocess.PIPE, text=True)
     start = time.monotonic()
     signalled = timed_out = False
-    if case.signal:
-        time.sleep(4 + case.signal[1])  # the import of torch takes about 4 s
+    ready = p.stdout.readline()  # the imports done: the delay starts now
+    if case.signal and ready:
+        time.sleep(case.signal[1])
         if p.poll() is None:
             p.send_signal(case.signal[0])
             signalled = True
@@ -741,7 +744,9 @@ def run_subprocess(case: Case, cwd: Path, address_space: int = 12 << 30) -> Outc
         out, err = p.communicate()
         timed_out = True
     code = p.returncode
-    killed = -code if code is not None and code < 0 and not timed_out and not signalled else None
+    if signalled and code == -case.signal[0]:
+        code = 128 + case.signal[0]  # ended by the signal itself before neurosdm handled it: as a shell shows it
+    killed = -code if code is not None and code < 0 and not timed_out else None
     return Outcome(code if code is not None and code >= 0 else None, out, err,
                    escaped=err if code == 99 else "", killed_by=killed, timed_out=timed_out)
 
@@ -809,6 +814,8 @@ def judge(case: Case, outcome: Outcome, work: Path) -> list[str]:
             found.append("message")
         if code == 130 and not case.signal:
             found.append("message")
+    elif case.signal and code == 128 + case.signal[0]:
+        pass  # the signal's own default action (it came before neurosdm's handler): nothing may be left
     elif code == 2:
         if "Usage:" not in outcome.stderr:  # typer's usage error (an unknown choice, not a number)
             found.append("message")

@@ -44,9 +44,9 @@ def main() -> None:
     """Entry point. Usage errors are typer's (usage line, exit 2); user errors print one line and exit 1;
     Ctrl-C and SIGTERM print ``error: interrupted`` and exit 130 (outputs are written atomically and staged, so
     nothing is left half-written)."""
-    interrupts_end_the_command()  # SIGTERM as Ctrl-C: temporaries are removed, one line, exit 130
     try:
         try:
+            interrupts_end_the_command()  # SIGTERM as Ctrl-C: temporaries are removed, one line, exit 130
             app()
         except KeyboardInterrupt:  # before click's own handling starts (typer still building the command)
             raise SystemExit(130) from None
