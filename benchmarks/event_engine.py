@@ -106,15 +106,17 @@ def main(argv=None) -> int:
             flat = np.ascontiguousarray(inp[k]).reshape(-1)
             addr = np.flatnonzero(flat)
             vals = flat[addr]
-            xk = np.ascontiguousarray(inp[k])
-            out = np.zeros(plan.buffer_size)
+            dtype = np.float32 if plan.acc32 else np.float64  # the engine's accumulator for this layer
+            xk = np.ascontiguousarray(inp[k], dtype)
+            out = np.zeros(plan.buffer_size, dtype)
             a = (xk, out, plan.rptr, plan.rstart, plan.rlen, plan.roff, plan.wv, plan.nnz, plan.cls_nnz, plan.sh,
                  plan.sw, plan.pt, plan.pl, plan.Ho, plan.Wo, plan.Hp, plan.Wp, plan.tY, plan.tX, plan.Co)
             ev_k, ops_k = scatter_kernel(*a)
             assert ev_k == addr.size
             ops += ops_k
             kernel_s += median_seconds(lambda: scatter_kernel(*a), args.repeats)  # the scan and the scatter, no zeroing
-            wrapped_s += median_seconds(lambda: plan.scatter(inp[k], True, eng.backend.buf), args.repeats)
+            buf = eng.backend.scratch(plan, inp[k].shape[0])
+            wrapped_s += median_seconds(lambda: plan.scatter(inp[k], True, buf), args.repeats)
         key = "synops" if layer.input == "spikes" else "graded_ops"
         assert ops == int(counts[layer.name][key].sum())
         real[layer.name] = {"events": int(counts[layer.name]["events_in"].sum()), "synops": int(ops),
@@ -146,8 +148,8 @@ def main(argv=None) -> int:
         pts = []
         for rate in RATES:
             s = (rng.random((1, *layer.in_shape)) < rate).astype(np.float64)
-            _, ev, ops = plan.scatter(s, True, eng.backend.buf)
-            sec = median_seconds(lambda: plan.scatter(s, True, eng.backend.buf), args.repeats)
+            _, ev, ops = plan.scatter(s, True, eng.backend.scratch(plan, s.shape[0]))
+            sec = median_seconds(lambda: plan.scatter(s, True, eng.backend.scratch(plan, s.shape[0])), args.repeats)
             pts.append((rate, ev, ops, sec))
             xs_syn.append(ops)
             ys.append(sec)
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
     state = sum(layer.size * 8 for layer in prog.layers if layer.kind in ("if", "li", "i"))
     step_acts = sum(layer.size * 8 for layer in prog.layers)
     plans = sum(p.weight_bytes for p in eng.plans.values())
-    buf_bytes = int(eng.backend.buf.nbytes)
+    buf_bytes = int(sum(b.nbytes for b in eng.backend.bufs.values()))
     wv32 = all(p.wv.dtype == np.float32 for p in eng.plans.values() if p.event)
     tracemalloc.start()
     eng.run(x, t)

@@ -232,6 +232,11 @@ def test_weights_are_stored_compact_and_widened_exactly():
     assert convs and all(layer.weight.dtype == np.int8 for layer in convs)
     ev, te = EventEngine(prog), TorchEngine(prog)
     assert all(plan.wv.dtype == np.int8 for plan in ev.plans.values() if plan.event)
+    assert not any(plan.acc32 for plan in ev.plans.values())  # TSM: graded inputs keep float64 sums
+    plain = load_program(_graph("spiking", False, (1, 2), True)[0])
+    plans = EventEngine(plain).plans
+    spiking = [plans[layer.name] for layer in plain.layers if layer.kind == "conv" and layer.input == "spikes"]
+    assert spiking and all(plan.acc32 for plan in spiking)  # float32 sums, exact here
     assert all(te.backend.layers[layer.name].weight[0].dtype == torch.int8 for layer in convs)
     a, b = ev.run(x, T), te.run(x, T)
     for name in a["outputs"]:
@@ -240,3 +245,21 @@ def test_weights_are_stored_compact_and_widened_exactly():
         for counter, values in counts.items():
             if counter in b["counts"].get(layer, {}):
                 assert np.array_equal(values, b["counts"][layer][counter]), (layer, counter)
+
+
+def test_float32_sums_only_where_exact():
+    """A spike-input conv whose absolute weight sum per output reaches 2**24 keeps float64 sums; below, float32."""
+    from neurosdm.graph.nodes import Layer
+    from neurosdm.simulators.event import ConvPlan
+
+    def plan(value, ci):
+        w = np.full((2, ci, 1, 1), value, np.int16)
+        layer = Layer("c", "conv", ["s"], (ci, 3, 3), (2, 3, 3), input="spikes", weight=w, bias=np.zeros(2),
+                      fanout=np.full((ci, 3, 3), 2))
+        return ConvPlan(layer)
+
+    assert plan(32767, 511).acc32 and not plan(32767, 513).acc32  # 511 * 32767 < 2**24 <= 513 * 32767
+    big = plan(32767, 513)
+    x = np.ones((1, 513, 3, 3))
+    y, events, ops = big.scatter(x, HAVE_NUMBA)
+    assert np.all(y == 513 * 32767.0) and events == 513 * 9 and ops == 2 * 513 * 9

@@ -16,8 +16,11 @@ step loop of :mod:`neurosdm.simulators.loop` on :class:`EventBackend`, whose ker
   its list, without bounds checks: taps outside the map land in the halo, which is cropped (and the channels
   put back in order) by :func:`_crop`. The work, and the count ``synops`` (``graded_ops``), is exactly the
   (event, nonzero synapse inside the map) pairs, counted by the kernel itself (the loop's fan-out rule counts the
-  other layers: two independent countings, compared by the tests); the stored weights are float32 where that is
-  exact (int8 graphs), the indices int32, the buffer shared by the layers. Without numba a vectorised numpy path
+  other layers: two independent countings, compared by the tests); the stored weights are the program's (int8
+  mantissas for an int8 graph, times the layer's power-of-two scale after the sum), the indices int32, the buffer
+  shared by the layers. The buffer is float32 where every sum is exact there (spike input, integer mantissas whose
+  absolute sum over any output's fan-in is below 2**24: each partial sum is an integer below 2**24, whatever the
+  order), half the memory traffic of float64; else float64. Without numba a vectorised numpy path
   (:func:`_scatter_numpy`) does the same additions and counts.
 - **conv, input "analog"**: dense, im2col + one float64 matmul.
 - **gconv** (Conv1d, groups, dilation): as conv, on the equivalent plain kernel (:func:`_plain_conv`).
@@ -226,6 +229,9 @@ class ConvPlan:
         nz = wt != 0
         self.nnz = nz.sum(axis=3).astype(np.int32)  # [C, kh, kw]
         self.event = layer.input in ("spikes", "graded") and min(self.pt, self.pl) >= 0
+        # float32 sums are exact: 0/1 inputs times integers whose absolute sum per output stays below 2**24
+        self.acc32 = self.event and layer.input == "spikes" and w.dtype.kind == "i" and \
+            int(np.abs(w.reshape(self.Co, -1)).sum(axis=1, dtype=np.int64).max(initial=0)) < 2**24
         if self.event:
             self._build_runs(wt, nz)
             self.wmat = np.zeros((0, self.Co))
@@ -284,16 +290,18 @@ class ConvPlan:
 
     def scatter(self, x: np.ndarray, use_numba: bool, buf: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
         """Event-driven conv of ``x [B, C, H, W]`` (bias excluded). Returns ``(y [B, Co, Ho, Wo], events, ops)``.
-        ``buf``: optional float64 scratch of at least ``B * buffer_size`` elements for the kernel (reused)."""
+        ``buf``: optional scratch of at least ``B * buffer_size`` elements for the kernel (reused), float32 where
+        ``acc32`` else float64."""
         batch = x.shape[0]
         if use_numba and self.event:
             n = batch * self.buffer_size
-            if buf is None or buf.size < n:
-                buf = np.zeros(n)
+            dtype = np.float32 if self.acc32 else np.float64
+            if buf is None or buf.size < n or buf.dtype != dtype:
+                buf = np.zeros(n, dtype)
             else:
                 buf = buf[:n]
                 buf.fill(0.0)
-            x = np.ascontiguousarray(x, np.float64)
+            x = np.ascontiguousarray(x, dtype)
             events, ops = _scatter(x, buf, self.rptr, self.rstart, self.rlen, self.roff, self.wv, self.nnz,
                                    self.cls_nnz, self.sh, self.sw, self.pt, self.pl, self.Ho, self.Wo, self.Hp,
                                    self.Wp, self.tY, self.tX, self.Co)
@@ -375,16 +383,22 @@ class EventBackend(ReferenceBackend):
         self.plans = {layer.name: ConvPlan(layer if layer.kind == "conv" else _plain_conv(layer))
                       for layer in program.layers if layer.kind in ("conv", "gconv")}
         self.buf_per_image = max([p.buffer_size for p in self.plans.values()] + [0])
-        self.buf = np.zeros(0)
+        self.bufs = {np.float32: np.zeros(0, np.float32), np.float64: np.zeros(0)}
+
+    def scratch(self, plan: ConvPlan, batch: int) -> np.ndarray:
+        """The kernel's output buffer for ``plan`` (float32 or float64, :attr:`ConvPlan.acc32`), shared by the
+        layers and grown to ``batch`` images when needed."""
+        dtype = np.float32 if plan.acc32 else np.float64
+        if self.use_numba and self.bufs[dtype].size < batch * self.buf_per_image:
+            self.bufs[dtype] = np.zeros(batch * self.buf_per_image, dtype)
+        return self.bufs[dtype]
 
     def conv(self, layer: Layer, x, bias, count: bool = True):
         plan = self.plans[layer.name]
         x4 = x if layer.nd == 2 else x[:, :, None, :]
         ops = None
         if layer.input in ("spikes", "graded"):
-            if self.use_numba and self.buf.size < x.shape[0] * self.buf_per_image:
-                self.buf = np.zeros(x.shape[0] * self.buf_per_image)
-            y, _, ops = plan.scatter(x4, self.use_numba, self.buf)
+            y, _, ops = plan.scatter(x4, self.use_numba, self.scratch(plan, x.shape[0]))
         else:
             y = plan.dense(x4)
         y += np.asarray(layer.bias if bias is None else bias, np.float64).reshape(-1, 1, 1)
