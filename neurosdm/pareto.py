@@ -344,11 +344,13 @@ def plot_front(rows: list[dict], profile: str, path: Path, settings: dict) -> Pa
     for r, x, y in zip(rows, e, f):
         ax.annotate(r["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for b, style in zip(BASELINES, ("--", ":")):
-        vals = sorted({r["ann_mj_per_image"][b] for r in rows})
-        for v in vals:
+        calls = {r["ann_mj_per_image"][b]: r["network_calls"] for r in rows}
+        for v, n in sorted(calls.items()):
             ax.axvline(v, ls=style, c="#2c3e50", lw=1)
-        if vals:
-            ax.plot([], [], ls=style, c="#2c3e50", label=f"ANN on {b}")
+            ax.annotate(f"{n} calls", (v, 1.0), xycoords=("data", "axes fraction"), fontsize=6, rotation=90,
+                        ha="right", va="top")
+        if calls:
+            ax.plot([], [], ls=style, c="#2c3e50", label=f"ANN on {b} (same calls)")
     ax.set_xscale("log")
     ax.set_xlabel(f"mJ per image on {profile} (event engine counts, {settings['energy_images']} images)")
     ax.set_ylabel(f"classifier FID ({settings['num_images']} samples)")
