@@ -179,9 +179,11 @@ def fixed_point_step(v_int, x_int, threshold_int, decay_q12: int = DECAY_ONE, re
     else:
         v, x = v_int.to(xp.int64), x_int.to(xp.int64)
         thr = threshold_int
-    p = v * int(decay_q12)
-    d = xp.sign(p) * (abs(p) >> DECAY_BITS)
-    h_raw = d + x
+    if int(decay_q12) == DECAY_ONE:  # no leak: sign(v 4096) (|v 4096| >> 12) is v itself
+        h_raw = v + x
+    else:
+        p = v * int(decay_q12)
+        h_raw = xp.sign(p) * (abs(p) >> DECAY_BITS) + x
     vmax = state_limit(state_bits)
     h = xp.clip(h_raw, -vmax, vmax)
     s = h >= thr
