@@ -232,7 +232,7 @@ def check_array_sizes(path: Path, what: str, error: type[NeuroSDMError]) -> None
                             sizes.append((info.filename, _declared_bytes(f), info.file_size))
     except OSError:
         return  # the reader says why
-    except (ValueError, EOFError, zipfile.BadZipFile):
+    except Exception:  # a damaged header: numpy's parser raises ValueError, SyntaxError, tokenize's TokenError, ...
         kind = "a NumPy .npy file" if path.suffix.lower() == ".npy" else "a NumPy .npz archive"
         raise error(f"{what} {path} is not {kind}: {describe_head(path)}") from None
     for name, declared, held in sizes:

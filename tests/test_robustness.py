@@ -762,3 +762,32 @@ def test_an_interrupt_lost_in_a_callback_is_raised_again():
         sys.unraisablehook = hook
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+def test_text_in_the_analog_heads_weights(files, tmp_path, capsys):
+    """An HDF5 edit that stores text as host_head's tail_conv_weight: the host head raised ValueError (fuzz,
+    nir_h5). Now the export-metadata check names the entry."""
+    import h5py
+
+    path = tmp_path / "int8.nir"
+    path.write_bytes(files["int8.nir"].read_bytes())
+    with h5py.File(path, "r+") as f:
+        del f["node/metadata/host_head/tail_conv_weight"]
+        f["node/metadata/host_head/tail_conv_weight"] = "text"
+    one_line_error(capsys, *simulate_args(path, tmp_path), needles=("host_head['tail_conv_weight']",))
+
+
+@pytest.mark.parametrize("edit", [(49, 4), (68, None)])  # both raised TokenError
+def test_a_damaged_npy_header_is_one_line(tmp_path, capsys, edit):
+    """A flipped byte or a zeroed block inside an .npy header: numpy's parser raised tokenize.TokenError (fuzz,
+    array)."""
+    path = foreign_graph(tmp_path)
+    data = bytearray((tmp_path / "x.npy").read_bytes())
+    at, bit = edit
+    if bit is None:
+        data[at:at + 512] = bytes(len(data[at:at + 512]))
+    else:
+        data[at] ^= bit
+    (tmp_path / "bad.npy").write_bytes(bytes(data))
+    code, _, err = run_cli(capsys, "simulate", path, "--input", tmp_path / "bad.npy", "--out", tmp_path / "o")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error:"), err

@@ -183,6 +183,13 @@ def _check_export_metadata(metadata: dict, graph) -> None:
             raise GraphError("metadata if_thresholds must be a table of node names to thresholds")
         for value in table.values():
             _meta_real(metadata, "if_thresholds", value)
+    head_arrays = metadata.get("host_head", {})
+    if isinstance(head_arrays, dict):  # the analog head's weights (graph.host reads which ones it needs)
+        for name, value in head_arrays.items():
+            arr = np.asarray(value) if not isinstance(value, dict) else np.zeros(0)
+            if name != "formula" and (arr.dtype.kind not in "biuf" or not np.isfinite(arr).all()):
+                raise GraphError(f"metadata host_head[{name!r}] must hold finite real numbers, got "
+                                 f"{str(value)[:40]!r}")
     if "image_shape" not in metadata:
         return  # not a denoiser export: the rest is the host's
     c, h, w = _meta_ints(metadata, "image_shape", 3, 1, LIMITS["image_size"])
