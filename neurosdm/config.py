@@ -69,6 +69,13 @@ def check_positive(name: str, value) -> float:
     return float(value)
 
 
+def check_real(name: str, value, lo: float, hi: float) -> float:
+    """The one rule for real-valued options with a range: a finite number in ``[lo, hi]`` (DDIM's eta)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not lo <= value <= hi:
+        raise ConfigError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+    return float(value)
+
+
 _KINDS = {"int": numbers.Integral, "float": numbers.Real, "bool": bool, "str": str}
 
 

@@ -791,3 +791,13 @@ def test_a_damaged_npy_header_is_one_line(tmp_path, capsys, edit):
     (tmp_path / "bad.npy").write_bytes(bytes(data))
     code, _, err = run_cli(capsys, "simulate", path, "--input", tmp_path / "bad.npy", "--out", tmp_path / "o")
     assert code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
+
+
+@pytest.mark.parametrize("value", ["1e308", "-0.5", "nan", "inf", "1.5"])
+def test_eta_outside_zero_to_one_is_one_line(files, tmp_path, capsys, value):
+    """--eta 1e308 overflowed in the DDIM step (fuzz, argument: OverflowError traceback); one rule in sample and
+    simulate."""
+    one_line_error(capsys, "sample", files["spiking"], "--eta", value, "--num-images", 1, "--steps", 3, "--out",
+                   tmp_path / "s", needles=("--eta",))
+    one_line_error(capsys, *simulate_args(files["spiking.nir"], tmp_path), "--eta", value, needles=("--eta",))
+    assert not (tmp_path / "s").exists() and not (tmp_path / "sim").exists()

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from neurosdm.cli.common import FORCE_HELP, GAMMA_HELP, SAMPLER_HELP, console, progress_bar, say
+from neurosdm.config import check_real
 from neurosdm.io import check_outputs
 
 
@@ -86,6 +87,7 @@ def sample(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """Sample images on the GPU path (the float torch model): OUT/samples.png and OUT/samples.npy."""
+    check_real("--eta", eta, 0.0, 1.0)  # DDIM's stochasticity: 0 (deterministic) .. 1 (DDPM-like)
     check_outputs(out, ["samples.png", "samples.npy"], force, sources=(ckpt, gamma))
     from neurosdm import jobs
 

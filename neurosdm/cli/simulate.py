@@ -13,6 +13,7 @@ from rich.table import Table
 
 from neurosdm.cli.common import (DEFAULT_CKPT, DISC_HELP, FORCE_HELP, GAMMA_HELP, SAMPLER_HELP, console, layer_table,
                                  progress_bar, say, write_rendered)
+from neurosdm.config import check_real
 from neurosdm.io import check_outputs
 
 
@@ -54,6 +55,7 @@ def simulate(
 ):
     """Run an exported graph on an engine: a denoiser inside the sampler (images), or a foreign graph on --input
     (outputs.npz); exact per-layer counts."""
+    check_real("--eta", eta, 0.0, 1.0)  # DDIM's stochasticity: 0 (deterministic) .. 1 (DDPM-like)
     written = ["outputs.npz"] if input is not None else ["images.npy", "images.png"]
     check_outputs(out, [*written, "stats.json", "layers.txt", *(["spikes.nird"] if save_spikes else [])], force,
                   sources=(file, input, gamma))
