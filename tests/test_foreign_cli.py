@@ -92,7 +92,7 @@ def test_simulate_hand_graph_npy_and_energy(tmp_path):
     j1 = json.loads(r1.stdout)
     assert {"conv", "lif", "fc", "if"} <= {layer["layer"] for layer in j1["layers"]}
     assert j1["totals"]["total_pj"] > 0
-    r2 = invoke("energy", out / "stats.json", "--profile", "loihi", "--json")
+    r2 = invoke("energy", out / "stats.json", "--profile", "loihi", "--json", "--graph", graph)  # mapped as r1
     assert r2.exit_code == 0, r2.output
     assert json.loads(r2.stdout)["totals"]["total_pj"] == pytest.approx(j1["totals"]["total_pj"])
     r3 = invoke("energy", graph, "--input", tmp_path / "x.npy", "--profile", "loihi")
