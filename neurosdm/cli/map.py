@@ -15,8 +15,8 @@ from neurosdm.errors import ConfigError
 
 def map(  # noqa: A001 - the command's name
     file: Path = typer.Argument(..., help="NIR file: a denoiser export or a foreign graph"),
-    profile: str = typer.Option("loihi2", help="hardware profile with a resources section (loihi, loihi2, loihi-sanafe, "
-                                "truenorth, spinnaker2) or a .toml file"),
+    profile: str = typer.Option("loihi2", help="hardware profile with a resources section (loihi, loihi2, "
+                                "loihi-sanafe, truenorth, spinnaker2) or a .toml file"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for mapping.json and mapping.png (core loads)"),
     as_json: bool = typer.Option(False, "--json", help="print the mapping as JSON"),
     dt: Optional[float] = typer.Option(None, help=DISC_HELP["dt"]),
