@@ -139,6 +139,16 @@ def test_float_export_on_the_engine_matches_the_gpu_path_with_a_schedule(exports
     assert float((other - want).abs().max()) > 1e-3  # the schedule changed the images
 
 
+def test_cli_simulate_overrides_the_graph_schedule(exports, tmp_path):
+    from conftest import invoke
+
+    r = invoke("simulate", exports["int8"], "--num-images", "1", "--steps", "2", "--steps-schedule", "1",
+               "--out", tmp_path / "s")
+    assert r.exit_code == 0, r.output
+    stats = json.loads((tmp_path / "s" / "stats.json").read_text())
+    assert stats["num_steps"] == 1 and stats["meta"]["steps_schedule"] == "1"
+
+
 def test_bad_schedule_metadata_and_options(exports):
     program = load_program(exports["float"])
     program.metadata["steps_schedule"] = np.array([[10, 1], [19, 2]])
