@@ -169,8 +169,16 @@ def _redeliver(previous):
     return hook
 
 
-def cancel_interrupts() -> None:
+def interrupt_handlers() -> dict:
+    """The handlers of SIGINT, SIGTERM and SIGALRM now, for :func:`cancel_interrupts`."""
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+
+
+def cancel_interrupts(previous: dict | None = None) -> None:
+    """Stop :func:`interrupts_end_the_command`'s timer; restore ``previous`` handlers (:func:`interrupt_handlers`)."""
     signal.setitimer(signal.ITIMER_REAL, 0)
+    for s, handler in (previous or {}).items():
+        signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager

@@ -732,8 +732,8 @@ def run_subprocess(case: Case, cwd: Path, address_space: int = 12 << 30) -> Outc
     start = time.monotonic()
     signalled = timed_out = False
     ready = p.stdout.readline()  # the imports done: the delay starts now
-    if case.signal and ready:
-        time.sleep(case.signal[1])
+    if case.signal and ready:  # at least 0.1 s: the child still runs this harness's own lines right after READY
+        time.sleep(max(case.signal[1], 0.1))
         if p.poll() is None:
             p.send_signal(case.signal[0])
             signalled = True
@@ -831,7 +831,8 @@ def judge(case: Case, outcome: Outcome, work: Path) -> list[str]:
                     found.append("stray")
             elif out.exists() and (out.is_file() or any(out.iterdir())):
                 # an interrupt after the output was committed (renamed into place) leaves it whole
-                if code != 130 or non_finite_in(out):
+                ended_by_signal = code == 130 or (case.signal and code == 128 + case.signal[0])
+                if not ended_by_signal or non_finite_in(out):
                     found.append("stray")
     else:
         if case.refused and not case.signal:

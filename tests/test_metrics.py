@@ -205,7 +205,7 @@ def test_evaluate_cli_on_a_tiny_checkpoint(tmp_path):
     text = " ".join(r.output.split())
     assert f"FID {res['fid']:.3f}" in text and "8 generated vs 128 real builtin test images" in text
     assert "IS " in text and "(8 generated images" in text
-    r2 = runner.invoke(cli.app, args)
+    r2 = runner.invoke(cli.app, [*args, "--force"])  # the same output again: --force (issue 17)
     assert r2.exit_code == 0 and json.loads(out.read_text())["reference_cached"]
     assert json.loads(out.read_text())["fid"] == pytest.approx(res["fid"])  # seeded: same images
 

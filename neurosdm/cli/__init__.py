@@ -27,7 +27,7 @@ from neurosdm.cli import energy, evaluate, export, model, pareto, simulate
 from neurosdm.cli import map as mapping
 from neurosdm.cli.common import DEFAULT_CKPT, fail
 from neurosdm.errors import NeuroSDMError
-from neurosdm.io import cancel_interrupts, interrupts_end_the_command
+from neurosdm.io import cancel_interrupts, interrupt_handlers, interrupts_end_the_command
 
 __all__ = ["DEFAULT_CKPT", "app", "main"]
 
@@ -44,6 +44,7 @@ def main() -> None:
     """Entry point. Usage errors are typer's (usage line, exit 2); user errors print one line and exit 1;
     Ctrl-C and SIGTERM print ``error: interrupted`` and exit 130 (outputs are written atomically and staged, so
     nothing is left half-written)."""
+    previous = interrupt_handlers()
     try:
         try:
             interrupts_end_the_command()  # SIGTERM as Ctrl-C: temporaries are removed, one line, exit 130
@@ -57,7 +58,7 @@ def main() -> None:
             Console(stderr=True).print("[bold red]error:[/] interrupted; no partial output was left", highlight=False)
         raise
     finally:
-        cancel_interrupts()
+        cancel_interrupts(previous)  # a signal after the work ends the process as it would have before
 
 
 if __name__ == "__main__":
