@@ -419,7 +419,7 @@ class EventBackend(ReferenceBackend):
     def _forced(self, layer: Layer, y, s):
         if self.force_rate is None or layer.kind != "if":
             return y, s
-        s = self.force_rng.random(s.shape) < self.force_rate
+        s = np.zeros(s.shape, bool) if self.force_rate == 0.0 else self.force_rng.random(s.shape) < self.force_rate
         return s.astype(np.float64), s
 
     def neuron(self, layer: Layer, x, state):
