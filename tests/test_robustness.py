@@ -697,9 +697,6 @@ def test_an_expanded_tensor_is_refused_before_it_is_read(files, tmp_path, capsys
     one_line_error(capsys, "info", path, needles=("expanded tensor",))
 
 
-@pytest.mark.xfail(strict=True, reason="neurosdm/hardware/profiles.py (not this file's owner's): "
-                   "math.isfinite(int beyond float range) raises OverflowError in load_profile; the fix is one "
-                   "isinstance/float check there (reported in issue 17's closing note)")
 def test_a_profile_value_beyond_float_range_is_one_line(files, tmp_path, capsys):
     text = (open(os.path.join(ROOT, "neurosdm", "hw_profiles", "loihi2.toml")).read())
     i = text.index("value =", text.index("[energy."))

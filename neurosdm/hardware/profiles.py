@@ -128,6 +128,14 @@ def list_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
 
+def _finite(value) -> bool:
+    """A finite number as a float (an integer beyond the float range is not)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _fail(path, msg: str):
     raise ConfigError(f"{path}: {msg}")
 
@@ -178,8 +186,10 @@ def load_profile(name_or_path: str | os.PathLike | Profile) -> Profile:
                 if k not in c:
                     _fail(path, f"missing {k} in key {key!r}")
             if isinstance(c["value"], bool) or not isinstance(c["value"], (int, float)) or c["value"] < 0 or \
-                    not math.isfinite(c["value"]):
-                _fail(path, f"key {key!r}: value must be a non-negative finite number, got {c['value']!r}")
+                    not _finite(c["value"]):
+                shown = repr(c["value"])
+                _fail(path, f"key {key!r}: value must be a non-negative finite number, got "
+                            f"{shown if len(shown) <= 30 else shown[:27] + '...'}")
             if key == "mapping.parallel_cores" and (c["value"] < 1 or not float(c["value"]).is_integer()):
                 _fail(path, f"key {key!r}: value must be a whole number of cores >= 1, got {c['value']!r}")
             allowed = RESOURCES[term][1] if section == "resources" else units
