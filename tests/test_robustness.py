@@ -798,3 +798,11 @@ def test_eta_outside_zero_to_one_is_one_line(files, tmp_path, capsys, value):
                    tmp_path / "s", needles=("--eta",))
     one_line_error(capsys, *simulate_args(files["spiking.nir"], tmp_path), "--eta", value, needles=("--eta",))
     assert not (tmp_path / "s").exists() and not (tmp_path / "sim").exists()
+
+
+def test_export_of_huge_images_is_refused_before_the_graph_is_built(files, tmp_path, capsys):
+    """image_size 4096 (the largest accepted) with the tiny model: its graph would hold about 300 M neurons; the
+    export refuses with the estimate before building anything large (the long fuzz profile's last finding)."""
+    path = edited_checkpoint(files, tmp_path, _set(["config", "model", "image_size"], 4096))
+    one_line_error(capsys, "export", path, "--to", "nir", "-o", tmp_path / "big.nir", needles=("neurons", "GB"))
+    assert not (tmp_path / "big.nir").exists()

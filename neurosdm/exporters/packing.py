@@ -13,10 +13,10 @@ from __future__ import annotations
 from torch import nn
 
 from neurosdm.errors import ConfigError, NeuroSDMError
-from neurosdm.models.spiking_unet import ResBlock, SpikingUNet, UpSample
+from neurosdm.models.spiking_unet import DownSample, ResBlock, SpikingUNet, UpSample
 
 __all__ = ["packed_weight_overhead", "conv_cost", "upsample_form", "UPSAMPLE_CHOICES", "MAX_STORED_WEIGHTS",
-           "UnsupportedModelError"]
+           "UnsupportedModelError", "neuron_count", "EXPORT_BYTES_PER_NEURON"]
 
 UPSAMPLE_CHOICES = ("auto", "extension", "polyphase")
 MAX_STORED_WEIGHTS = 2**28  # 1 GB of float32 conv weights: the polyphase form's limit
@@ -114,3 +114,25 @@ def packed_weight_overhead(model_cfg) -> dict:
         model_original=all_convs,
         model_packed_stored=all_convs - original + stored,
     )
+
+
+#: bytes an export holds per neuron while it is built and written (per-neuron parameter arrays in float64, their
+#: float32 copies, the HDF5 buffer), for the memory check before the graph is built
+EXPORT_BYTES_PER_NEURON = 64
+
+
+def neuron_count(model: SpikingUNet, image_size: int) -> int:
+    """The neurons of ``model``'s export for ``image_size`` images: every conv but the stem's reads an IF layer of
+    its input channels at its resolution (the down-sampling conv and the up-sampling node's IF at the coarser one).
+    Computed from the modules, before any graph is built."""
+    side = (lambda level: max(1, image_size >> level))
+    res = (lambda block: block.conv1.in_channels + block.conv2.in_channels)
+    n, level = (model.conv_identity.in_channels + model.tail_conv.in_channels) * side(0) ** 2, 0
+    for block in model.downblocks:
+        n += (block.conv.in_channels if isinstance(block, DownSample) else res(block)) * side(level) ** 2
+        level += isinstance(block, DownSample)
+    n += sum(res(block) for block in model.middleblocks) * side(level) ** 2
+    for block in model.upblocks:
+        n += (block.conv.in_channels if isinstance(block, UpSample) else res(block)) * side(level) ** 2
+        level -= isinstance(block, UpSample)
+    return int(n)

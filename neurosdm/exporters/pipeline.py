@@ -12,11 +12,12 @@ import numpy as np
 import torch
 
 from neurosdm.checkpoint import build_model, file_sha256, load_checkpoint
-from neurosdm.config import Config, parse_steps_schedule
+from neurosdm.config import Config, check_memory, parse_steps_schedule
 from neurosdm.data import load_dataset
 from neurosdm.errors import ConfigError, DatasetError
 from neurosdm.exporters.fixed_point import calibrate, calibration_inputs, quantize_graph
 from neurosdm.exporters.nir import to_nir_graph
+from neurosdm.exporters.packing import EXPORT_BYTES_PER_NEURON, neuron_count
 from neurosdm.exporters.rewrite import inline_junctions
 from neurosdm.graph.dialect import STEPS_SCHEDULE_RULE, steps_schedule_table
 from neurosdm.io import atomic_buffer, check_output_file
@@ -76,6 +77,9 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_path: str | os.PathLike 
     images = calibration_set(ckpt.config, calibration, data_dir, calibration_images) if quantize == "int8" else None
     state = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
     model = build_model(ckpt.config.model, state, source=str(ckpt_path)).eval()
+    neurons = neuron_count(model, m.image_size)  # the graph's per-neuron arrays grow with the image: checked first
+    check_memory(f"the export of {m.img_ch}x{m.image_size}x{m.image_size} images ({neurons:,} neurons)",
+                 EXPORT_BYTES_PER_NEURON * neurons)
     graph, metadata = to_nir_graph(model, diffusion=ckpt.config.diffusion,
                                    dtype=np.float32 if quantize == "none" else np.float64, upsample=upsample)
     if quantize == "int8":
