@@ -59,7 +59,7 @@ def mantissas(w) -> tuple[np.ndarray, float]:
     """``(m, scale)`` with ``w == m * scale`` exactly, ``scale`` a power of two and ``m`` integers of at most 16 bits
     stored :func:`compact` (a quantised export's 8-bit mantissas and its per-layer exponent: one byte a weight, as
     a chip stores them) where that holds; else ``(compact(w), 1.0)``. Multiplying a sum by a power of two is exact,
-    so the backends may scale before or after they sum."""
+    so the backends may scale before or after they sum. Otherwise float32 or float64 values, whichever is exact."""
     a = np.asarray(w, np.float64)
     nz = a[a != 0]
     if nz.size and np.all(np.isfinite(nz)):
@@ -69,7 +69,8 @@ def mantissas(w) -> tuple[np.ndarray, float]:
         m = np.ldexp(a, -s)
         if np.abs(m).max() <= np.iinfo(np.int16).max:
             return compact(m), float(2.0**s)
-    return compact(w), 1.0
+    c = compact(w)
+    return (a if c.dtype == np.int32 else c), 1.0  # int32 would not widen exactly to a float32 engine
 
 
 @dataclass
