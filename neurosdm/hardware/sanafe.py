@@ -148,21 +148,28 @@ def parts(report: dict) -> dict[str, float]:
     return {part: float(sum(by.get(t, 0.0) for t in terms)) for part, terms in PARTS.items()}
 
 
-def run_neurosdm(name: str, out: Path, price: Callable[..., dict]) -> dict:
-    """neurosdm's side of suite network ``name``: writes ``out/<name>.nir``, ``<name>.input.npz`` (the spike train,
-    uint8 ``[num_steps, *shape]``) and ``<name>.neurosdm.json`` (mapping, placement, counts, spikes per layer and
-    step, energy by part as shipped and modelled, and the energy after each modelled cause) and returns the latter.
-    ``price(stats, placement=None)``: the pricing report of a :class:`~neurosdm.simulators.stats.RunStats` (e.g.
-    ``neurosdm.energy.estimate`` with the ``loihi-sanafe`` profile)."""
+def _write_and_run(name: str, out: Path):
+    """Suite network ``name`` written to ``out/<name>.nir`` and ``<name>.input.npz`` (the spike train, uint8
+    ``[num_steps, *shape]``), read back and run on the event engine (what is measured is what was written):
+    ``(program, input, result, stats, mapping)``."""
     graph, x = build_graph(name)
     with atomic_buffer(out / f"{name}.nir") as buffer:
         nir.write(buffer, graph)
     with atomic_path(out / f"{name}.input.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, spikes=x[:, 0].astype(np.uint8))
-    program = load_program(out / f"{name}.nir")  # what is measured is what was written
+    program = load_program(out / f"{name}.nir")
     res, stats = simulate_foreign(program, x, engine="event", record=True)
-    mp = mapping(program)
+    return program, x, res, stats, mapping(program)
+
+
+def run_neurosdm(name: str, out: Path, price: Callable[..., dict]) -> dict:
+    """neurosdm's side of suite network ``name``: writes ``out/<name>.nir``, ``<name>.input.npz`` (the spike train,
+    uint8 ``[num_steps, *shape]``) and ``<name>.neurosdm.json`` (mapping, placement, counts, spikes per layer and
+    step, energy by part as shipped and modelled, and the energy after each modelled cause) and returns the latter.
+    ``price(stats, placement=None)``: the pricing report of a :class:`~neurosdm.simulators.stats.RunStats` (e.g.
+    ``neurosdm.energy.estimate`` with the ``loihi-sanafe`` profile)."""
+    program, x, res, stats, mp = _write_and_run(name, out)
     # SANA-FE's accounting added one cause at a time (the counters accumulate in ``stats``): the change of the total
     # at each step is that cause's size
     steps = [("shipped profile, neurosdm's default accounting", price(stats))]
@@ -306,15 +313,7 @@ def run_mapped(name: str, out: Path, profile, price: Callable[..., dict]) -> dic
     ``<name>.input.npz`` and ``<name>.mapped.json`` (SANA-FE's layer table with each neuron's core, neurosdm's spikes,
     the exact packets and hops of this placement for the simulated spikes, the mapper's per-layer estimate from
     the spike counts, and the time per step of ``price(stats, mapping=...)``) and returns the latter."""
-    graph, x = build_graph(name)
-    with atomic_buffer(out / f"{name}.nir") as buffer:
-        nir.write(buffer, graph)
-    with atomic_path(out / f"{name}.input.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, spikes=x[:, 0].astype(np.uint8))
-    program = load_program(out / f"{name}.nir")
-    res, stats = simulate_foreign(program, x, engine="event", record=True)
-    mp = mapping(program)
+    program, x, res, stats, mp = _write_and_run(name, out)
     m = map_program(program, profile)
     per, my = m["mesh"][2], m["mesh"][1]
     spikes, exact = {}, {"packets": 0, "hops": 0}
