@@ -51,7 +51,8 @@ def compact(a) -> np.ndarray:
     if a.dtype == np.float32:
         return a
     a64 = np.asarray(a, np.float64)
-    a32 = a64.astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond float32's range: not exact there, kept float64
+        a32 = a64.astype(np.float32)
     return a32 if np.array_equal(a32, a64) else a64
 
 
