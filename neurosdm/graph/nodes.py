@@ -59,8 +59,8 @@ def compact(a) -> np.ndarray:
 def mantissas(w) -> tuple[np.ndarray, float]:
     """``(m, scale)`` with ``w == m * scale`` exactly, ``scale`` a power of two and ``m`` integers of at most 16 bits
     stored :func:`compact` (a quantised export's 8-bit mantissas and its per-layer exponent: one byte a weight, as
-    a chip stores them) where that holds; else ``(compact(w), 1.0)``. Multiplying a sum by a power of two is exact,
-    so the backends may scale before or after they sum. Otherwise float32 or float64 values, whichever is exact."""
+    a chip stores them) where that holds; else ``(values, 1.0)`` in float32 or float64, whichever is exact.
+    Multiplying a sum by a power of two is exact, so the backends may scale before or after they sum."""
     a = np.asarray(w, np.float64)
     nz = a[a != 0]
     if nz.size and np.all(np.isfinite(nz)):

@@ -176,7 +176,10 @@ def _runs(groups, max_gap: int, wdtype):
             (np.concatenate(wv) if wv else np.zeros(0)).astype(wdtype))
 
 
-def _cost(nz_rows: np.ndarray, max_gap: int, run_cost: int = 8) -> int:
+RUN_COST = 8  # the work of starting a run, in stored weights (the channel-order search weighs runs by it)
+
+
+def _cost(nz_rows: np.ndarray, max_gap: int, run_cost: int = RUN_COST) -> int:
     """Work of the runs of ``nz_rows`` (boolean, segments x slots): stored weights plus ``run_cost`` per run."""
     r, c = np.nonzero(nz_rows)  # row-major: the nonzeros of each row in ascending order
     gaps = np.diff(c)
@@ -197,7 +200,7 @@ def _channel_order(nz_segs: np.ndarray, max_gap: int) -> np.ndarray:
     co = nz_segs.shape[-1]
     flat = (lambda order: nz_segs[..., order].reshape(nz_segs.shape[0], -1))
     rows = nz_segs.reshape(nz_segs.shape[0], -1)
-    bound = int(np.count_nonzero(rows)) + 8 * int(np.count_nonzero(rows.any(axis=1)))  # _cost's run_cost
+    bound = int(np.count_nonzero(rows)) + RUN_COST * int(np.count_nonzero(rows.any(axis=1)))
     best, best_cost = np.arange(co), _cost(rows, max_gap)
     for p in range(2, co):
         if best_cost <= 1.02 * bound:
@@ -237,6 +240,7 @@ class ConvPlan:
         # float32 sums are exact: 0/1 inputs times integers whose absolute sum per output stays below 2**24
         self.acc32 = self.event and layer.input == "spikes" and w.dtype.kind == "i" and \
             int(np.abs(w.reshape(self.Co, -1)).sum(axis=1, dtype=np.int64).max(initial=0)) < 2**24
+        self.acc_dtype = np.float32 if self.acc32 else np.float64  # the kernel's output buffer
         if self.event:
             self._build_runs(wt, nz)
             self.wmat = np.zeros((0, self.Co))
@@ -300,7 +304,7 @@ class ConvPlan:
         batch = x.shape[0]
         if use_numba and self.event:
             n = batch * self.buffer_size
-            dtype = np.float32 if self.acc32 else np.float64
+            dtype = self.acc_dtype
             if buf is None or buf.size < n or buf.dtype != dtype:
                 buf = np.zeros(n, dtype)
             else:
@@ -393,7 +397,7 @@ class EventBackend(ReferenceBackend):
     def scratch(self, plan: ConvPlan, batch: int) -> np.ndarray:
         """The kernel's output buffer for ``plan`` (float32 or float64, :attr:`ConvPlan.acc32`), shared by the
         layers and grown to ``batch`` images when needed."""
-        dtype = np.float32 if plan.acc32 else np.float64
+        dtype = plan.acc_dtype
         if self.use_numba and self.bufs[dtype].size < batch * self.buf_per_image:
             self.bufs[dtype] = np.zeros(batch * self.buf_per_image, dtype)
         return self.bufs[dtype]
