@@ -48,6 +48,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from neurosdm.heap import retain_freed_memory
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
@@ -358,6 +360,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tol", type=float, default=1e-6, help="largest float64 output difference accepted "
                                                             "(relative to max(1, |output|))")
     ap.add_argument("--profile-rows", type=int, default=15, help="operators kept per profile (0: no profile)")
+    ap.add_argument("--heap", choices=("retain", "default"), default="retain",
+                    help="retain: malloc keeps freed memory (neurosdm.heap, as `neurosdm train` sets it), for the "
+                         "whole process, so for both implementations; default: glibc's defaults (large blocks "
+                         "mmap'd and unmapped at every allocation)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "train_vs_public.json", help="JSON output path")
     args = ap.parse_args(argv)
@@ -373,10 +379,13 @@ def main(argv=None) -> int:
         raise SystemExit("--device cuda: no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
+    heap = "retain" if args.heap == "retain" and retain_freed_memory() else "default"
+    if heap != args.heap:
+        log("--heap retain: not available here (glibc on Linux only); glibc's defaults")
     Spk_UNet_TSM, sj_functional, source = import_public(args.public_repo)
 
     note = contention_note(torch.get_num_threads())
-    info = machine_info() | {"contention_note": note, "device": str(device)}
+    info = machine_info() | {"contention_note": note, "device": str(device), "heap": heap}
     if device.type == "cuda":
         info["cuda_device"] = torch.cuda.get_device_name(device)
     log(f"train_vs_public: {names} on {device}; {machine_line(info)}")
@@ -399,7 +408,9 @@ def main(argv=None) -> int:
         "results": results,
     }
     text = (render(results) + "\n\nmedian ms per step; speed-up = public / neurosdm; bound = public / convs (the "
-            "step's convolutions alone: the largest speed-up possible with these dense convolutions)\n"
+            "step's convolutions alone: the largest speed-up possible with these dense convolutions); heap: "
+            + ("retain (malloc reuses freed memory, neurosdm.heap; the whole process, both implementations)\n"
+               if heap == "retain" else "glibc's defaults (both implementations)\n")
             + machine_line(info) + f", at the end {info['load_average_at_end_1_5_15_min']}\n")
     if args.profile_rows:
         text += render_profiles(results, min(args.profile_rows, 12)) + "\n"

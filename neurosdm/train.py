@@ -27,6 +27,7 @@ from neurosdm.data import load_dataset
 from neurosdm.diffusion import GaussianDiffusion
 from neurosdm.distributed import process_group
 from neurosdm.errors import ConfigError
+from neurosdm.heap import retain_freed_memory
 from neurosdm.io import image_grid, save_npy, save_png
 from neurosdm.models import SpikingUNet
 from neurosdm.neurons import SpikingNeurons
@@ -134,6 +135,7 @@ class Trainer:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         if tc.batch_size % self.world:
             raise ConfigError(f"batch size {tc.batch_size} is not divisible by the {self.world} processes")
+        retain_freed_memory()  # large activations reuse freed memory instead of fresh pages at every step
         torch.manual_seed(tc.seed)  # parameter initialisation
         self.model = SpikingUNet(config.model).to(self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1] / "neurosdm"
 LAYERS = [
     ("leaves", ["errors", "io", "config"]),
     ("dynamics", ["dynamics"]),
-    ("gpu path", ["models", "neurons", "diffusion", "lowering", "quantize", "data", "checkpoint", "train", "sample",
-                  "convert", "distributed", "classifier"]),
+    ("gpu path", ["kernels", "heap", "models", "neurons", "diffusion", "lowering", "quantize", "data", "checkpoint",
+                  "train", "sample", "convert", "distributed", "classifier"]),
     ("graph", ["graph"]),
     ("simulators", ["simulators"]),
     ("hardware", ["hardware", "loihi"]),

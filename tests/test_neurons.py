@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from neurosdm.neurons import SpikingNeurons, atan_grad, leaky_readout, multistep_neuron, neuron_step, rect_grad
+from neurosdm import kernels
 from neurosdm.neurons import functional as NF
 
 
@@ -114,12 +115,12 @@ def test_compiled_kernels_equal_eager(monkeypatch):
     torch.manual_seed(1)
     x = torch.randn(4, 2, 8, 5, 5) + 0.5
     thr = torch.tensor(1.0)
-    s_c, h_c = NF._run("forward", x, thr, 1.0, "hard")
-    s_e, h_e = NF._EAGER["forward"](x, thr, 1.0, "hard")
+    s_c, h_c = kernels.run(NF._forward_loop, x, thr, 1.0, "hard")
+    s_e, h_e = NF._forward_loop(x, thr, 1.0, "hard")
     assert torch.equal(s_c, s_e) and torch.equal(h_c, h_e)
     g = torch.randn_like(x)
-    b_c = NF._run("backward", g, h_e, s_e, thr, 1.0, "hard", "atan", 2.0)
-    b_e = NF._EAGER["backward"](g, h_e, s_e, thr, 1.0, "hard", "atan", 2.0)
+    b_c = kernels.run(NF._backward_loop, g, h_e, thr, 1.0, "hard", "atan", 2.0)
+    b_e = NF._backward_loop(g, h_e, thr, 1.0, "hard", "atan", 2.0)
     assert torch.allclose(b_c, b_e, atol=1e-6)
 
 

@@ -173,17 +173,19 @@ def test_recalibrate_batchnorm_restores_statistics():
     model.train()
     expected = None
 
-    def grab(mod, inp, out):  # the statistics of the stem BN's input in one big batch
-        nonlocal expected
-        x = inp[0].flatten(0, 1)
-        expected = x.mean(dim=(0, 2, 3))
+    def grab(mod, inp, out):  # the statistics of the stem BN's input in one big batch: the stem conv's output
+        nonlocal expected  # (the model adds the conv's bias and TSM scale in the fused BatchNorm)
+        x = out + mod.bias.view(1, 1, -1, 1, 1)
+        p = mod.scale()
+        x = x if p is None else x * p
+        expected = x.mean(dim=(0, 1, 3, 4))
 
     with torch.no_grad():
         bn.running_mean.fill_(100.0)
         from neurosdm.train import recalibrate_batchnorm
         recalibrate_batchnorm(model, tr.data, tr.diffusion, num_batches=1, batch_size=len(tr.data), seed=3)
     assert bn.momentum == 0.1 and bn.running_mean.abs().max() < 10
-    h = bn.register_forward_hook(grab)
+    h = model.conv.register_forward_hook(grab)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         model(tr.data, torch.randint(0, 20, (len(tr.data),), generator=g))

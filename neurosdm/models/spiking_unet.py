@@ -41,6 +41,7 @@ from torch.nn import init
 
 from neurosdm.config import ModelConfig
 from neurosdm.errors import ConfigError
+from neurosdm.models.tsm_norm import tsm_batchnorm
 from neurosdm.neurons import QCFS, SpikingNeurons, leaky_readout
 from neurosdm.quantize import fake_quant
 
@@ -128,14 +129,30 @@ class Conv(nn.Conv2d):
         q = fake_quant(w * s, None, bits)
         return torch.where(zero, w, q / torch.where(zero, torch.ones_like(s), s)).to(self.weight.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.effective_weight()
-        y = per_step(lambda z: self._conv_forward(z, w, self.bias), x)
-        # in the conv's output dtype: under bf16 autocast a float32 scale would promote every activation to float32
+    def scale(self) -> torch.Tensor | None:
+        """The TSM scales of the steps run now, ``[steps, 1, 1, 1, 1]`` (None without TSM)."""
         if self.tsmp is None:
-            return y
-        p = self.tsmp if self.steps is None else self.tsmp[:self.steps]
-        return y * p.to(y.dtype)
+            return None
+        return self.tsmp if self.steps is None else self.tsmp[:self.steps]
+
+    def forward(self, x: torch.Tensor, tsm: bool = True, bias: bool = True) -> torch.Tensor:
+        """The convolution; without the TSM scale (``tsm=False``) or the bias (``bias=False``) for a caller that
+        applies them itself (:func:`conv_bn`)."""
+        w = self.effective_weight()
+        y = per_step(lambda z: self._conv_forward(z, w, self.bias if bias else None), x)
+        p = self.scale() if tsm else None
+        # in the conv's output dtype: under bf16 autocast a float32 scale would promote every activation to float32
+        return y if p is None else y * p.to(y.dtype)
+
+
+def conv_bn(conv: Conv, bn: nn.BatchNorm2d, x: torch.Tensor, temb=None, shortcut=None, x_short=None):
+    """``bn(conv(x)) + temb + shortcut(x_short)``, the biases, TSM scales, BatchNorm and adds in the fused passes
+    of :mod:`neurosdm.models.tsm_norm` (``shortcut`` a :class:`Conv`, whose bias and TSM scale join them, or the
+    identity)."""
+    residual, rscale, rbias = x_short, None, None
+    if x_short is not None and isinstance(shortcut, Conv):
+        residual, rscale, rbias = shortcut(x_short, tsm=False, bias=False), shortcut.scale(), shortcut.bias
+    return tsm_batchnorm(conv(x, tsm=False, bias=False), conv.scale(), bn, temb, residual, rscale, conv.bias, rbias)
 
 
 class BatchNorm(nn.BatchNorm2d):
@@ -178,10 +195,8 @@ class ResBlock(nn.Module):
         self.shortcut = Conv(in_ch, out_ch, 1, 1, 0, cfg.num_steps, cfg.tsm) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.bn1(self.conv1(self.neuron1(x)))
-        h = h + self.temb_proj(temb)[None, :, :, None, None]
-        h = self.bn2(self.conv2(self.neuron2(h)))
-        return h + self.shortcut(x)
+        h = conv_bn(self.conv1, self.bn1, self.neuron1(x), temb=self.temb_proj(temb))
+        return conv_bn(self.conv2, self.bn2, self.neuron2(h), shortcut=self.shortcut, x_short=x)
 
 
 class DownSample(nn.Module):
@@ -192,7 +207,7 @@ class DownSample(nn.Module):
         self.bn = BatchNorm(ch)
 
     def forward(self, x, temb):
-        return self.bn(self.conv(self.neuron(x)))
+        return conv_bn(self.conv, self.bn, self.neuron(x))
 
 
 class UpSample(nn.Module):
@@ -204,7 +219,7 @@ class UpSample(nn.Module):
 
     def forward(self, x, temb):
         s = per_step(lambda z: F.interpolate(z, scale_factor=2, mode="nearest"), self.neuron(x))
-        return self.bn(self.conv(s))
+        return conv_bn(self.conv, self.bn, s)
 
 
 def _neurons(cfg: ModelConfig) -> SpikingNeurons | QCFS:
@@ -325,9 +340,10 @@ class SpikingUNet(nn.Module):
         temb = self.time_embedding(t)
         # direct encoding: the stem conv sees the same image at every spiking step, so it runs once (the TSM
         # scales then make the per-step copies); activations are channels-last from here on
-        h = self.conv(x.contiguous(memory_format=torch.channels_last).unsqueeze(0))
-        h = self.bn(channels_last(h.expand(self.spiking_steps or cfg.num_steps, *h.shape[1:])))
-        h = self.bn_identity(self.conv_identity(self.neuron(h)))
+        h = self.conv(x.contiguous(memory_format=torch.channels_last).unsqueeze(0), tsm=False, bias=False)
+        h = tsm_batchnorm(channels_last(h.expand(self.spiking_steps or cfg.num_steps, *h.shape[1:])),
+                          self.conv.scale(), self.bn, bias=self.conv.bias)
+        h = conv_bn(self.conv_identity, self.bn_identity, self.neuron(h))
         hs = [h]
         for layer in self.downblocks:
             h = layer(h, temb)

@@ -21,11 +21,10 @@ through the reset term.
 from __future__ import annotations
 
 import math
-import os
-import warnings
 
 import torch
 
+from neurosdm import kernels
 from neurosdm.dynamics import Reset, charge, fire, leaky_readout  # noqa: F401  (leaky_readout: part of this API)
 
 RESETS = ("hard", "subtract")
@@ -78,9 +77,11 @@ def _forward_loop(x: torch.Tensor, threshold: torch.Tensor, decay: float, reset:
     return torch.stack(spikes), torch.stack(hs)
 
 
-def _backward_loop(grad_spikes, hs, spikes, threshold: torch.Tensor, decay: float, reset: Reset, surrogate: str,
+def _backward_loop(grad_spikes, hs, threshold: torch.Tensor, decay: float, reset: Reset, surrogate: str,
                    alpha: float):
-    """Backward through time of :func:`_forward_loop` (g = surrogate derivative at h[t] - threshold)::
+    """Backward through time of :func:`_forward_loop` (g = surrogate derivative at h[t] - threshold; the spikes
+    ``s[t]`` are recomputed from ``h[t]`` by the forward's own rule, :func:`~neurosdm.dynamics.fire`, so that the
+    backward pass reads two tensors, not three)::
 
         dL/dh[t]   = dL/ds[t] * g + dL/dv[t] * dv/dh[t]
         dv/dh[t]   = (1 - s[t]) - h[t] * g      (hard reset; the gradient flows through the reset term)
@@ -92,7 +93,10 @@ def _backward_loop(grad_spikes, hs, spikes, threshold: torch.Tensor, decay: floa
     grads = []
     for t in range(hs.shape[0] - 1, -1, -1):
         g = sg(hs[t] - threshold, alpha)
-        dv_dh = (1.0 - spikes[t]) - hs[t] * g if reset is Reset.ZERO else 1.0 - threshold * g
+        if reset is Reset.ZERO:
+            dv_dh = (1.0 - fire(hs[t], threshold)[0].to(hs.dtype)) - hs[t] * g
+        else:
+            dv_dh = 1.0 - threshold * g
         grad_h = grad_spikes[t] * g + grad_v * dv_dh
         grads.append(grad_h)
         grad_v = grad_h * decay
@@ -100,32 +104,8 @@ def _backward_loop(grad_spikes, hs, spikes, threshold: torch.Tensor, decay: floa
 
 
 # The loops above are many small element-wise ops; torch.compile fuses them into one pass per step (about 13x
-# faster forward+backward on CPU). Set NEUROSDM_COMPILE=0 to run them eagerly (the parity test compares both).
-_EAGER = {"forward": _forward_loop, "backward": _backward_loop}
-_COMPILED: dict[str, object] = {}
-
-
-def _unaliased(a):
-    """``a`` itself, or for a view the same memory as a tensor without a view base: the compiled kernels guard on
-    the strides of an input's base, and the many bases the model's layouts give would recompile them until
-    torch.compile gives up (its cache limit) and runs them eagerly."""
-    if not isinstance(a, torch.Tensor) or a._base is None:
-        return a
-    return torch.empty(0, dtype=a.dtype, device=a.device).set_(a.untyped_storage(), a.storage_offset(), a.size(),
-                                                               a.stride())
-
-
-def _run(name: str, *args):
-    """Run a kernel compiled (when possible) or eagerly; a failing compile falls back to eager for good."""
-    if os.environ.get("NEUROSDM_COMPILE", "1") != "0" and _COMPILED.get(name, True) is not None:
-        try:
-            if name not in _COMPILED:
-                _COMPILED[name] = torch.compile(_EAGER[name], dynamic=True)
-            return _COMPILED[name](*(_unaliased(a) for a in args))
-        except Exception as e:  # no working compiler here: eager is exact, only slower
-            warnings.warn(f"torch.compile of the neuron kernel failed ({type(e).__name__}); running it eagerly")
-            _COMPILED[name] = None
-    return _EAGER[name](*args)
+# faster forward+backward on CPU): neurosdm.kernels.run (NEUROSDM_COMPILE=0 runs them eagerly; the parity test
+# compares both).
 
 
 def dense_order(x: torch.Tensor) -> tuple[int, ...]:
@@ -153,17 +133,17 @@ class _MultiStepNeuron(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, threshold, decay, reset, surrogate, alpha, v_init):
         order = dense_order(x)
-        spikes, hs = _run("forward", x.permute(order).contiguous(), threshold, decay, reset, v_init)
-        ctx.save_for_backward(hs, spikes, threshold)
+        spikes, hs = kernels.run(_forward_loop, x.permute(order).contiguous(), threshold, decay, reset, v_init)
+        ctx.save_for_backward(hs, threshold)
         ctx.params = (decay, reset, surrogate, alpha, order)
         return spikes.permute(_inverse(order))
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        hs, spikes, threshold = ctx.saved_tensors
+        hs, threshold = ctx.saved_tensors
         decay, reset, surrogate, alpha, order = ctx.params
         grad = grad_spikes.permute(order).contiguous()
-        grad_x = _run("backward", grad, hs, spikes, threshold, decay, reset, surrogate, alpha)
+        grad_x = kernels.run(_backward_loop, grad, hs, threshold, decay, reset, surrogate, alpha)
         return grad_x.permute(_inverse(order)), None, None, None, None, None, None
 
 
@@ -190,7 +170,7 @@ def multistep_neuron(
     if torch.is_grad_enabled() and x.requires_grad:
         return _MultiStepNeuron.apply(x, thr, float(decay), reset, surrogate, float(alpha), v0)
     order = dense_order(x)
-    return _run("forward", x.permute(order).contiguous(), thr, float(decay), reset, v0)[0].permute(_inverse(order))
+    return kernels.run(_forward_loop, x.permute(order).contiguous(), thr, float(decay), reset, v0)[0].permute(_inverse(order))
 
 
 def qcfs(x: torch.Tensor, clip: torch.Tensor, levels: int) -> torch.Tensor:
