@@ -17,10 +17,14 @@ float32 the two differ by roundings (the memory layouts sum in different orders)
 of the threshold then fires in one and not the other, which changes the output by O(1) downstream; the float32
 difference is reported beside it. The script stops when the float64 difference exceeds ``--tol``.
 
-Timed step, identical for both: forward of ``x_t`` (the same batch, ``t`` and noise for everybody at every
-step), epsilon-MSE, ``zero_grad``, backward, Adam. The public step also calls spikingjelly's
-``functional.reset_net`` (its neurons keep state between calls; its training loop resets them). neurosdm runs
-float32 and bfloat16 autocast (``torch.autocast``, as ``neurosdm train --bf16``); the public code float32.
+Timed step, the same for both: forward of ``x_t`` (the same batch, ``t`` and noise for everybody at every
+step), epsilon-MSE, ``zero_grad``, backward, Adam (each code's own: ``torch.optim.Adam`` for the public code as its
+training scripts build it (ANN2SNN/ANN_train.py), :func:`neurosdm.train.adam`, torch's fused Adam, for neurosdm). The public step also
+calls spikingjelly's ``functional.reset_net`` (its neurons keep state between calls; its training loop resets
+them). neurosdm runs float32 and bfloat16 autocast (``torch.autocast``, as ``neurosdm train --bf16``); the public
+code float32. ``--heap retain`` (the default) sets malloc to keep freed memory (:mod:`neurosdm.heap`, as
+``neurosdm train`` does) for the whole process, so for both implementations; ``--heap default`` leaves glibc's
+defaults (then every large activation is page-faulted in at every step, which slows both).
 The implementations are interleaved step by step (the order rotates) so that load from other processes hits
 all alike; headline numbers are medians and ratios ``public / neurosdm``.
 
@@ -49,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from neurosdm.heap import retain_freed_memory
+from neurosdm.train import adam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -145,8 +150,8 @@ def check_outputs(public, ours, reset_net, batch, tol: float) -> dict:
     return out
 
 
-def make_step(model, reset_net, device: torch.device, bf16: bool):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+def make_step(model, reset_net, device: torch.device, bf16: bool, optimizer=torch.optim.Adam):
+    opt = optimizer(model.parameters(), lr=1e-4)
 
     def step(batch):
         x_t, t, noise = batch
@@ -257,8 +262,8 @@ def bench_shape(name: str, args, Spk_UNet_TSM, reset_net, device: torch.device) 
         f"(float64), {parity['max_abs_diff_float32']:.2e} (float32)")
     ours_bf16 = copy.deepcopy(ours)
     steps = {"public": make_step(public, reset_net, device, False),
-             "neurosdm_fp32": make_step(ours, None, device, False),
-             "neurosdm_bf16": make_step(ours_bf16, None, device, True)}
+             "neurosdm_fp32": make_step(ours, None, device, False, adam),
+             "neurosdm_bf16": make_step(ours_bf16, None, device, True, adam)}
     conv_calls = record_convs(copy.deepcopy(ours), batches[0], device)
     for dt in ("fp32", "bf16"):
         steps[f"convs_{dt}"] = make_conv_step(conv_calls, device, dt == "bf16", args.seed)

@@ -19,7 +19,11 @@ variance gets the unbiased ``var * N / (N - 1)``, as ``nn.BatchNorm2d``). The ou
     dp_t  = sum_c k (G2 - dbeta/N S1 - invstd dgamma/N (p_t S2 - mean S1))
 
 (in eval mode the statistics are the running ones and do not depend on ``y``: the ``dbeta``, ``dgamma`` terms of
-``dy`` and ``dp`` drop). The passes are :mod:`neurosdm.kernels` (compiled). Activations must be channels-last
+``dy`` and ``dp`` drop). The convolution's bias is a per-channel constant: ``y`` arrives without it, the formulas
+hold for ``y + bias`` (the shift moves ``m_t``, ``G2``, ``S1``, ``S2`` and ``B``; ``dbias = sum_t (alpha G1 +
+beta S1 + delta n_t)``), and the conv's backward skips its bias reduction. A residual from a 1x1 shortcut conv
+joins the same way, ``+ (r + rbias) * rs[t]`` (its TSM scale and bias), ``dr = g rs[t]`` written in the pass that
+writes ``dy``, ``drs_t`` from ``sum g r`` taken with ``G1``, ``G2``. The passes are :mod:`neurosdm.kernels` (compiled). Activations must be channels-last
 (the model's layout, :func:`~neurosdm.models.spiking_unet.channels_last`); any other layout, or a BatchNorm
 without affine parameters or running statistics, takes the plain ops (:func:`tsm_batchnorm_reference`, also
 the parity tests' oracle)."""
@@ -233,8 +237,8 @@ def fusable(y: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
 def tsm_batchnorm(y, p, bn: nn.BatchNorm2d, temb=None, residual=None, residual_scale=None, bias=None,
                   residual_bias=None):
     """``BN((y + bias) * p[t]) + temb[None, :, :, None, None] + (residual + residual_bias) * residual_scale[t]``
-    (all but ``y`` and ``bn`` optional; ``bias`` and ``residual_bias`` per channel) for ``y [T, B, C, H, W]``: the fused passes of the module docstring, or the plain ops
-    where they do not apply."""
+    (all but ``y`` and ``bn`` optional; ``bias`` and ``residual_bias`` per channel) for ``y [T, B, C, H, W]``:
+    the fused passes of the module docstring, or the plain ops where they do not apply."""
     if residual is None:
         residual_scale = residual_bias = None
     if not fusable(y, bn) or (residual is not None and (residual.shape != y.shape or residual.dtype != y.dtype)):
