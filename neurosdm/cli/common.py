@@ -43,13 +43,19 @@ def fail(error: NeuroSDMError) -> NoReturn:
 
 
 def progress_bar(description: str):
-    """A wrapper ``wrap(iterable, completed=0) -> iterable`` that shows a rich progress bar on stderr."""
+    """A wrapper ``wrap(iterable, completed=0) -> iterable`` that shows a rich progress bar on stderr when stderr is
+    a terminal (in a log or a pipe a bar is noise, and a bar stopped by an error left a blank line before the
+    one-line error)."""
 
     def wrap(iterable, completed: int = 0):
         items = list(iterable)
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            yield from items
+            return
         columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        with Progress(*columns, console=console, transient=True) as bar:
             task = bar.add_task(description, total=len(items) + completed, completed=completed)
             for item in items:
                 yield item
