@@ -17,14 +17,14 @@ float32 the two differ by roundings (the memory layouts sum in different orders)
 of the threshold then fires in one and not the other, which changes the output by O(1) downstream; the float32
 difference is reported beside it. The script stops when the float64 difference exceeds ``--tol``.
 
-Timed step, the same for both: forward of ``x_t`` (the same batch, ``t`` and noise for everybody at every
-step), epsilon-MSE, ``zero_grad``, backward, Adam (each code's own: ``torch.optim.Adam`` for the public code as its
-training scripts build it (ANN2SNN/ANN_train.py), :func:`neurosdm.train.adam`, torch's fused Adam, for neurosdm). The public step also
-calls spikingjelly's ``functional.reset_net`` (its neurons keep state between calls; its training loop resets
-them). neurosdm runs float32 and bfloat16 autocast (``torch.autocast``, as ``neurosdm train --bf16``); the public
-code float32. ``--heap retain`` (the default) sets malloc to keep freed memory (:mod:`neurosdm.heap`, as
-``neurosdm train`` does) for the whole process, so for both implementations; ``--heap default`` leaves glibc's
-defaults (then every large activation is page-faulted in at every step, which slows both).
+Timed step, the same for both: forward of ``x_t`` (the same batch, ``t`` and noise for everybody at every step),
+epsilon-MSE, ``zero_grad``, backward, Adam (each code's own: ``torch.optim.Adam`` for the public code as its
+training scripts build it (ANN2SNN/ANN_train.py), :func:`neurosdm.train.adam`, torch's fused Adam, for neurosdm).
+The public step also calls spikingjelly's ``functional.reset_net`` (its neurons keep state between calls; its
+training loop resets them). neurosdm runs float32 and bfloat16 autocast (``torch.autocast``, as ``neurosdm train
+--bf16``); the public code float32. ``--heap retain`` (the default) sets malloc to keep freed memory
+(:mod:`neurosdm.heap`, as ``neurosdm train`` does) for the whole process, so for both implementations; ``--heap
+default`` leaves glibc's defaults (then every large activation is page-faulted in at every step, which slows both).
 The implementations are interleaved step by step (the order rotates) so that load from other processes hits
 all alike; headline numbers are medians and ratios ``public / neurosdm``.
 

@@ -2,13 +2,13 @@
 
 glibc's malloc serves every block above its mmap threshold with a fresh ``mmap`` and unmaps it on ``free``. The
 threshold adapts upwards to the blocks a program frees, but never beyond 32 MiB. The spiking UNet keeps its
-activations time-batched, ``[num_steps, B, C, H, W]``: at the larger training shape of issue 18 (4 steps, batch
-64, 32 channels at 32x32, float32) one is 33.5 MB, just above that limit, so every one of them is mapped,
-page-faulted in (the kernel zeroes each page) and unmapped at every step. Measured here: allocating a 33 MB tensor
-costs 10 ms against 1.6 ms for writing it into memory already mapped, and the element-wise passes ran 3-7x
-slower than their memory traffic allows (benchmarks/train_vs_public.py). :func:`retain_freed_memory` turns mmap off for malloc and raises the
-trim threshold to 2 GiB, so freed blocks are reused, like the caching allocators GPU frameworks use. The cost: the
-process keeps its peak heap (up to 2 GiB above what is in use) instead of returning it.
+activations time-batched, ``[num_steps, B, C, H, W]``: at the larger training shape of issue 18 (4 steps, batch 64,
+32 channels at 32x32, float32) one is 33.5 MB, just above that limit, so every one of them is mapped, page-faulted
+in (the kernel zeroes each page) and unmapped at every step. Measured here: allocating a 33 MB tensor costs 10 ms
+against 1.6 ms for writing it into memory already mapped, and the element-wise passes ran 3-7x slower than their
+memory traffic allows (benchmarks/train_vs_public.py). :func:`retain_freed_memory` turns mmap off for malloc and
+raises the trim threshold to 2 GiB, so freed blocks are reused, like the caching allocators GPU frameworks use. The
+cost: the process keeps its peak heap (up to 2 GiB above what is in use) instead of returning it.
 
 ``neurosdm train`` calls it (:class:`neurosdm.train.Trainer`); ``NEUROSDM_RETAIN_HEAP=0`` turns it off. Elsewhere
 than Linux with glibc it does nothing."""

@@ -63,7 +63,8 @@ def test_fused_equals_plain_ops(monkeypatch, compiled, training, with_p, with_te
     z_b, g_b = _run(tsm_batchnorm_reference, y, p, bn_b, temb, res, rs, bias, rbias, upstream)
     torch.testing.assert_close(z_a, z_b, rtol=tol, atol=tol)
     assert z_a.permute(0, 1, 3, 4, 2).is_contiguous()  # the output stays channels-last
-    for name, a, b in zip(("y", "p", "temb", "residual", "residual scale", "bias", "residual bias", "gamma", "beta"), g_a, g_b):
+    names = ("y", "p", "temb", "residual", "residual scale", "bias", "residual bias", "gamma", "beta")
+    for name, a, b in zip(names, g_a, g_b):
         assert (a is None) == (b is None), name
         if a is not None:
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, float(b.abs().max())), msg=name)

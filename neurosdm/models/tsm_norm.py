@@ -20,13 +20,13 @@ variance gets the unbiased ``var * N / (N - 1)``, as ``nn.BatchNorm2d``). The ou
 
 (in eval mode the statistics are the running ones and do not depend on ``y``: the ``dbeta``, ``dgamma`` terms of
 ``dy`` and ``dp`` drop). The convolution's bias is a per-channel constant: ``y`` arrives without it, the formulas
-hold for ``y + bias`` (the shift moves ``m_t``, ``G2``, ``S1``, ``S2`` and ``B``; ``dbias = sum_t (alpha G1 +
-beta S1 + delta n_t)``), and the conv's backward skips its bias reduction. A residual from a 1x1 shortcut conv
-joins the same way, ``+ (r + rbias) * rs[t]`` (its TSM scale and bias), ``dr = g rs[t]`` written in the pass that
-writes ``dy``, ``drs_t`` from ``sum g r`` taken with ``G1``, ``G2``. The passes are :mod:`neurosdm.kernels` (compiled). Activations must be channels-last
-(the model's layout, :func:`~neurosdm.models.spiking_unet.channels_last`); any other layout, or a BatchNorm
-without affine parameters or running statistics, takes the plain ops (:func:`tsm_batchnorm_reference`, also
-the parity tests' oracle)."""
+hold for ``y + bias`` (the shift moves ``m_t``, ``G2``, ``S1``, ``S2`` and ``B``; ``dbias = sum_t (alpha G1 + beta
+S1 + delta n_t)``), and the conv's backward skips its bias reduction. A residual from a 1x1 shortcut conv joins the
+same way, ``+ (r + rbias) * rs[t]`` (its TSM scale and bias), ``dr = g rs[t]`` written in the pass that writes
+``dy``, ``drs_t`` from ``sum g r`` taken with ``G1``, ``G2``. The passes are :mod:`neurosdm.kernels` (compiled).
+Activations must be channels-last (the model's layout, :func:`~neurosdm.models.spiking_unet.channels_last`); any
+other layout, or a BatchNorm without affine parameters or running statistics, takes the plain ops
+(:func:`tsm_batchnorm_reference`, also the parity tests' oracle)."""
 
 from __future__ import annotations
 

@@ -170,7 +170,8 @@ def multistep_neuron(
     if torch.is_grad_enabled() and x.requires_grad:
         return _MultiStepNeuron.apply(x, thr, float(decay), reset, surrogate, float(alpha), v0)
     order = dense_order(x)
-    return kernels.run(_forward_loop, x.permute(order).contiguous(), thr, float(decay), reset, v0)[0].permute(_inverse(order))
+    spikes = kernels.run(_forward_loop, x.permute(order).contiguous(), thr, float(decay), reset, v0)[0]
+    return spikes.permute(_inverse(order))
 
 
 def qcfs(x: torch.Tensor, clip: torch.Tensor, levels: int) -> torch.Tensor:
