@@ -9,7 +9,7 @@ A sweep evaluates configurations of the knobs (:data:`KNOBS`) of one trained mod
   engine on an int8 graph, slower);
 - activity and energy per image: the event engine's exact counts of ``energy_images`` images on the export
   (``quantize`` int8 by default), priced on every profile (:func:`neurosdm.energy.estimate`; a steps schedule's
-  calls are priced per step count, :func:`neurosdm.simulators.run.split_by_steps`), with the ANN baseline of the
+  calls pay barriers, time and static power for their own step count), with the ANN baseline of the
   same architecture and number of calls on ``cmos45-fp32`` and ``cmos45-int8``
   (:func:`neurosdm.energy.baselines.ann_baseline`).
 
@@ -46,7 +46,7 @@ from neurosdm.hardware.profiles import load_profile
 from neurosdm.io import atomic_path, check_output_dir
 from neurosdm.metrics import make_extractor, reference_stats, score
 from neurosdm.sample import generate
-from neurosdm.simulators.run import simulate, split_by_steps
+from neurosdm.simulators.run import simulate
 
 __all__ = ["KNOBS", "DEFAULTS", "BASELINES", "parse_config", "load_grid", "normalise", "check_profiles",
            "pareto_front", "price_run", "run_pareto", "write_tables"]
@@ -171,12 +171,11 @@ def _key(config: dict, settings: dict, ckpt_sha: str) -> str:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 def price_run(stats, profile: str) -> dict:
-    """Energy of a run on ``profile``: :func:`neurosdm.energy.estimate` of each part of
-    :func:`neurosdm.simulators.run.split_by_steps` (one part without a schedule), summed. Returns ``pj``,
-    ``pj_per_image`` and ``unpriced`` (the terms any part left unpriced)."""
-    reports = [estimate(part, profile) for part in split_by_steps(stats)]
-    total = sum(r["totals"]["total_pj"] for r in reports)
-    unpriced = sorted({u["term"] for r in reports for u in r["unpriced"]})
+    """Energy of a run on ``profile`` (:func:`neurosdm.energy.estimate`, which prices a steps schedule per call).
+    Returns ``pj``, ``pj_per_image`` and ``unpriced`` (the terms left unpriced)."""
+    report = estimate(stats, profile)
+    total = report["totals"]["total_pj"]
+    unpriced = sorted({u["term"] for u in report["unpriced"]})
     return {"pj": total, "pj_per_image": total / max(int(stats.images), 1), "unpriced": unpriced}
 
 

@@ -70,18 +70,22 @@ def model(tmp_path_factory):
 
 
 def test_a_schedule_is_priced_per_step_count(model, tmp_path):
-    """Split pricing: barriers (sync) and static power count the steps each call ran, not the widest call."""
+    """Barriers (sync) and static power count the steps each call ran, not the widest call: the whole run priced
+    at once equals the sum of its parts by step count (each without a schedule)."""
     program = load_program(export_checkpoint(model, tmp_path / "m8.nir", quantize="int8", calibration="builtin",
                                              calibration_images=8))
     _, st, _ = simulate(program, "event", 1, steps=4, steps_schedule="t<10:1,2")
-    whole = estimate(st, "loihi2")  # static power over a time with 2 barriers for every call
+    whole = estimate(st, "loihi2")
     parts = split_by_steps(st)
     assert [p.num_steps for p in parts] == [1, 2] and [len(p.timesteps) for p in parts] == [2, 2]
-    split = price_run(st, "loihi2")
-    assert split["pj"] == pytest.approx(sum(estimate(p, "loihi2")["totals"]["total_pj"] for p in parts))
-    assert split["pj"] < whole["totals"]["total_pj"]
-    layers = sum(r["total_pj"] for r in whole["layers"])  # per-op terms are the same either way
-    assert sum(sum(r["total_pj"] for r in estimate(p, "loihi2")["layers"]) for p in parts) == pytest.approx(layers)
+    reports = [estimate(p, "loihi2") for p in parts]
+    assert whole["totals"]["total_pj"] == pytest.approx(sum(r["totals"]["total_pj"] for r in reports))
+    assert whole["static"]["pj"] == pytest.approx(sum(r["static"]["pj"] for r in reports))
+    assert whole["time"]["total_s"] == pytest.approx(sum(r["time"]["total_s"] for r in reports))
+    barriers = {u["term"]: u["count"] for u in whole["unpriced"]}["sync"]  # loihi2 times barriers, has no energy
+    assert st.meta["spiking_steps_per_call"] == [2, 2, 1, 1]
+    assert barriers == 6 * st.images  # each call's own steps, not 2 for every call
+    assert price_run(st, "loihi2")["pj"] == pytest.approx(whole["totals"]["total_pj"])
 
 
 def test_sweep_writes_tables_and_resumes(model, tmp_path, monkeypatch):

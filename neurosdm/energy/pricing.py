@@ -151,7 +151,9 @@ def estimate(stats, profile: str | Profile, host_profile: str | Profile | None =
     ``host``). Pure: reads only its arguments (and the profile files when given by name). Energies in pJ, times
     in seconds. Returns a dict (JSON-ready): ``layers`` (per layer and term: count, pJ), ``host``, ``static``,
     ``totals`` (by term, total, per image, per denoising step (all images), per network call per image),
-    ``time`` (or None), ``edp_per_image_js``, ``unpriced`` and ``assumptions``.
+    ``time`` (or None), ``edp_per_image_js``, ``unpriced`` and ``assumptions``. A run with a steps schedule
+    (``stats.meta["spiking_steps_per_call"]``) pays each call's own spiking steps in barriers, time and static
+    power, not the widest call's.
 
     ``placement`` (optional; e.g. SANA-FE's mapping, ``scripts/sanafe_suite.py``): ``{"layers": {layer:
     {"packets_per_spike": p, "hops_per_spike": h, "source": bool, "extra_updates": u}}, "pipeline_steps": n}``.
@@ -226,8 +228,11 @@ def estimate(stats, profile: str | Profile, host_profile: str | Profile | None =
                 untimed.add(term)
         layers.append({"layer": name, "kind": kind, "terms": terms,
                        "total_pj": float(sum(t["pj"] for t in terms.values()))})
-    # barrier synchronisation: once per spiking step per image
-    syncs = np.full(D, float(K * images))
+    # barrier synchronisation: once per spiking step per image; a run with a steps schedule made each call's own
+    # number of steps (its counters are zero-padded to the widest, K)
+    per_call = stats.meta.get("spiking_steps_per_call")
+    steps = np.asarray(per_call, np.float64) if per_call and len(per_call) == D else np.full(D, float(K))
+    syncs = steps * images
     if "sync" in prof.energy:
         by_term["sync"] = syncs * prof.energy["sync"].value
     elif "sync" in prof.latency:  # a barrier exists (it has a latency) but its energy is not published
