@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from neurosdm.neurons import SpikingNeurons, atan_grad, leaky_readout, multistep_neuron, neuron_step, rect_grad
 from neurosdm import kernels
+from neurosdm.neurons import SpikingNeurons, atan_grad, leaky_readout, multistep_neuron, neuron_step, rect_grad
 from neurosdm.neurons import functional as NF
 
 
