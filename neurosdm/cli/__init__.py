@@ -27,6 +27,7 @@ from neurosdm.cli import energy, evaluate, export, model, pareto, simulate
 from neurosdm.cli import map as mapping
 from neurosdm.cli.common import DEFAULT_CKPT, fail
 from neurosdm.errors import NeuroSDMError
+from neurosdm.heap import retain_freed_memory
 from neurosdm.io import cancel_interrupts, interrupt_handlers, interrupts_end_the_command
 
 __all__ = ["DEFAULT_CKPT", "app", "main"]
@@ -43,7 +44,9 @@ for command in (model.train, model.sample, model.info, simulate.demo, export.exp
 def main() -> None:
     """Entry point. Usage errors are typer's (usage line, exit 2); user errors print one line and exit 1;
     Ctrl-C and SIGTERM print ``error: interrupted`` and exit 130 (outputs are written atomically and staged, so
-    nothing is left half-written)."""
+    nothing is left half-written). A command is one job in a process of its own, so malloc keeps freed memory for
+    reuse (:mod:`neurosdm.heap`: the GPU path's large activations are not page-faulted in again at every call)."""
+    retain_freed_memory()
     previous = interrupt_handlers()
     try:
         try:
