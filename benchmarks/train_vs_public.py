@@ -23,8 +23,9 @@ training scripts build it (ANN2SNN/ANN_train.py), :func:`neurosdm.train.adam`, t
 The public step also calls spikingjelly's ``functional.reset_net`` (its neurons keep state between calls; its
 training loop resets them). neurosdm runs float32 and bfloat16 autocast (``torch.autocast``, as ``neurosdm train
 --bf16``); the public code float32. ``--heap retain`` (the default) sets malloc to keep freed memory
-(:mod:`neurosdm.heap`, as ``neurosdm train`` does) for the whole process, so for both implementations; ``--heap
-default`` leaves glibc's defaults (then every large activation is page-faulted in at every step, which slows both).
+(:mod:`neurosdm.heap`, as every ``neurosdm`` command does) for the whole process, so for both implementations;
+``--heap default`` leaves glibc's defaults (then every large activation is page-faulted in at every step, which
+slows both).
 The implementations are interleaved step by step (the order rotates) so that load from other processes hits
 all alike; headline numbers are medians and ratios ``public / neurosdm``.
 
@@ -366,9 +367,9 @@ def main(argv=None) -> int:
                                                             "(relative to max(1, |output|))")
     ap.add_argument("--profile-rows", type=int, default=15, help="operators kept per profile (0: no profile)")
     ap.add_argument("--heap", choices=("retain", "default"), default="retain",
-                    help="retain: malloc keeps freed memory (neurosdm.heap, as `neurosdm train` sets it), for the "
-                         "whole process, so for both implementations; default: glibc's defaults (large blocks "
-                         "mmap'd and unmapped at every allocation)")
+                    help="retain: malloc keeps freed memory (neurosdm.heap, as every neurosdm command sets it), "
+                         "for the whole process, so for both implementations; default: glibc's defaults (large "
+                         "blocks mmap'd and unmapped at every allocation)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "train_vs_public.json", help="JSON output path")
     args = ap.parse_args(argv)
